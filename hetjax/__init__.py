@@ -1,0 +1,1 @@
+"""hetjax: training and serving LLMs on heterogeneous GPUs and networks."""
