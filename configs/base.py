@@ -1,0 +1,33 @@
+"""Fields every job shares. Other configs start from `get_config()` and add their own."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def model_overrides() -> ml_collections.ConfigDict:
+  """Optional per-field overrides of the model preset (None = keep the preset's value)."""
+  fields = {'num_layers': int, 'hidden': int, 'num_heads': int, 'num_kv_heads': int, 'ffn': int,
+            'vocab_size': int, 'max_len': int, 'rope_theta': float, 'norm_eps': float,
+            'tie_embeddings': bool, 'dtype': str, 'param_dtype': str}
+  return ml_collections.ConfigDict({k: config_dict.placeholder(t) for k, t in fields.items()})
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = 'train'
+  c.model = 'tiny_gpt'            # a preset name from hetjax/models/config.py
+  c.model_overrides = model_overrides()
+  c.workdir = ''                  # default: a fresh folder under runs/
+  c.seed = 0
+  return c
+
+
+def train_fields() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, min_lr_ratio=0.1,
+      weight_decay=0.1, clip_norm=1.0, log_every=25, eval_every=100, eval_batches=4))
+
+
+def generate_fields() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      prompt='', prompt_ids='', max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0))

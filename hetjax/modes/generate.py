@@ -1,0 +1,40 @@
+"""mode=generate: generate from a text prompt or raw token ids; prints {"ids": [[...]]} as one JSON line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from hetjax.data import ByteTokenizer
+from hetjax.errors import HetjaxError
+from hetjax.inference.generate import generate
+from hetjax.models.config import model_config_from
+from hetjax.models.model import Stage, build_model
+
+
+def parse_prompt(gcfg, prompt_ids: str = '') -> np.ndarray:
+  """Token ids [1, T] from `prompt_ids` ("1,2,3") or, failing that, the byte-tokenized text prompt."""
+  ids = prompt_ids or gcfg.get('prompt_ids', '')
+  if ids:
+    try:
+      return np.array([[int(t) for t in str(ids).replace(' ', '').split(',') if t != '']], np.int32)
+    except ValueError:
+      raise HetjaxError(f'prompt_ids must be comma-separated integers, got {ids!r}') from None
+  if not gcfg.prompt:
+    raise HetjaxError('give a prompt: --config.generate.prompt=TEXT or --config.prompt_ids=1,2,3')
+  return ByteTokenizer().encode(gcfg.prompt)[None]
+
+
+def sample(model: Stage, gcfg, seed: int, prompt_ids: str = '') -> np.ndarray:
+  return generate(model, parse_prompt(gcfg, prompt_ids), gcfg.max_new_tokens,
+                  temperature=gcfg.temperature, top_k=gcfg.top_k, top_p=gcfg.top_p, seed=seed)
+
+
+def print_ids(ids: np.ndarray) -> None:
+  print(json.dumps({'ids': np.asarray(ids).tolist()}))
+
+
+def run(cfg, workdir: str) -> None:
+  model = build_model(model_config_from(cfg), cfg.seed)
+  print_ids(sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', '')))

@@ -1,0 +1,115 @@
+"""Single-device training: optax AdamW (warmup + cosine), global-norm clipping, validation, metrics."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hetjax import data as data_lib
+from hetjax.errors import HetjaxError
+from hetjax.metrics import MetricsLog
+from hetjax.models.config import ModelConfig
+from hetjax.models.model import Stage, build_model
+
+
+def make_optimizer(tcfg) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay, after clipping the global gradient norm."""
+  if tcfg.steps <= 0:
+    raise HetjaxError(f'train.steps must be positive, got {tcfg.steps}')
+  warmup = min(tcfg.warmup_steps, max(tcfg.steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tcfg.lr, warmup_steps=warmup,
+      decay_steps=max(tcfg.steps, warmup + 1), end_value=tcfg.lr * tcfg.min_lr_ratio)
+  return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm),
+                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tcfg.weight_decay))
+
+
+def cross_entropy(logits, targets):
+  """Mean next-token cross entropy in fp32."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def train_step(graphdef, optimizer, params, opt_state, batch):
+  def loss_of(p):
+    logits, _ = nnx.merge(graphdef, p)(batch['inputs'])
+    return cross_entropy(logits, batch['targets'])
+
+  loss, grads = jax.value_and_grad(loss_of)(params)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def eval_step(graphdef, params, batch):
+  logits, _ = nnx.merge(graphdef, params)(batch['inputs'])
+  return cross_entropy(logits, batch['targets'])
+
+
+def evaluate(graphdef, params, batches) -> float:
+  return float(np.mean([float(eval_step(graphdef, params, b)) for b in batches]))
+
+
+class TrainState:
+  """What a training run carries from step to step (and what a checkpoint holds)."""
+
+  def __init__(self, model: Stage, optimizer: optax.GradientTransformation, data: data_lib.BatchIterator):
+    self.graphdef, self.params = nnx.split(model)
+    self.optimizer = optimizer
+    self.opt_state = optimizer.init(self.params)
+    self.data = data
+    self.step = 0
+
+  def model(self) -> Stage:
+    return nnx.merge(self.graphdef, self.params)
+
+
+def check_train_config(mcfg: ModelConfig, tcfg) -> None:
+  if tcfg.seq_len > mcfg.max_len:
+    raise HetjaxError(f'train.seq_len={tcfg.seq_len} exceeds the model\'s max_len={mcfg.max_len}')
+  if tcfg.batch_size <= 0 or tcfg.seq_len <= 0:
+    raise HetjaxError('train.batch_size and train.seq_len must be positive')
+
+
+def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | None = None,
+          print_fn=print) -> TrainState:
+  """Train a single-device model on the corpus; logs to <workdir>/metrics.jsonl."""
+  check_train_config(mcfg, tcfg)
+  tokens = data_lib.load_corpus(corpus or data_lib.DEFAULT_CORPUS)
+  if int(tokens.max()) >= mcfg.vocab_size:
+    raise HetjaxError(f'corpus token id {int(tokens.max())} needs vocab_size > {mcfg.vocab_size}')
+  train_tokens, val_tokens = data_lib.train_val_split(tokens)
+  val = data_lib.eval_batches(val_tokens, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches)
+  state = TrainState(build_model(mcfg, seed), make_optimizer(tcfg),
+                     data_lib.BatchIterator(train_tokens, tcfg.batch_size, tcfg.seq_len, seed))
+  log = MetricsLog(workdir)
+  tokens_per_step = tcfg.batch_size * tcfg.seq_len
+  window_start, window_steps = time.perf_counter(), 0
+  while state.step < tcfg.steps:
+    batch = next(state.data)
+    t0 = time.perf_counter()
+    state.params, state.opt_state, m = train_step(
+        state.graphdef, state.optimizer, state.params, state.opt_state, batch)
+    loss = float(m['loss'])  # waits for the step
+    record = {'loss': loss, 'grad_norm': float(m['grad_norm']),
+              'step_time_s': time.perf_counter() - t0}
+    state.step += 1
+    window_steps += 1
+    last = state.step == tcfg.steps
+    if tcfg.eval_every and (state.step % tcfg.eval_every == 0 or last):
+      record['val_loss'] = evaluate(state.graphdef, state.params, val)
+    if state.step % tcfg.log_every == 0 or last or 'val_loss' in record:
+      log.log(state.step, **record)
+      rate = window_steps / (time.perf_counter() - window_start)
+      extra = f'  val {record["val_loss"]:.3f}' if 'val_loss' in record else ''
+      print_fn(f'step {state.step:5d}/{tcfg.steps}  loss {loss:.3f}{extra}  '
+               f'{rate:.2f} steps/s  {rate * tokens_per_step:,.0f} tok/s')
+      window_start, window_steps = time.perf_counter(), 0
+  return state
