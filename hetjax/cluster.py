@@ -1,0 +1,412 @@
+"""Cluster model: devices (GPU type, host, region), GPU catalog, N x N delay/bandwidth matrices.
+
+A `Cluster` is what the cost models and planners read. Build one from a scenario name
+(`get_cluster('dtfm_case5')`), a JSON file in configs/clusters/, or the local CPU devices.
+
+Units: delay in milliseconds, bandwidth in Gbit/s, compute in TFLOP/s, memory in GB (1e9 bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from hetjax.errors import HetjaxError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_DIR = os.path.join(REPO_ROOT, 'configs', 'clusters')
+V100 = 'V100-SXM2-32GB'
+
+
+# ---------------------------------------------------------------- GPU catalog
+@dataclasses.dataclass(frozen=True)
+class GPUSpec:
+  name: str
+  tflops: float                 # dense fp16/bf16 peak
+  memory_gb: float
+  mem_bw_gbs: float
+  price_per_hour: Optional[float] = None
+
+
+def load_catalog(path: str = os.path.join(CLUSTER_DIR, 'gpus.json')) -> dict[str, GPUSpec]:
+  with open(path) as f:
+    raw = json.load(f)['gpus']
+  return {name: GPUSpec(name=name, **spec) for name, spec in raw.items()}
+
+
+GPU_CATALOG: dict[str, GPUSpec] = load_catalog()
+
+
+def gpu_spec(name: str) -> GPUSpec:
+  if name not in GPU_CATALOG:
+    raise HetjaxError(f'unknown GPU type {name!r}; known: {", ".join(GPU_CATALOG)}')
+  return GPU_CATALOG[name]
+
+
+# ---------------------------------------------------------------- devices and cluster
+@dataclasses.dataclass(frozen=True)
+class Device:
+  id: int
+  gpu: str                       # a GPU_CATALOG key
+  host: str
+  region: str
+  tflops: Optional[float] = None     # measured/overridden peak; None -> catalog
+  memory_gb: Optional[float] = None  # overridden capacity; None -> catalog
+
+
+@dataclasses.dataclass
+class Cluster:
+  """Devices plus symmetric delay (ms) and bandwidth (Gbit/s) matrices. Diagonals are ignored."""
+  name: str
+  devices: list[Device]
+  delay_ms: np.ndarray
+  bandwidth_gbps: np.ndarray
+
+  def __post_init__(self):
+    self.delay_ms = np.array(self.delay_ms, dtype=np.float64)
+    self.bandwidth_gbps = np.array(self.bandwidth_gbps, dtype=np.float64)
+    self.validate()
+    np.fill_diagonal(self.delay_ms, 0.0)
+    np.fill_diagonal(self.bandwidth_gbps, np.inf)
+
+  # ---- checks
+  def validate(self) -> 'Cluster':
+    n = len(self.devices)
+    if n == 0:
+      raise HetjaxError(f'cluster {self.name!r} has no devices')
+    for i, d in enumerate(self.devices):
+      if d.id != i:
+        raise HetjaxError(f'cluster {self.name!r}: device ids must be 0..{n - 1} in order, got {d.id} at {i}')
+      gpu_spec(d.gpu)
+      if d.tflops is not None and d.tflops <= 0:
+        raise HetjaxError(f'cluster {self.name!r}: device {i} has non-positive tflops {d.tflops}')
+    for what, m in (('delay_ms', self.delay_ms), ('bandwidth_gbps', self.bandwidth_gbps)):
+      if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise HetjaxError(f'cluster {self.name!r}: {what} must be a square matrix, got shape {m.shape}')
+      if m.shape[0] != n:
+        raise HetjaxError(f'cluster {self.name!r}: {what} is {m.shape[0]}x{m.shape[1]} but there are {n} devices')
+      off = m[~np.eye(n, dtype=bool)]
+      if not np.all(np.isfinite(off)):
+        raise HetjaxError(f'cluster {self.name!r}: {what} has non-finite off-diagonal entries')
+      if not np.allclose(m[~np.eye(n, dtype=bool)], m.T[~np.eye(n, dtype=bool)]):
+        i, j = np.argwhere(~np.isclose(m, m.T))[0]
+        raise HetjaxError(f'cluster {self.name!r}: {what} is not symmetric ({i},{j}): {m[i, j]} vs {m[j, i]}')
+    if np.any(self.delay_ms[~np.eye(n, dtype=bool)] < 0):
+      raise HetjaxError(f'cluster {self.name!r}: negative delay')
+    bad = np.argwhere((self.bandwidth_gbps <= 0) & ~np.eye(n, dtype=bool))
+    if len(bad):
+      i, j = bad[0]
+      raise HetjaxError(f'cluster {self.name!r}: bandwidth between devices {i} and {j} must be positive, '
+                        f'got {self.bandwidth_gbps[i, j]}')
+    return self
+
+  # ---- queries
+  @property
+  def n(self) -> int:
+    return len(self.devices)
+
+  def spec(self, i: int) -> GPUSpec:
+    return gpu_spec(self.devices[i].gpu)
+
+  def tflops(self, i: int) -> float:
+    d = self.devices[i]
+    return d.tflops if d.tflops is not None else self.spec(i).tflops
+
+  def memory_bytes(self, i: int) -> float:
+    d = self.devices[i]
+    return 1e9 * (d.memory_gb if d.memory_gb is not None else self.spec(i).memory_gb)
+
+  def tflops_array(self) -> np.ndarray:
+    return np.array([self.tflops(i) for i in range(self.n)])
+
+  def memory_array(self) -> np.ndarray:
+    return np.array([self.memory_bytes(i) for i in range(self.n)])
+
+  def hosts(self) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for d in self.devices:
+      out.setdefault(d.host, []).append(d.id)
+    return out
+
+  def regions(self) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for d in self.devices:
+      out.setdefault(d.region, []).append(d.id)
+    return out
+
+  def same_host(self, ids: Sequence[int]) -> bool:
+    return len({self.devices[i].host for i in ids}) <= 1
+
+  def transfer_time(self, nbytes: float, i=None, j=None):
+    """Seconds to send nbytes: delay + bytes/bandwidth. Whole matrix if i, j are None; 0 on the diagonal."""
+    t = self.delay_ms / 1e3 + nbytes * 8.0 / (self.bandwidth_gbps * 1e9)
+    return t if i is None else t[i, j]
+
+  def summary(self) -> str:
+    kinds: dict[str, int] = {}
+    for d in self.devices:
+      kinds[d.gpu] = kinds.get(d.gpu, 0) + 1
+    gpus = ', '.join(f'{v}x{k}' for k, v in kinds.items())
+    off = ~np.eye(self.n, dtype=bool)
+    bw = self.bandwidth_gbps[off] if self.n > 1 else np.array([0.0])
+    dl = self.delay_ms[off] if self.n > 1 else np.array([0.0])
+    return (f'{self.name}: {self.n} devices ({gpus}), {len(self.hosts())} hosts, {len(self.regions())} regions, '
+            f'bandwidth {bw.min():.3g}-{bw.max():.3g} Gbit/s, delay {dl.min():.3g}-{dl.max():.3g} ms')
+
+  def subset(self, ids: Sequence[int], name: Optional[str] = None) -> 'Cluster':
+    """A cluster of the given devices, re-numbered 0..k-1 in the given order."""
+    ids = list(ids)
+    devs = [dataclasses.replace(self.devices[i], id=k) for k, i in enumerate(ids)]
+    return Cluster(name or f'{self.name}[{len(ids)}]', devs, self.delay_ms[np.ix_(ids, ids)],
+                   self.bandwidth_gbps[np.ix_(ids, ids)])
+
+  # ---- (de)serialisation
+  def to_dict(self) -> dict[str, Any]:
+    bw = self.bandwidth_gbps.copy()
+    np.fill_diagonal(bw, 0.0)
+    return {'name': self.name,
+            'devices': [{k: v for k, v in dataclasses.asdict(d).items() if v is not None} for d in self.devices],
+            'delay_ms': self.delay_ms.tolist(), 'bandwidth_gbps': bw.tolist()}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any], name: str = 'cluster') -> 'Cluster':
+    """Full form (devices + matrices) or compact form (device groups + link rules); see configs/clusters/."""
+    if 'delay_ms' in d or 'bandwidth_gbps' in d:
+      try:
+        devs = [Device(**{**dv, 'id': i}) for i, dv in enumerate(d['devices'])]
+        return cls(d.get('name', name), devs, d['delay_ms'], d['bandwidth_gbps'])
+      except (KeyError, TypeError, ValueError) as e:
+        raise HetjaxError(f'cluster {name!r}: malformed cluster file ({e})') from None
+    return _from_compact(d, name)
+
+  def save(self, path: str) -> None:
+    with open(path, 'w') as f:
+      json.dump(self.to_dict(), f)
+
+  @classmethod
+  def load(cls, path: str) -> 'Cluster':
+    try:
+      with open(path) as f:
+        d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise HetjaxError(f'cannot read cluster file {path}: {e}') from None
+    return cls.from_dict(d, name=os.path.splitext(os.path.basename(path))[0])
+
+
+def _from_compact(d: dict[str, Any], name: str) -> Cluster:
+  """Compact form: {"devices": [{"gpu", "host", "region", "count"}], "links": {...}}.
+
+  links: intra_host / intra_region / inter_region_default: [delay_ms, gbps];
+         inter_region: {"A-B": [delay_ms, gbps]}.
+  Devices with count > 1 on a host get hosts named host, or host-0, host-1... with per_host.
+  """
+  try:
+    devs: list[Device] = []
+    for grp in d['devices']:
+      count, per_host = int(grp.get('count', 1)), int(grp.get('per_host', grp.get('count', 1)))
+      for k in range(count):
+        host = grp['host'] if count == per_host else f"{grp['host']}-{k // per_host}"
+        devs.append(Device(len(devs), grp['gpu'], host, grp.get('region', 'default')))
+    links = d['links']
+    regions = [dv.region for dv in devs]
+    pair = {}
+    for key, val in links.get('inter_region', {}).items():
+      a, b = key.split('-')
+      pair[(a, b)] = pair[(b, a)] = val
+    n = len(devs)
+    delay, bw = np.zeros((n, n)), np.zeros((n, n))
+    for i in range(n):
+      for j in range(n):
+        if devs[i].host == devs[j].host:
+          dl, b = links['intra_host']
+        elif regions[i] == regions[j]:
+          dl, b = links['intra_region']
+        else:
+          dl, b = pair.get((regions[i], regions[j])) or links['inter_region_default']
+        delay[i, j], bw[i, j] = dl, b
+  except (KeyError, TypeError, ValueError) as e:
+    raise HetjaxError(f'cluster {name!r}: malformed compact cluster file (missing/bad {e})') from None
+  return Cluster(d.get('name', name), devs, delay, bw)
+
+
+# ---------------------------------------------------------------- scenario builders
+def _facts() -> dict:
+  path = os.path.join(CLUSTER_DIR, 'dtfm_scenarios.json')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _split(n: int, parts: int) -> list[int]:
+  """Group index of each of n devices split into `parts` near-equal contiguous groups."""
+  return [min(i * parts // n, parts - 1) for i in range(n)]
+
+
+def _from_regions(name, gpus, hosts, regions, link: Callable[[int, int], tuple[float, float]]) -> Cluster:
+  n = len(gpus)
+  delay, bw = np.zeros((n, n)), np.ones((n, n))
+  for i in range(n):
+    for j in range(i + 1, n):
+      dl, b = link(i, j)
+      delay[i, j] = delay[j, i] = dl
+      bw[i, j] = bw[j, i] = b
+  devs = [Device(i, gpus[i], hosts[i], regions[i]) for i in range(n)]
+  return Cluster(name, devs, delay, bw)
+
+
+def dtfm_case(case: int, n: int = 64, gpu: str | Sequence[str] = V100) -> Cluster:
+  """DT-FM's network scenarios 1-5 (paper's 64 V100s by default), at any device count n.
+
+  `gpu` may be one type or a per-region list (mixed-GPU variants). Intra-region delay is the
+  lower end (5 ms) of the paper's 5-10 ms range, as in DT-FM's scheduler scripts.
+  """
+  cases = _facts()['cases']
+  if case == 1:   # 8 GPUs per instance, NVLink inside, 3.125 Gbit/s between instances
+    c = cases['1_datacenter_on_demand']
+    per = max(1, min(n // 2, 8))
+    hosts = [f'instance{i // per}' for i in range(n)]
+    regions = ['datacenter'] * n
+    intra, inter = c['intra_instance'], c['inter_instance']
+    link = lambda i, j: ((intra['delay'], intra['bandwidth']) if hosts[i] == hosts[j]
+                         else (inter['delay'], inter['bandwidth']))
+  elif case == 2:  # first half on 4-GPU instances, second half single-GPU instances
+    c = cases['2_datacenter_spot']
+    half = n // 2
+    hosts = [f'spot{i // 4}' if i < half else f'single{i}' for i in range(n)]
+    regions = ['datacenter'] * n
+    intra, inter = c['intra_instance'], c['inter_instance']
+    link = lambda i, j: ((intra['delay'], intra['bandwidth']) if hosts[i] == hosts[j]
+                         else (inter['delay'], inter['bandwidth']))
+  elif case == 3:
+    c = cases['3_multi_universities']
+    names = ['Ohio', 'Virginia']
+    regions = [names[g] for g in _split(n, 2)]
+    hosts = [f'{regions[i]}{i}' for i in range(n)]
+    intra, inter = c['intra_region'], c['inter_region']
+    link = lambda i, j: ((intra['delay'], intra['bandwidth']) if regions[i] == regions[j]
+                         else (inter['delay'], inter['bandwidth']))
+  elif case in (4, 5):
+    c = cases['4_regional_geo_distributed' if case == 4 else '5_worldwide_geo_distributed']
+    names = (['Virginia', 'Oregon', 'California', 'Ohio'] if case == 4 else
+             ['Oregon', 'Virginia', 'Ohio', 'Tokyo', 'Seoul', 'London', 'Frankfurt', 'Ireland'])
+    pairs = c['inter_region'] if case == 4 else c['inter_region_pairs']
+    table = {}
+    for key, (dl, b) in pairs.items():
+      a, b2 = key.split('-')
+      table[(a, b2)] = table[(b2, a)] = (dl, b)
+    regions = [names[g] for g in _split(n, len(names))]
+    hosts = [f'{regions[i]}{i}' for i in range(n)]
+    intra = (min(c['intra_region']['delay']), c['intra_region']['bandwidth'])
+    link = lambda i, j: intra if regions[i] == regions[j] else table[(regions[i], regions[j])]
+  else:
+    raise HetjaxError(f'DT-FM has scenarios 1-5, got {case}')
+  if isinstance(gpu, str):
+    gpus = [gpu] * n
+  else:  # one type per region, cycling
+    order = list(dict.fromkeys(regions))
+    gpus = [gpu[order.index(r) % len(gpu)] for r in regions]
+  return _from_regions(f'dtfm_case{case}', gpus, hosts, regions, link)
+
+
+MIXED_WORLD_GPUS = ('A100-40GB-SXM', 'V100-SXM2-32GB', 'RTX3090', 'T4')
+
+
+def mixed_worldwide(n: int = 64) -> Cluster:
+  """DT-FM's world-wide case with A100/V100/RTX3090/T4 by region and 4-GPU hosts (100 Gbit/s inside)."""
+  base = dtfm_case(5, n, gpu=MIXED_WORLD_GPUS)
+  hosts = []
+  for r, ids in base.regions().items():
+    hosts += [f'{r}-h{k // 4}' for k in range(len(ids))]
+  bw, delay = base.bandwidth_gbps.copy(), base.delay_ms.copy()
+  for i in range(n):
+    for j in range(n):
+      if i != j and hosts[i] == hosts[j]:
+        bw[i, j], delay[i, j] = 100.0, 0.0
+  devs = [dataclasses.replace(d, host=hosts[d.id]) for d in base.devices]
+  np.fill_diagonal(bw, 0)
+  return Cluster('mixed_worldwide', devs, delay, bw)
+
+
+def mixed_datacenter(n: int = 64) -> Cluster:
+  """One datacenter, 8-GPU hosts of A100 / V100 / RTX3090 / T4 (a quarter each); 600 Gbit/s
+  NVLink inside A100 hosts, 100 inside the others, 10 Gbit/s and 0.1 ms between hosts."""
+  per = max(1, min(8, n // 4))
+  kinds = [MIXED_WORLD_GPUS[g] for g in _split(n, 4)]
+  hosts = [f'{kinds[i]}-h{i // per}' for i in range(n)]
+  regions = ['datacenter'] * n
+  def link(i, j):
+    if hosts[i] != hosts[j]:
+      return 0.1, 10.0
+    return 0.0, 600.0 if kinds[i].startswith('A100') else 100.0
+  return _from_regions('mixed_datacenter', kinds, hosts, regions, link)
+
+
+def local_cluster(n: Optional[int] = None, probe_size: int = 512, reps: int = 3) -> Cluster:
+  """This machine's JAX devices, each with TFLOP/s measured by a short f32 matmul probe and the
+  link measured by a device-to-device copy. Devices share the host CPU, so probes run one at a time."""
+  import time
+  import jax
+  import jax.numpy as jnp
+
+  devices = jax.devices()[:n] if n else jax.devices()
+  f = jax.jit(lambda a, b: a @ b)
+  tflops = []
+  for dev in devices:
+    a = jax.device_put(jnp.ones((probe_size, probe_size), jnp.float32), dev)
+    f(a, a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      f(a, a).block_until_ready()
+    dt = (time.perf_counter() - t0) / reps
+    tflops.append(2 * probe_size ** 3 / dt / 1e12)
+  delay_ms, gbps = 0.01, 10.0
+  if len(devices) > 1:
+    x = jax.device_put(jnp.ones((1 << 21,), jnp.float32), devices[0])  # 8 MB
+    small = jax.device_put(jnp.ones((1,), jnp.float32), devices[0])
+    jax.device_put(x, devices[1]).block_until_ready()
+    t0 = time.perf_counter()
+    jax.device_put(small, devices[1]).block_until_ready()
+    delay_ms = max(1e-3, (time.perf_counter() - t0) * 1e3)
+    t0 = time.perf_counter()
+    jax.device_put(x, devices[1]).block_until_ready()
+    gbps = x.nbytes * 8 / max(time.perf_counter() - t0, 1e-9) / 1e9
+  try:
+    mem_gb = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9 / len(devices)
+  except (ValueError, OSError):
+    mem_gb = None
+  kind = 'CPU' if devices[0].platform == 'cpu' else 'H100-SXM'
+  devs = [Device(i, kind, 'localhost', 'local', tflops=tflops[i], memory_gb=mem_gb if kind == 'CPU' else None)
+          for i in range(len(devices))]
+  k = len(devices)
+  return Cluster('local', devs, np.full((k, k), delay_ms), np.full((k, k), gbps))
+
+
+SCENARIOS: dict[str, Callable[..., Cluster]] = {
+    **{f'dtfm_case{c}': (lambda n=64, c=c: dtfm_case(c, n)) for c in range(1, 6)},
+    'mixed_worldwide': mixed_worldwide,
+    'mixed_datacenter': mixed_datacenter,
+    'local': lambda n=None: local_cluster(n),
+}
+
+
+def get_cluster(spec: str, num_devices: Optional[int] = None) -> Cluster:
+  """A scenario name (see SCENARIOS), a file name in configs/clusters/, or a path to a JSON file."""
+  if spec in SCENARIOS:
+    if num_devices is not None and num_devices <= 0:
+      raise HetjaxError(f'num_devices must be positive, got {num_devices}')
+    return SCENARIOS[spec](num_devices) if num_devices else SCENARIOS[spec]()
+  for path in (spec, os.path.join(CLUSTER_DIR, spec), os.path.join(CLUSTER_DIR, spec + '.json')):
+    if os.path.isfile(path) and path.endswith('.json') and not path.endswith('gpus.json'):
+      cluster = Cluster.load(path)
+      if num_devices and num_devices > cluster.n:
+        raise HetjaxError(f'cluster {spec!r} has {cluster.n} devices, asked for {num_devices}')
+      if num_devices and num_devices < cluster.n:
+        cluster = cluster.subset(range(num_devices))
+      return cluster
+  files = sorted(f[:-5] for f in os.listdir(CLUSTER_DIR)
+                 if f.endswith('.json') and f not in ('gpus.json', 'dtfm_scenarios.json'))
+  raise HetjaxError(f'unknown cluster {spec!r}; choose a scenario ({", ".join(SCENARIOS)}), '
+                    f'a file in configs/clusters ({", ".join(files)}) or a path to a .json file')

@@ -1,0 +1,227 @@
+"""Plan: the one hand-off from "decide" (cost model + search) to "execute" (pipeline runtime).
+
+A Plan has replicas. For training they are data-parallel pipelines that sync gradients per stage; for
+inference they are independent serving pipelines (traffic split by `Replica.weight`). A replica is a
+list of stages. A stage owns layers [start, end) of a model with L blocks, runs on `devices` as one
+tensor-parallel group of degree `tp`, and may hold the embedding (first stage) and head (last stage).
+
+Plans are JSON files with a version number; people may write them by hand: a stage may be given as
+{"layers": [0, 12], "devices": [0, 1]} and tp / embed / head are then inferred.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional
+
+from hetjax.errors import HetjaxError
+
+PLAN_VERSION = 1
+SCHEDULES = ('gpipe', '1f1b')
+KINDS = ('train', 'serve')
+
+
+@dataclasses.dataclass
+class Stage:
+  start: int                   # first layer (block index), inclusive
+  end: int                     # last layer, exclusive
+  devices: list[int]           # TP group; devices[0] is the leader that sends/receives activations
+  tp: int = 0                  # 0 -> len(devices)
+  embed: Optional[bool] = None  # None -> inferred: first stage of its replica
+  head: Optional[bool] = None   # None -> inferred: last stage of its replica
+
+  @property
+  def num_layers(self) -> int:
+    return self.end - self.start
+
+
+@dataclasses.dataclass
+class Replica:
+  stages: list[Stage]
+  weight: float = 1.0          # share of the batch (train) or of the requests (serve)
+
+  @property
+  def devices(self) -> list[int]:
+    return [d for s in self.stages for d in s.devices]
+
+
+@dataclasses.dataclass
+class Plan:
+  replicas: list[Replica]
+  num_layers: int
+  kind: str = 'train'
+  model: str = ''
+  cluster: str = ''
+  schedule: str = '1f1b'
+  micro_batches: int = 1          # M per replica per step
+  micro_batch_size: int = 1       # sequences per micro-batch
+  seq_len: int = 0
+  activation_bits: int = 16       # bits per value sent between stages (16 = no compression)
+  prediction: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: total, compute, ...
+  search: dict[str, Any] = dataclasses.field(default_factory=dict)        # method, seed, time, history
+  version: int = PLAN_VERSION
+
+  def __post_init__(self):
+    for r in self.replicas:
+      for k, s in enumerate(r.stages):
+        s.devices = [int(d) for d in s.devices]
+        if not s.tp:
+          s.tp = len(s.devices)
+        if s.embed is None:
+          s.embed = k == 0
+        if s.head is None:
+          s.head = k == len(r.stages) - 1
+
+  # ---- shape
+  @property
+  def dp(self) -> int:
+    return len(self.replicas)
+
+  @property
+  def num_stages(self) -> int:
+    return max(len(r.stages) for r in self.replicas)
+
+  @property
+  def devices(self) -> list[int]:
+    return [d for r in self.replicas for d in r.devices]
+
+  def layer_counts(self, replica: int = 0) -> list[int]:
+    return [s.num_layers for s in self.replicas[replica].stages]
+
+  def stage_groups(self) -> list[list[list[int]]]:
+    """[stage][replica] -> devices: the groups that sync gradients (training plans)."""
+    return [[r.stages[k].devices for r in self.replicas] for k in range(self.num_stages)]
+
+  def locate(self, device: int) -> tuple[int, int]:
+    """(replica, stage) that runs `device`."""
+    for i, r in enumerate(self.replicas):
+      for k, s in enumerate(r.stages):
+        if device in s.devices:
+          return i, k
+    raise HetjaxError(f'device {device} is not in the plan')
+
+  # ---- checks
+  def validate(self, cluster=None, model=None) -> 'Plan':
+    """Structural checks; with a cluster: device ids exist; with a ModelConfig: layer count, TP divides heads."""
+    def bad(msg):
+      raise HetjaxError(f'invalid plan: {msg}')
+    if self.version != PLAN_VERSION:
+      bad(f'version {self.version} is not supported (expected {PLAN_VERSION})')
+    if self.kind not in KINDS:
+      bad(f'kind must be one of {KINDS}, got {self.kind!r}')
+    if self.schedule not in SCHEDULES:
+      bad(f'schedule must be one of {SCHEDULES}, got {self.schedule!r}')
+    if not self.replicas or any(not r.stages for r in self.replicas):
+      bad('needs at least one replica, each with at least one stage')
+    if self.micro_batches < 1 or self.micro_batch_size < 1:
+      bad(f'micro_batches and micro_batch_size must be >= 1, got {self.micro_batches}, {self.micro_batch_size}')
+    if not 1 <= self.activation_bits <= 32:
+      bad(f'activation_bits must be in 1..32, got {self.activation_bits}')
+    if model is not None and model.num_layers != self.num_layers:
+      bad(f'plan has {self.num_layers} layers but the model has {model.num_layers}')
+    seen: dict[int, str] = {}
+    for i, r in enumerate(self.replicas):
+      if r.weight <= 0:
+        bad(f'replica {i} has non-positive weight {r.weight}')
+      pos = 0
+      for k, s in enumerate(r.stages):
+        where = f'replica {i} stage {k}'
+        if s.start != pos or s.end <= s.start:
+          bad(f'{where} covers layers [{s.start},{s.end}) but must start at {pos} and be non-empty')
+        pos = s.end
+        if not s.devices or s.tp != len(s.devices):
+          bad(f'{where}: tp={s.tp} must equal its number of devices ({len(s.devices)})')
+        if s.embed != (k == 0) or s.head != (k == len(r.stages) - 1):
+          bad(f'{where}: embed must be on the first stage and head on the last')
+        for d in s.devices:
+          if d in seen:
+            bad(f'device {d} is used twice ({seen[d]} and {where})')
+          seen[d] = where
+          if cluster is not None and not 0 <= d < cluster.n:
+            bad(f'{where}: device {d} is not in cluster {cluster.name!r} ({cluster.n} devices)')
+        if model is not None and (model.num_heads % s.tp or model.num_kv_heads % s.tp or model.ffn % s.tp):
+          bad(f'{where}: tp={s.tp} does not divide the heads/kv heads/ffn of the model')
+      if pos != self.num_layers:
+        bad(f'replica {i} covers layers [0,{pos}) but the model has {self.num_layers}')
+    if self.kind == 'train':
+      ranges = [[(s.start, s.end) for s in r.stages] for r in self.replicas]
+      if any(rg != ranges[0] for rg in ranges):
+        bad('training replicas must split layers identically (gradients sync per stage)')
+    return self
+
+  # ---- (de)serialisation
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'Plan':
+    try:
+      d = dict(d)
+      reps = []
+      for r in d.pop('replicas'):
+        stages = []
+        for s in r['stages']:
+          s = dict(s)
+          if 'layers' in s:
+            s['start'], s['end'] = s.pop('layers')
+          stages.append(Stage(**s))
+        reps.append(Replica(stages=stages, weight=r.get('weight', 1.0)))
+      if 'num_layers' not in d:
+        d['num_layers'] = reps[0].stages[-1].end
+      known = {f.name for f in dataclasses.fields(cls)}
+      unknown = set(d) - known
+      if unknown:
+        raise HetjaxError(f'invalid plan: unknown field(s) {sorted(unknown)}')
+      return cls(replicas=reps, **d)
+    except (KeyError, TypeError, ValueError) as e:
+      raise HetjaxError(f'invalid plan: malformed ({type(e).__name__}: {e})') from None
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> 'Plan':
+    try:
+      return cls.from_dict(json.loads(text))
+    except json.JSONDecodeError as e:
+      raise HetjaxError(f'invalid plan JSON: {e}') from None
+
+  def save(self, path: str) -> None:
+    with open(path, 'w') as f:
+      f.write(self.to_json())
+
+  @classmethod
+  def load(cls, path: str) -> 'Plan':
+    try:
+      with open(path) as f:
+        return cls.from_json(f.read())
+    except OSError as e:
+      raise HetjaxError(f'cannot read plan {path}: {e}') from None
+
+  # ---- display
+  def table(self, cluster=None) -> str:
+    """Readable table: one row per stage, replicas as columns of device lists."""
+    lines = [f'plan v{self.version} ({self.kind}): model={self.model or "?"} cluster={self.cluster or "?"} '
+             f'L={self.num_layers} stages={self.num_stages} dp={self.dp} schedule={self.schedule} '
+             f'M={self.micro_batches}x{self.micro_batch_size} act_bits={self.activation_bits}']
+    lines.append(f'{"stage":>5} {"layers":>9} {"n":>3} {"tp":>3}  devices per replica')
+    ref = self.replicas[0].stages
+    for k in range(self.num_stages):
+      s = ref[k] if k < len(ref) else None
+      rng = f'[{s.start},{s.end})' if s else ''
+      cells = []
+      for r in self.replicas:
+        if k < len(r.stages):
+          ds = r.stages[k].devices
+          cell = ','.join(map(str, ds))
+          if cluster is not None:
+            cell += f'({cluster.devices[ds[0]].region[:6]}/{cluster.devices[ds[0]].gpu.split("-")[0]})'
+          cells.append(cell)
+      tag = ('E' if s and s.embed else '') + ('H' if s and s.head else '')
+      lines.append(f'{k:>5} {rng:>9} {s.num_layers if s else "":>3} {s.tp if s else "":>3}  '
+                   f'{" | ".join(cells)} {tag}')
+    if self.prediction:
+      keys = [k for k in ('total', 'compute', 'bubble', 'pp_comm', 'tp_comm', 'dp_comm') if k in self.prediction]
+      lines.append('predicted step (s): ' + '  '.join(f'{k}={self.prediction[k]:.3f}' for k in keys))
+    return '\n'.join(lines)
