@@ -1,0 +1,116 @@
+"""Elementwise quantization math shared by the jnp reference and the Pallas kernel bodies.
+
+Everything here is plain jnp on arrays of any shape, so the same ops run in XLA and inside a
+Pallas kernel (Triton or interpret). Rules that make results reproducible everywhere:
+
+- Scales are rounded *up* and zero points *down* to the stored dtype, and codes are computed from
+  the stored values, so |x - deQ(Q(x))| <= scale/2 holds with the scale that travels.
+- Scales are kept >= the smallest normal number of the scale dtype: no division by zero for
+  all-zero groups, and no subnormals (which CPUs may flush and GPUs do not).
+- Dequantization is exact: a code (<= 255) times a bf16/fp16 scale fits in fp32's 24-bit mantissa,
+  so `m + code*scale` rounds once whether or not a compiler fuses it into an FMA. This is what makes
+  the AQ-SGD buffers of sender and receiver bitwise equal.
+- A group (or channel) holding NaN or +-inf gets a NaN scale (and zero point) and all-zero codes,
+  so it dequantizes to NaN: loud, never a silently wrong finite scale.
+"""
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+FLT_MAX = float(np.finfo(np.float32).max)
+
+# scale dtype -> (mantissa bits, smallest normal, largest finite)
+_SCALE_INFO = {
+    jnp.dtype(jnp.bfloat16): (7, 2.0**-126, float(jnp.finfo(jnp.bfloat16).max)),
+    jnp.dtype(jnp.float16): (10, 2.0**-14, 65504.0),
+}
+SCALE_DTYPES = tuple(_SCALE_INFO)
+
+
+def code_range(bits, symmetric):
+  """(lowest, highest) signed code value; stored codes are value - lowest, in [0, 2**bits)."""
+  if symmetric:
+    q = 2 ** (bits - 1) - 1
+    return -q, q
+  return 0, 2**bits - 1
+
+
+def true_div(a, b):
+  return a / b
+
+
+def isfinite(x):
+  return jnp.abs(x) <= FLT_MAX  # False for NaN and +-inf; portable to Triton
+
+
+def round_up(s, dtype):
+  """Smallest-ish value of `dtype` >= s (s >= 0 fp32), clamped to the normal finite range."""
+  m, tiny, big = _SCALE_INFO[jnp.dtype(dtype)]
+  s = jnp.clip(s, tiny, big / (1 + 2.0**-m))
+  r = s.astype(dtype)
+  bumped = (s * (1 + 2.0**-m)).astype(dtype)
+  return jnp.where(r.astype(F32) < s, bumped, r)
+
+
+def round_down(z, dtype):
+  """A value of `dtype` <= z (fp32); tiny |z| snap to 0 or -smallest normal."""
+  m, tiny, big = _SCALE_INFO[jnp.dtype(dtype)]
+  z = jnp.where(jnp.abs(z) < tiny, jnp.where(z < 0, -tiny, 0.0), z)
+  z = jnp.clip(z, -big / (1 + 2.0**-m), big)
+  r = z.astype(dtype)
+  bumped = (z - jnp.abs(z) * 2.0**-m).astype(dtype)
+  return jnp.where(r.astype(F32) > z, bumped, r)
+
+
+def group_params(amax, lo, hi, bad, bits, symmetric, dtype, div=true_div):
+  """Stored (scale, zero) for groups with finite abs-max / min / max and a bad (non-finite) flag.
+
+  Returns arrays of `dtype`; zero is None when symmetric. Bad groups get NaN.
+  """
+  qlo, qhi = code_range(bits, symmetric)
+  nan = jnp.array(jnp.nan, dtype)
+  if symmetric:
+    s = round_up(div(amax, F32(qhi)), dtype)
+    return jnp.where(bad, nan, s), None
+  z = round_down(lo, dtype)
+  s = round_up(div(hi - z.astype(F32), F32(qhi - qlo)), dtype)
+  return jnp.where(bad, nan, s), jnp.where(bad, nan, z)
+
+
+def fmix32(h):
+  """murmur3 finalizer on uint32 (wrapping integer ops only)."""
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def uniform(idx, seed):
+  """Uniform [0, 1) fp32 (24-bit resolution) from uint32 element index and uint32 seed."""
+  h = fmix32(idx * np.uint32(0x9E3779B1) + seed)
+  h = fmix32(h ^ seed)
+  return (h >> 8).astype(jnp.int32).astype(F32) * F32(2.0**-24)
+
+
+def encode_codes(x, s, z, offset, bits, symmetric, div=true_div):
+  """Stored codes (int32 in [0, 2**bits)) for fp32 x, stored scale/zero (any float dtype).
+
+  `offset` is 0.5 for round-to-nearest or a uniform [0, 1) draw for stochastic rounding.
+  """
+  qlo, qhi = code_range(bits, symmetric)
+  s = s.astype(F32)
+  bad = s != s
+  s = jnp.where(bad, F32(1), s)
+  x = jnp.where(isfinite(x), x, F32(0))
+  if not symmetric:
+    x = x - jnp.where(bad, F32(0), z.astype(F32))
+  q = jnp.clip(jnp.floor(div(x, s) + offset), F32(qlo), F32(qhi))
+  return jnp.where(bad, 0, q.astype(jnp.int32) - qlo)
+
+
+def decode_codes(c, s, z, bits, symmetric):
+  """fp32 values for stored int32 codes; exact product, at most one rounding (the + zero)."""
+  qlo, _ = code_range(bits, symmetric)
+  v = (c + qlo).astype(F32) * s.astype(F32)
+  return v if symmetric else v + z.astype(F32)
