@@ -91,6 +91,8 @@ def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | No
                      data_lib.BatchIterator(train_tokens, tcfg.batch_size, tcfg.seq_len, seed))
   log = MetricsLog(workdir)
   tokens_per_step = tcfg.batch_size * tcfg.seq_len
+  if tcfg.eval_every and state.step == 0:
+    log.log(0, val_loss=evaluate(state.graphdef, state.params, val))
   window_start, window_steps = time.perf_counter(), 0
   while state.step < tcfg.steps:
     batch = next(state.data)
