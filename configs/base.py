@@ -31,3 +31,9 @@ def train_fields() -> ml_collections.ConfigDict:
 def generate_fields() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       prompt='', prompt_ids='', max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0))
+
+
+def checkpoint_fields() -> ml_collections.ConfigDict:
+  """Train checkpoints in <workdir>/checkpoints: every N steps (0: only the last step), keep the
+  last K (0: all), written in the background."""
+  return ml_collections.ConfigDict(dict(every=0, keep=3, async_save=True))

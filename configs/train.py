@@ -1,5 +1,10 @@
 """Single-device training on the shipped corpus, e.g.
-python run.py --config=configs/train.py --config.model=tiny_llama --config.train.steps=500"""
+python run.py --config=configs/train.py --config.model=tiny_llama --config.train.steps=500
+
+Checkpoints go to <workdir>/checkpoints (--config.ckpt.every/keep/async_save). A run whose workdir
+holds a checkpoint resumes from it; --config.resume=true insists on resuming, false refuses to."""
+
+from ml_collections import config_dict
 
 from configs import base
 
@@ -8,6 +13,8 @@ def get_config():
   c = base.get_config()
   c.mode = 'train'
   c.train = base.train_fields()
+  c.ckpt = base.checkpoint_fields()
+  c.resume = config_dict.placeholder(bool)  # None: resume when the workdir holds a checkpoint
   c.generate = base.generate_fields()
   c.generate.max_new_tokens = 0  # > 0: print a sample after training
   return c

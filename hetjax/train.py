@@ -1,8 +1,12 @@
-"""Single-device training: optax AdamW (warmup + cosine), global-norm clipping, validation, metrics."""
+"""Single-device training: optax AdamW (warmup + cosine), global-norm clipping, validation, metrics,
+and orbax checkpoints that resume exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
+import os
 import time
 
 import jax
@@ -12,6 +16,7 @@ import optax
 from flax import nnx
 
 from hetjax import data as data_lib
+from hetjax.checkpoint.manager import Checkpointer, StageSpec
 from hetjax.errors import HetjaxError
 from hetjax.metrics import MetricsLog
 from hetjax.models.config import ModelConfig
@@ -58,17 +63,43 @@ def evaluate(graphdef, params, batches) -> float:
 
 
 class TrainState:
-  """What a training run carries from step to step (and what a checkpoint holds)."""
+  """What a training run carries from step to step (and what a checkpoint holds).
 
-  def __init__(self, model: Stage, optimizer: optax.GradientTransformation, data: data_lib.BatchIterator):
+  `rng` is the run's key for stochastic work (dropout, stochastic rounding); `extra` holds further
+  per-stage state (e.g. AQ-SGD activation buffers) as pytrees under globally unique names."""
+
+  def __init__(self, model: Stage, optimizer: optax.GradientTransformation,
+               data: data_lib.BatchIterator, seed: int = 0):
+    self.spec = StageSpec.of(model)
+    self.mcfg = model.cfg
     self.graphdef, self.params = nnx.split(model)
     self.optimizer = optimizer
     self.opt_state = optimizer.init(self.params)
     self.data = data
+    self.rng = jax.random.key(seed)
+    self.extra: dict = {}
     self.step = 0
 
   def model(self) -> Stage:
     return nnx.merge(self.graphdef, self.params)
+
+  def tensors(self) -> dict:
+    return {'params': self.params, 'opt_state': self.opt_state, 'extra': self.extra}
+
+  def save(self, ckpt: Checkpointer) -> None:
+    meta = {'model': dataclasses.asdict(self.mcfg), 'data': self.data.state(),
+            'rng': np.asarray(jax.random.key_data(self.rng)).tolist()}
+    ckpt.save(self.step, [(self.spec, self.tensors())], meta)
+
+  def restore(self, ckpt: Checkpointer, step: int | None = None) -> None:
+    """Load a checkpoint (written under any stage plan) onto this state's devices and shardings."""
+    (saved,), meta = ckpt.restore([self.tensors()], step)
+    on_device = jax.tree.map(lambda want, x: jax.device_put(x, getattr(want, 'sharding', None)), self.tensors(), saved)
+    self.params, self.opt_state, self.extra = (
+        on_device['params'], on_device['opt_state'], on_device['extra'])
+    self.data.restore(meta['data'])
+    self.rng = jax.random.wrap_key_data(np.asarray(meta['rng'], np.uint32))
+    self.step = int(meta['step'])
 
 
 def check_train_config(mcfg: ModelConfig, tcfg) -> None:
@@ -78,9 +109,35 @@ def check_train_config(mcfg: ModelConfig, tcfg) -> None:
     raise HetjaxError('train.batch_size and train.seq_len must be positive')
 
 
+def open_checkpoints(workdir: str, ckpt_cfg, resume: bool | None) -> Checkpointer:
+  """<workdir>/checkpoints. resume=None resumes if a checkpoint exists; True requires one; False
+  refuses a workdir that has one (its metrics and checkpoints would mix with the new run's)."""
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), every=ckpt_cfg.every,
+                      keep=ckpt_cfg.keep, async_save=ckpt_cfg.async_save)
+  step = ckpt.latest_step()
+  if resume is True and step is None:
+    raise HetjaxError(f'resume=true but {ckpt.directory} holds no checkpoint')
+  if resume is False and step is not None:
+    raise HetjaxError(f'{workdir} holds a checkpoint at step {step}; resume it (drop '
+                      f'--config.resume=false) or choose a fresh --config.workdir')
+  return ckpt
+
+
+def drop_metrics_after(log: MetricsLog, step: int) -> None:
+  """Forget records a killed run logged after its last checkpoint (they will be logged again)."""
+  kept = [r for r in log.read() if r['step'] <= step]
+  tmp = f'{log.path}.tmp.{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in kept)
+  os.replace(tmp, log.path)
+
+
 def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | None = None,
-          print_fn=print) -> TrainState:
-  """Train a single-device model on the corpus; logs to <workdir>/metrics.jsonl."""
+          print_fn=print, ckpt_cfg=None, resume: bool | None = None) -> TrainState:
+  """Train a single-device model on the corpus; logs to <workdir>/metrics.jsonl.
+
+  With `ckpt_cfg` (every, keep, async_save) it saves to <workdir>/checkpoints every N steps and at
+  the end, and resumes from the latest checkpoint there (see `open_checkpoints`)."""
   check_train_config(mcfg, tcfg)
   tokens = data_lib.load_corpus(corpus or data_lib.DEFAULT_CORPUS)
   if int(tokens.max()) >= mcfg.vocab_size:
@@ -88,8 +145,13 @@ def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | No
   train_tokens, val_tokens = data_lib.train_val_split(tokens)
   val = data_lib.eval_batches(val_tokens, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches)
   state = TrainState(build_model(mcfg, seed), make_optimizer(tcfg),
-                     data_lib.BatchIterator(train_tokens, tcfg.batch_size, tcfg.seq_len, seed))
+                     data_lib.BatchIterator(train_tokens, tcfg.batch_size, tcfg.seq_len, seed), seed)
   log = MetricsLog(workdir)
+  ckpt = open_checkpoints(workdir, ckpt_cfg, resume) if ckpt_cfg is not None else None
+  if ckpt is not None and ckpt.latest_step() is not None:
+    state.restore(ckpt)
+    drop_metrics_after(log, state.step)
+    print_fn(f'resumed from {ckpt.directory} at step {state.step}')
   tokens_per_step = tcfg.batch_size * tcfg.seq_len
   if tcfg.eval_every and state.step == 0:
     log.log(0, val_loss=evaluate(state.graphdef, state.params, val))
@@ -114,4 +176,8 @@ def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | No
       print_fn(f'step {state.step:5d}/{tcfg.steps}  loss {loss:.3f}{extra}  '
                f'{rate:.2f} steps/s  {rate * tokens_per_step:,.0f} tok/s')
       window_start, window_steps = time.perf_counter(), 0
+    if ckpt is not None and (ckpt.should_save(state.step) or last):
+      state.save(ckpt)
+  if ckpt is not None:
+    ckpt.close()  # waits for an asynchronous save to commit
   return state

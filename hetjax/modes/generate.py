@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from hetjax.checkpoint.manager import load_model
 from hetjax.data import ByteTokenizer
 from hetjax.errors import HetjaxError
 from hetjax.inference.generate import generate
@@ -36,5 +37,8 @@ def print_ids(ids: np.ndarray) -> None:
 
 
 def run(cfg, workdir: str) -> None:
-  model = build_model(model_config_from(cfg), cfg.seed)
+  if cfg.get('checkpoint'):
+    model, _ = load_model(cfg.checkpoint)
+  else:
+    model = build_model(model_config_from(cfg), cfg.seed)
   print_ids(sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', '')))

@@ -12,7 +12,8 @@ def run(cfg, workdir: str) -> None:
   if gcfg is not None and gcfg.max_new_tokens > 0:
     parse_prompt(gcfg)  # a bad prompt fails now, not after training
   print(f'model {cfg.model}: {mcfg.num_params():,} parameters; workdir {workdir}')
-  state = train(mcfg, cfg.train, workdir, seed=cfg.seed)
+  state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=cfg.get('ckpt'),
+                resume=cfg.get('resume'))
   if gcfg is not None and gcfg.max_new_tokens > 0:
     ids = sample(state.model(), gcfg, cfg.seed)
     print('--- sample ---')

@@ -1,0 +1,183 @@
+"""Checkpoints with orbax's CheckpointManager: one item per pipeline stage, tensors under global names.
+
+On disk (<dir> is <workdir>/checkpoints for a training run, or a converted checkpoint's folder):
+
+  <dir>/<step>/meta/                 JSON: format, step, model config, data position, RNG, and the
+                                     stage index [{item, start, end, has_embed, has_head,
+                                                   tensors: {name: [shape, dtype]}}]
+  <dir>/<step>/stage<i>_<a>_<b>/     orbax PyTree of stage i (layers a..b): {'params', 'opt_state',
+                                     'extra'} nested by global name (see repartition.py)
+
+Each stage is its own item, so a stage's tensors are written as one unit and, later, by the process
+that owns them. Names are global, so a reader with any stage plan takes the tensors it needs from
+whichever items hold them and reads only those (orbax partial restore). Orbax writes a step into a
+temporary folder and renames it once every item is complete: a crash mid-save leaves the previous
+step intact, and the next open deletes the half-written folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from hetjax.checkpoint.repartition import check, fill, flatten, nest
+from hetjax.errors import HetjaxError
+from hetjax.models.config import ModelConfig
+
+FORMAT = 'hetjax-checkpoint/1'
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """Which part of the model a stage holds."""
+  start: int
+  end: int
+  has_embed: bool
+  has_head: bool
+
+  @classmethod
+  def of(cls, stage) -> 'StageSpec':
+    return cls(stage.start, stage.end, stage.has_embed, stage.has_head)
+
+
+class Checkpointer:
+  """Save and restore stage states. `every`: save every N steps (0: only when forced);
+  `keep`: keep the last K steps (0: all); `async_save`: write in a background thread."""
+
+  def __init__(self, directory: str, *, every: int = 0, keep: int = 0, async_save: bool = False,
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    self.every = every
+    if read_only and not is_checkpoint(self.directory):
+      raise HetjaxError(f'no hetjax checkpoint in {directory}')
+    # read_only only stops this object from creating or cleaning up; it never saves anyway.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep or None, enable_async_checkpointing=async_save, create=not read_only,
+        cleanup_tmp_directories=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.every > 0 and step % self.every == 0
+
+  def save(self, step: int, stages: Sequence[tuple[StageSpec, Any]], meta: Mapping) -> None:
+    """Save each (spec, state tree) as one item, plus `meta` (JSON) and the stage index.
+    The trees are copied to host memory first, so training may reuse its buffers at once."""
+    items, index = {}, []
+    for i, (spec, tree) in enumerate(stages):
+      flat = {name: np.array(x) for name, x in flatten(tree).items()}
+      item = f'stage{i}_{spec.start}_{spec.end}'
+      tensors = {name: [list(x.shape), str(x.dtype)] for name, x in flat.items()}
+      index.append({'item': item, **dataclasses.asdict(spec), 'tensors': tensors})
+      items[item] = ocp.args.PyTreeSave(nest(flat))
+    items['meta'] = ocp.args.JsonSave({**meta, 'format': FORMAT, 'step': step, 'stages': index})
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def meta(self, step: int | None = None) -> dict:
+    step = self._step(step)
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    if meta.get('format') != FORMAT:
+      raise HetjaxError(f'{self.directory}/{step} is not a {FORMAT} checkpoint')
+    return meta
+
+  def read(self, names: Iterable[str], step: int | None = None, meta: dict | None = None) -> dict:
+    """{name: np.ndarray} for the named tensors, reading only those."""
+    meta = meta or self.meta(step)
+    where = tensor_index(meta)
+    wanted: dict[str, dict] = defaultdict(dict)
+    for name in names:
+      if name not in where:
+        raise HetjaxError(f'checkpoint has no tensor {name}')
+      item, shape, dtype = where[name]
+      wanted[item][name] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+    args = {item: ocp.args.PyTreeRestore(
+        item=nest(structs), partial_restore=True,
+        restore_args=nest({n: ocp.RestoreArgs(restore_type=np.ndarray) for n in structs}))
+        for item, structs in wanted.items()}
+    if not args:
+      return {}
+    restored = self.manager.restore(meta['step'], args=ocp.args.Composite(**args))
+    return {name: x for item in args for name, x in flatten(restored[item]).items()}
+
+  def restore(self, templates: Sequence[Any], step: int | None = None) -> tuple[list, dict]:
+    """Fill each template (a stage's state tree; arrays or shape structs) from the checkpoint.
+
+    Together the templates must use every saved tensor of the kinds they ask for (params,
+    opt_state, ...), so restoring a 6-layer checkpoint into a 4-layer model fails instead of
+    silently dropping layers. Returns (filled trees of numpy arrays, meta)."""
+    meta = self.meta(step)
+    where = tensor_index(meta)
+    shapes = {name: shape for name, (_, shape, _) in where.items()}
+    wanted = {}
+    for template in templates:
+      check(template, shapes)  # fails on the first mismatch, before reading any data
+      wanted.update(flatten(template))
+    kinds = {name.split('/')[0] for name in wanted}
+    unused = [n for n in where if n.split('/')[0] in kinds and n not in wanted]
+    if unused:
+      raise HetjaxError(f'checkpoint tensor {unused[0]} (shape {tuple(shapes[unused[0]])}) has no '
+                        f'place in the model; was it written for a different model config?')
+    flat = self.read(wanted, meta=meta)
+    return [fill(t, flat) for t in templates], meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def _step(self, step: int | None) -> int:
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise HetjaxError(f'no checkpoint in {self.directory}')
+    return step
+
+
+def tensor_index(meta: Mapping) -> dict[str, tuple[str, list, str]]:
+  """{name: (item, shape, dtype)}; a tensor held by several stages is read from the first."""
+  where = {}
+  for stage in meta['stages']:
+    for name, (shape, dtype) in stage['tensors'].items():
+      where.setdefault(name, (stage['item'], shape, dtype))
+  return where
+
+
+def is_checkpoint(directory: str) -> bool:
+  """True if `directory` holds at least one committed step with a meta item."""
+  if not os.path.isdir(directory):
+    return False
+  return any(name.isdigit() and os.path.isdir(os.path.join(directory, name, 'meta'))
+             for name in os.listdir(directory))
+
+
+def resolve(path: str) -> str:
+  """A run's workdir (holding checkpoints/) or a checkpoint folder itself -> the checkpoint folder."""
+  inner = os.path.join(path, 'checkpoints')
+  return inner if os.path.isdir(inner) else path
+
+
+def model_config_of(meta: Mapping) -> ModelConfig:
+  return ModelConfig(**meta['model']).validate()
+
+
+def load_model(path: str, step: int | None = None):
+  """(full model, meta) from a checkpoint written by training or by conversion."""
+  from flax import nnx
+  from hetjax.models.model import build_model
+  ckpt = Checkpointer(resolve(path), read_only=True)
+  mcfg = model_config_of(ckpt.meta(step))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(mcfg)))
+  (params,), meta = ckpt.restore([{'params': abstract}], step)
+  ckpt.close()
+  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params['params'])), meta
