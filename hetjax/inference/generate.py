@@ -37,7 +37,7 @@ def sample_logits(logits, key, temperature: float = 0.0, top_k: int = 0, top_p: 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _prefill(graphdef, state, tokens, cache, sampling, key):
   model = nnx.merge(graphdef, state)
-  logits, cache = model(tokens, 0, cache)
+  logits, cache = model(tokens, 0, cache, last_only=True)
   return sample_logits(logits[:, -1], key, *sampling), cache
 
 

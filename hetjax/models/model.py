@@ -45,10 +45,11 @@ class Stage(nnx.Module):
     self.lm_head = (_dense(cfg, cfg.hidden, cfg.vocab_size, (None, None), False, rngs)
                     if has_head and not cfg.tie_embeddings else None)
 
-  def __call__(self, x, start_pos=0, cache=None):
+  def __call__(self, x, start_pos=0, cache=None, last_only=False):
     """x: token ids [B, T] if the stage has the embed, else hidden states [B, T, H].
 
-    Returns (logits [B, T, V] if it has the head, else hidden states; the updated cache)."""
+    Returns (logits [B, T, V] if it has the head, else hidden states; the updated cache).
+    `last_only` computes the head for the last position only (prefill needs no more)."""
     cfg = self.cfg
     t = x.shape[1]
     positions = jnp.broadcast_to(start_pos + jnp.arange(t), x.shape[:2])
@@ -63,7 +64,7 @@ class Stage(nnx.Module):
       if cache is not None:
         new_cache[key] = layer_cache
     if self.has_head:
-      x = self.final_norm(x)
+      x = self.final_norm(x[:, -1:] if last_only else x)
       if self.lm_head is not None:
         x = self.lm_head(x.astype(cfg.dtype))
       else:

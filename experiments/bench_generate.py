@@ -1,0 +1,75 @@
+"""Prefill and decode throughput (tokens/s) of single-device generation on this machine.
+
+python experiments/bench_generate.py --out=out/bench_generate [--models=tiny_gpt,gpt2_small]
+Writes results.csv and throughput.png, prints the table last. Timings exclude compilation (one
+warm-up run per shape)."""
+
+import csv
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+from hetjax.inference.generate import generate
+from hetjax.models.config import get_model_config
+from hetjax.models.model import build_model
+import numpy as np
+
+flags.DEFINE_string('out', 'out/bench_generate', 'Output folder.')
+flags.DEFINE_list('models', ['tiny_gpt', 'tiny_llama', 'gpt2_small'], 'Model presets.')
+flags.DEFINE_list('batches', ['1', '16'], 'Batch sizes.')
+flags.DEFINE_integer('prompt_len', 128, 'Prompt tokens.')
+flags.DEFINE_integer('new_tokens', 32, 'Generated tokens per sequence.')
+flags.DEFINE_integer('repeats', 2, 'Timed runs per point (the best is kept).')
+FLAGS = flags.FLAGS
+
+
+def measure(model, batch, prompt_len, new_tokens, repeats):
+  prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (batch, prompt_len))
+  generate(model, prompt, new_tokens)  # compile
+  best = None
+  for _ in range(repeats):
+    _, t = generate(model, prompt, new_tokens, return_timing=True)
+    best = t if best is None else {k: min(best[k], t[k]) for k in t}
+  return {'prefill_tok_s': batch * prompt_len / best['prefill_s'],
+          'decode_tok_s': batch * (new_tokens - 1) / best['decode_s'],
+          'decode_ms_per_step': 1000 * best['decode_s'] / (new_tokens - 1)}
+
+
+def main(_):
+  os.makedirs(FLAGS.out, exist_ok=True)
+  rows = []
+  for name in FLAGS.models:
+    cfg = get_model_config(name)
+    model = build_model(cfg)
+    for batch in map(int, FLAGS.batches):
+      r = measure(model, batch, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.repeats)
+      rows.append({'model': name, 'params_M': cfg.num_params() / 1e6, 'batch': batch, **r})
+      print(f'{name} batch {batch}: prefill {r["prefill_tok_s"]:,.0f} tok/s, '
+            f'decode {r["decode_tok_s"]:,.0f} tok/s', flush=True)
+  with open(os.path.join(FLAGS.out, 'results.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  labels = [f'{r["model"]}\nb={r["batch"]}' for r in rows]
+  for ax, key in zip(axes, ['prefill_tok_s', 'decode_tok_s']):
+    ax.bar(labels, [r[key] for r in rows])
+    ax.set_yscale('log')
+    ax.set_title(key.replace('_tok_s', ' tokens/s (CPU)'))
+    ax.tick_params(axis='x', labelsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(FLAGS.out, 'throughput.png'), dpi=100)
+  print(f'\n{"model":<12} {"params":>8} {"batch":>5} {"prefill tok/s":>14} {"decode tok/s":>13} {"ms/step":>8}')
+  for r in rows:
+    print(f'{r["model"]:<12} {r["params_M"]:>7.1f}M {r["batch"]:>5} {r["prefill_tok_s"]:>14,.0f} '
+          f'{r["decode_tok_s"]:>13,.0f} {r["decode_ms_per_step"]:>8.1f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
