@@ -40,6 +40,7 @@ class Stage:
 class Replica:
   stages: list[Stage]
   weight: float = 1.0          # share of the batch (train) or of the requests (serve)
+  max_batch: int = 0           # serve: most requests decoded together (0 = not set)
 
   @property
   def devices(self) -> list[int]:
@@ -58,6 +59,8 @@ class Plan:
   micro_batch_size: int = 1       # sequences per micro-batch
   seq_len: int = 0
   activation_bits: int = 16       # bits per value sent between stages (16 = no compression)
+  gen_len: int = 0                # serve: tokens generated per request (seq_len = prompt length)
+  offload: dict[str, Any] = dataclasses.field(default_factory=dict)  # serve: FlexGen policy (see costmodel/offload.py)
   prediction: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: total, compute, ...
   search: dict[str, Any] = dataclasses.field(default_factory=dict)        # method, seed, time, history
   version: int = PLAN_VERSION
@@ -124,6 +127,8 @@ class Plan:
     for i, r in enumerate(self.replicas):
       if r.weight <= 0:
         bad(f'replica {i} has non-positive weight {r.weight}')
+      if r.max_batch < 0:
+        bad(f'replica {i} has negative max_batch {r.max_batch}')
       pos = 0
       for k, s in enumerate(r.stages):
         where = f'replica {i} stage {k}'
@@ -144,6 +149,10 @@ class Plan:
           bad(f'{where}: tp={s.tp} does not divide the heads/kv heads/ffn of the model')
       if pos != self.num_layers:
         bad(f'replica {i} covers layers [0,{pos}) but the model has {self.num_layers}')
+    for what in ('weights', 'kv', 'act'):
+      frac = self.offload.get(what)
+      if frac is not None and (len(frac) != 3 or min(frac) < -1e-9 or abs(sum(frac) - 1) > 1e-6):
+        bad(f'offload.{what} must be three fractions (gpu, cpu, disk) summing to 1, got {frac}')
     if self.kind == 'train':
       ranges = [[(s.start, s.end) for s in r.stages] for r in self.replicas]
       if any(rg != ranges[0] for rg in ranges):
@@ -166,7 +175,7 @@ class Plan:
           if 'layers' in s:
             s['start'], s['end'] = s.pop('layers')
           stages.append(Stage(**s))
-        reps.append(Replica(stages=stages, weight=r.get('weight', 1.0)))
+        reps.append(Replica(stages=stages, weight=r.get('weight', 1.0), max_batch=r.get('max_batch', 0)))
       if 'num_layers' not in d:
         d['num_layers'] = reps[0].stages[-1].end
       known = {f.name for f in dataclasses.fields(cls)}
@@ -201,7 +210,9 @@ class Plan:
 
   # ---- display
   def table(self, cluster=None) -> str:
-    """Readable table: one row per stage, replicas as columns of device lists."""
+    """Readable table: one row per stage, replicas as columns of device lists (serve: one row per stage)."""
+    if self.kind == 'serve':
+      return self._serve_table(cluster)
     lines = [f'plan v{self.version} ({self.kind}): model={self.model or "?"} cluster={self.cluster or "?"} '
              f'L={self.num_layers} stages={self.num_stages} dp={self.dp} schedule={self.schedule} '
              f'M={self.micro_batches}x{self.micro_batch_size} act_bits={self.activation_bits}']
@@ -224,4 +235,25 @@ class Plan:
     if self.prediction:
       keys = [k for k in ('total', 'compute', 'bubble', 'pp_comm', 'tp_comm', 'dp_comm') if k in self.prediction]
       lines.append('predicted step (s): ' + '  '.join(f'{k}={self.prediction[k]:.3f}' for k in keys))
+    return '\n'.join(lines)
+
+  def _serve_table(self, cluster=None) -> str:
+    """Serving plans: replicas are independent and asymmetric, so one row per (replica, stage)."""
+    lines = [f'plan v{self.version} (serve): model={self.model or "?"} cluster={self.cluster or "?"} '
+             f'L={self.num_layers} replicas={self.dp} prompt={self.seq_len} gen={self.gen_len}']
+    lines.append(f'{"rep":>3} {"w":>5} {"maxb":>4} {"stage":>5} {"layers":>9} {"n":>3} {"tp":>3}  devices')
+    for i, r in enumerate(self.replicas):
+      for k, s in enumerate(r.stages):
+        where = ''
+        if cluster is not None:
+          d = cluster.devices[s.devices[0]]
+          where = f'  {d.gpu} @ {d.host}'
+        head = f'{i:>3} {r.weight:>5.3f} {r.max_batch:>4}' if k == 0 else ' ' * 14
+        lines.append(f'{head} {k:>5} {f"[{s.start},{s.end})":>9} {s.num_layers:>3} {s.tp:>3}  '
+                     f'{",".join(map(str, s.devices))}{where}')
+    if self.offload:
+      lines.append('offload: ' + ' '.join(f'{k}={v}' for k, v in self.offload.items()))
+    if self.prediction:
+      lines.append('predicted: ' + '  '.join(f'{k}={v:.4g}' for k, v in self.prediction.items()
+                                            if isinstance(v, (int, float))))
     return '\n'.join(lines)
