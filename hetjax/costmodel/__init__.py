@@ -1,0 +1,1 @@
+"""Cost models: training.py (DT-FM communication cost, full step time, memory)."""

@@ -1,0 +1,1 @@
+"""Placement search: balanced partition (GA + Kernighan-Lin), pipeline ordering, layer assignment, planners."""

@@ -1,0 +1,45 @@
+"""Baseline placements at DT-FM's fixed shape (TP 1, equal layers): random, and devices in index
+order (Megatron's rank order: stage s, replica j -> device s * D_DP + j). DT-FM's "hybrid" gain is
+the GA in planner.plan_dtfm with gain='hybrid'."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from hetjax.cluster import Cluster
+from hetjax.costmodel import training as cm
+from hetjax.models.config import ModelConfig
+from hetjax.plan import Plan, Replica, Stage
+from hetjax.search.layers import equal_layers
+
+
+def _grid_plan(order: list[int], d_pp: int, d_dp: int, cluster: Cluster, model: ModelConfig,
+               setup: cm.TrainSetup) -> Plan:
+  bounds = np.concatenate([[0], np.cumsum(equal_layers(model.num_layers, d_pp))]).astype(int)
+  reps = [Replica([Stage(int(bounds[s]), int(bounds[s + 1]), [int(order[s * d_dp + j])]) for s in range(d_pp)])
+          for j in range(d_dp)]
+  return Plan(replicas=reps, num_layers=model.num_layers, cluster=cluster.name, schedule=setup.schedule,
+              micro_batches=setup.micro_batches(d_dp), micro_batch_size=setup.micro_batch_size,
+              seq_len=setup.seq_len, activation_bits=setup.activation_bits)
+
+
+def random_plan(cluster, model, setup, search, seed: int = 0, model_name: str = '') -> Plan:
+  """Devices in a random order: random groups, random pipeline order, random matching."""
+  from hetjax.search.planner import default_shape, finish
+  t0 = time.perf_counter()
+  _, d_pp, d_dp = default_shape(cluster, model, search)
+  order = np.random.default_rng(seed).permutation(cluster.n).tolist()
+  plan = _grid_plan(order, d_pp, d_dp, cluster, model, setup)
+  info = {'method': 'random', 'seed': seed, 'shape': [1, d_pp, d_dp], 'seconds': time.perf_counter() - t0}
+  return finish(plan, cluster, model, setup, info, model_name)
+
+
+def index_plan(cluster, model, setup, search, model_name: str = '') -> Plan:
+  """Devices in index order, as Megatron assigns ranks (pipeline outermost)."""
+  from hetjax.search.planner import default_shape, finish
+  _, d_pp, d_dp = default_shape(cluster, model, search)
+  plan = _grid_plan(list(range(cluster.n)), d_pp, d_dp, cluster, model, setup)
+  return finish(plan, cluster, model, setup, {'method': 'index', 'shape': [1, d_pp, d_dp], 'seconds': 0.0},
+                model_name)

@@ -1,0 +1,323 @@
+"""Training planner: from (cluster, model, workload) to a Plan.
+
+Methods:
+  'dtfm'    DT-FM's bi-level search at a fixed shape (D_PP x D_DP, TP 1, equal layers): GA partition
+            minimising DT-FM's cost (dp + 2 pp), KL gain = DT-FM's DP pair cost.
+  'hetjax'  DT-FM's machinery plus: choose TP (devices of one host), D_PP and D_DP; uneven layer counts
+            from each group's compute under memory caps; fitness = the full step-time model.
+  baselines in baselines.py ('random', 'index', 'hybrid').
+
+Devices are first grouped into TP units (t devices of one host); partitioning works over units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import numpy as np
+
+from hetjax.cluster import Cluster
+from hetjax.costmodel import training as cm
+from hetjax.errors import HetjaxError
+from hetjax.models.config import ModelConfig
+from hetjax.plan import Plan, Replica, Stage
+from hetjax.search.layers import assign_layers, equal_layers
+from hetjax.search.ordering import order_groups
+from hetjax.search.partition import GAConfig, genetic_partition, groups_of
+
+METHODS = ('hetjax', 'dtfm', 'hybrid', 'random', 'index')
+INFEASIBLE = 1e6  # fitness offset for plans that do not fit in memory
+SEARCH_EXACT_TSP = 10  # inside the GA loop Held-Karp runs up to 10 groups (heuristic beyond); final plans: 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  method: str = 'hetjax'
+  d_pp: int = 0                 # pipeline stages; 0 = search (hetjax) or 8 capped by devices/layers
+  tp: int = 0                   # 0 = search over 1, 2, 4, 8 (hetjax) or 1 (others)
+  population: int = 100
+  evaluations: int = 5000       # per finalist shape (DT-FM: 5000 candidates)
+  screen_evaluations: int = 300  # per shape when hetjax screens shapes
+  finalists: int = 2
+  crossover_points: int = 5
+  uneven_layers: bool = True
+  time_limit: Optional[float] = None  # seconds per GA run
+
+
+# ------------------------------------------------------------------ TP units
+@dataclasses.dataclass
+class Units:
+  """Devices grouped into TP units of `tp` devices on one host; unit leader = devices[0]."""
+  tp: int
+  devices: list[list[int]]
+
+  @property
+  def leaders(self) -> list[int]:
+    return [u[0] for u in self.devices]
+
+
+def make_units(cluster: Cluster, tp: int) -> Optional[Units]:
+  """None if some host's device count is not a multiple of tp."""
+  units = []
+  for ids in cluster.hosts().values():
+    if len(ids) % tp:
+      return None
+    units += [ids[i:i + tp] for i in range(0, len(ids), tp)]
+  units.sort(key=lambda u: u[0])
+  return Units(tp, units)
+
+
+def shapes(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search: SearchConfig):
+  """Candidate (tp, d_pp, d_dp) using every device."""
+  tps = [search.tp] if search.tp else [1, 2, 4, 8]
+  out = []
+  for t in tps:
+    if model.num_heads % t or model.num_kv_heads % t or model.ffn % t or make_units(cluster, t) is None:
+      continue
+    u = cluster.n // t
+    for d_pp in range(1, min(u, model.num_layers) + 1):
+      if u % d_pp or (search.d_pp and d_pp != search.d_pp):
+        continue
+      d_dp = u // d_pp
+      if setup.global_batch % (d_dp * setup.micro_batch_size):
+        continue
+      out.append((t, d_pp, d_dp))
+  return out
+
+
+def default_shape(cluster: Cluster, model: ModelConfig, search: SearchConfig) -> tuple[int, int, int]:
+  """Fixed shape for DT-FM and baselines: TP 1, D_PP = search.d_pp or the largest of 8, 4, 2, 1 that fits."""
+  n = cluster.n
+  for d_pp in ([search.d_pp] if search.d_pp else [8, 4, 2, 1]):
+    if d_pp <= min(n, model.num_layers) and n % d_pp == 0:
+      return 1, d_pp, n // d_pp
+  raise HetjaxError(f'cannot split {n} devices into {search.d_pp} stages '
+                    f'(needs a divisor of {n} that is <= {model.num_layers} layers)')
+
+
+# ------------------------------------------------------------------ evaluating a partition
+def kl_weights(dp_pair: np.ndarray, pp_pair: np.ndarray, extra: float | np.ndarray = 0.0) -> list[np.ndarray]:
+  """The two KL gain functions (within-group pair weights to minimise), used alternately:
+  a DP gain (fast links inside groups: DT-FM's data-parallel pair cost) and a PP gain (fast links
+  between groups, so bottleneck matchings are cheap: minus the pipeline pair cost)."""
+  out = []
+  for w in (dp_pair, pp_pair.max() - pp_pair):
+    w = w + extra
+    np.fill_diagonal(w, 0.0)
+    out.append(w)
+  return out
+
+
+class Evaluator:
+  """Scores partitions of units into d_pp groups of d_dp units for one shape."""
+
+  def __init__(self, cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, units: Units,
+               d_pp: int, d_dp: int, uneven: bool = True):
+    self.cluster, self.model, self.setup, self.units = cluster, model, setup, units
+    self.d_pp, self.d_dp, self.tp = d_pp, d_dp, units.tp
+    self.m = setup.micro_batches(d_dp)
+    lead = units.leaders
+    self.mb_bytes = cm.boundary_bytes(model, setup)
+    self.link = cluster.transfer_time(self.mb_bytes)[np.ix_(lead, lead)]   # per micro-batch, unit to unit
+    t = units.tp
+    rate = np.array([min(cluster.tflops(d) for d in u) for u in units.devices]) * 1e12 * setup.efficiency
+    per_layer_fwd = cm.stage_fwd_flops(model, setup, 1, False) / t
+    bwd_factor = 3.0 if setup.recompute else 2.0
+    tp_layer = np.array([cm.tp_time_per_layer(cluster, u, model, setup) for u in units.devices])
+    self.layer_time = per_layer_fwd * (1 + bwd_factor) / rate + tp_layer   # fwd+bwd per micro-batch
+    self.head_time = cm.head_flops_per_token(model) * setup.micro_batch_size * setup.seq_len / t \
+        * (1 + bwd_factor) / rate
+    self.mem = np.array([min(cluster.memory_bytes(d) for d in u) for u in units.devices]) * setup.memory_fraction
+    self.uneven = uneven
+    self.cache: dict = {}
+    lay = model.num_layers / d_pp
+    c_dp = lay * model.block_params() * setup.grad_bytes / t
+    self.dp_pair = 2.0 * cluster.transfer_time(c_dp / d_dp)[np.ix_(lead, lead)]
+    c_pp = self.mb_bytes * self.m
+    pp_pair = cluster.transfer_time(c_pp)[np.ix_(lead, lead)]
+    step = self.m * lay * self.layer_time
+    mismatch = np.abs(step[:, None] - step[None, :]) * 2.0 / d_dp   # a group runs at its slowest unit
+    self.pair_weight = kl_weights(self.dp_pair, pp_pair, mismatch)
+
+  def caps(self, group: list[int], stage: int) -> int:
+    """Most layers the group's units can hold at this pipeline position."""
+    st, model = self.setup, self.model
+    per_layer = model.block_params() / self.tp * st.state_bytes_per_param + \
+        cm.in_flight('1f1b' if st.schedule == '1f1b' else 'gpipe', stage, self.d_pp, self.m) * \
+        cm.activation_bytes_per_layer(model, st, self.tp)
+    fixed = cm.stage_params(model, 0, stage == 0, stage == self.d_pp - 1) / self.tp * st.state_bytes_per_param
+    if stage == self.d_pp - 1:
+      fixed += st.micro_batch_size * st.seq_len * model.vocab_size * 6 / self.tp
+    free = self.mem[group].min() - fixed
+    return int(max(0, free // per_layer))
+
+  def layout(self, groups: list[list[int]], exact_max: int = SEARCH_EXACT_TSP):
+    """Order groups into a pipeline and split the layers; returns a dict of the pieces."""
+    _, path, replicas = order_groups(self.link, groups, self.cache, exact_max)
+    ordered = [groups[g] for g in path]
+    per_layer = [float(self.layer_time[g].max()) for g in ordered]
+    extra = [0.0] * self.d_pp
+    extra[-1] = float(self.head_time[ordered[-1]].max())
+    caps = [self.caps(g, s) for s, g in enumerate(ordered)]
+    deficit = 0
+    try:
+      if self.uneven:
+        n = assign_layers(self.model.num_layers, per_layer, extra, caps)
+      else:
+        n = equal_layers(self.model.num_layers, self.d_pp)
+        deficit = sum(max(0, a - c) for a, c in zip(n, caps))
+    except HetjaxError:
+      n = equal_layers(self.model.num_layers, self.d_pp)
+      deficit = sum(max(0, a - c) for a, c in zip(n, caps))
+    return {'path': path, 'ordered': ordered, 'replicas': replicas, 'layers': n, 'per_layer': per_layer,
+            'extra': extra, 'deficit': deficit}
+
+  def step_time(self, groups: list[list[int]]) -> float:
+    """Approximate step time (closed-form pipeline + DT-FM DP sync) plus a penalty if memory overflows."""
+    lay = self.layout(groups)
+    n, ordered = lay['layers'], lay['ordered']
+    fwd_bwd = [k * t + e for k, t, e in zip(n, lay['per_layer'], lay['extra'])]
+    fwd = [x / 3 for x in fwd_bwd]
+    bwd = [x * 2 / 3 for x in fwd_bwd]
+    send = []
+    for s in range(self.d_pp - 1):
+      a = [u[s] for u in lay['replicas']]
+      b = [u[s + 1] for u in lay['replicas']]
+      send.append(float(self.link[a, b].max()))
+    zeros = [0.0] * len(send)
+    pipe = cm.pipeline_time_approx(fwd, bwd, send, send, zeros, self.m)
+    dp = 0.0
+    if self.d_dp > 1:
+      lead = self.units.leaders
+      for s, g in enumerate(ordered):
+        c_dp = cm.stage_params(self.model, n[s], s == 0, s == self.d_pp - 1) * self.setup.grad_bytes / self.tp
+        dev = [lead[u] for u in g]
+        dp = max(dp, cm.dtfm_dp_cost(self.cluster, [dev], c_dp))
+    return pipe + dp + (INFEASIBLE * (1 + lay['deficit']) if lay['deficit'] else 0.0)
+
+  def dtfm_cost(self, groups: list[list[int]], c_pp: float, c_dp: float) -> dict:
+    lead = self.units.leaders
+    return cm.dtfm_cost(self.cluster, [[lead[u] for u in g] for g in groups], c_pp, c_dp)
+
+  def to_plan(self, groups: list[list[int]], layers: Optional[list[int]] = None, replicas=None,
+              method: str = '') -> Plan:
+    """Turn unit groups into a Plan (pipeline order, matchings, layer split)."""
+    lay = self.layout(groups, exact_max=16)
+    n = layers if layers is not None else lay['layers']
+    reps = replicas if replicas is not None else lay['replicas']
+    bounds = np.concatenate([[0], np.cumsum(n)]).astype(int)
+    out = []
+    for units_of_replica in reps:
+      stages = [Stage(int(bounds[s]), int(bounds[s + 1]), list(self.units.devices[u]))
+                for s, u in enumerate(units_of_replica)]
+      out.append(Replica(stages))
+    return Plan(replicas=out, num_layers=self.model.num_layers, kind='train', model='',
+                cluster=self.cluster.name, schedule=self.setup.schedule, micro_batches=self.m,
+                micro_batch_size=self.setup.micro_batch_size, seq_len=self.setup.seq_len,
+                activation_bits=self.setup.activation_bits, search={'method': method})
+
+
+# ------------------------------------------------------------------ finishing a plan
+def finish(plan: Plan, cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, info: dict,
+           model_name: str = '') -> Plan:
+    """Attach the exact step-time prediction, the memory verdict and the search record."""
+    plan.model = model_name
+    plan.validate(cluster, model)
+    plan.prediction = cm.estimate(plan, cluster, model, setup, exact=True)
+    try:
+      cm.check_memory(plan, cluster, model, setup)
+      plan.prediction['memory_ok'] = 1.0
+    except HetjaxError as e:
+      plan.prediction['memory_ok'] = 0.0
+      info['memory_error'] = str(e)
+    if plan.dp >= 1 and all(s.tp == 1 for r in plan.replicas for s in r.stages):
+      groups = [[d for g in grp for d in g] for grp in plan.stage_groups()]
+      c_pp, c_dp = cm.dtfm_workload(model, setup, plan.num_stages, plan.dp)
+      plan.prediction['dtfm_cost'] = cm.dtfm_cost(cluster, groups, c_pp, c_dp)['total']
+    plan.search = {**plan.search, **info}
+    return plan
+
+
+def _ga_config(search: SearchConfig, evaluations: int, population: int) -> GAConfig:
+  return GAConfig(population=population, evaluations=evaluations, crossover_points=search.crossover_points,
+                  time_limit=search.time_limit)
+
+
+def plan_dtfm(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search: SearchConfig,
+              seed: int = 0, gain: str = 'dtfm', model_name: str = '') -> Plan:
+  """DT-FM's scheduler at a fixed shape; gain 'dtfm' (DP pair cost) or 'hybrid' (DT-FM's baseline gain)."""
+  t0 = time.perf_counter()
+  tp, d_pp, d_dp = default_shape(cluster, model, search)
+  ev = Evaluator(cluster, model, setup, make_units(cluster, 1), d_pp, d_dp, uneven=False)
+  c_pp, c_dp = cm.dtfm_workload(model, setup, d_pp, d_dp)
+  if gain == 'hybrid':  # DT-FM baseline: minimise sum over group pairs of (dp - pp) link cost
+    pair = cluster.transfer_time(c_dp) - cluster.transfer_time(c_pp)
+  else:
+    pair = kl_weights(cm.dp_pair_cost(cluster, c_dp, d_dp), cluster.transfer_time(c_pp))
+  if gain == 'hybrid':
+    np.fill_diagonal(pair, 0.0)
+  fit = lambda a: cm.dtfm_cost(cluster, groups_of(a, d_pp), c_pp, c_dp, ev.cache)['total']
+  res = genetic_partition([d_dp] * d_pp, fit, _ga_config(search, search.evaluations, search.population),
+                          seed, pair)
+  groups = groups_of(res.assign, d_pp)
+  d = cm.dtfm_cost(cluster, groups, c_pp, c_dp, ev.cache)
+  plan = ev.to_plan(groups, equal_layers(model.num_layers, d_pp), d['replicas'])
+  info = {'method': 'hybrid' if gain == 'hybrid' else 'dtfm', 'seed': seed, 'shape': [tp, d_pp, d_dp],
+          'objective': 'dtfm_cost', 'best': res.cost, 'history': res.history, 'evaluations': res.evaluations,
+          'seconds': time.perf_counter() - t0}
+  return finish(plan, cluster, model, setup, info, model_name)
+
+
+def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search: SearchConfig,
+                seed: int = 0, model_name: str = '') -> Plan:
+  """Screen every shape with a short GA, run the full GA on the best `finalists`, keep the best."""
+  t0 = time.perf_counter()
+  cands = shapes(cluster, model, setup, search)
+  if not cands:
+    raise HetjaxError(f'no (tp, d_pp, d_dp) fits {cluster.n} devices, {model.num_layers} layers and '
+                      f'global_batch={setup.global_batch} with micro_batch_size={setup.micro_batch_size}')
+  screened = []
+  for k, (t, d_pp, d_dp) in enumerate(cands):
+    ev = Evaluator(cluster, model, setup, make_units(cluster, t), d_pp, d_dp, search.uneven_layers)
+    fit = lambda a, ev=ev, d_pp=d_pp: ev.step_time(groups_of(a, d_pp))
+    pop = min(search.population, 20)
+    res = genetic_partition([d_dp] * d_pp, fit, _ga_config(search, search.screen_evaluations, pop),
+                            seed + k, ev.pair_weight)
+    screened.append((res.cost, k, ev, res))
+  screened.sort(key=lambda x: x[0])
+  best = None
+  for cost, k, ev, res in screened[:search.finalists]:
+    full = genetic_partition([ev.d_dp] * ev.d_pp, lambda a, ev=ev: ev.step_time(groups_of(a, ev.d_pp)),
+                             _ga_config(search, search.evaluations, search.population), seed + 1000 + k,
+                             ev.pair_weight, initial=[res.assign])
+    if best is None or full.cost < best[0]:
+      best = (full.cost, ev, full, res)
+  cost, ev, full, _ = best
+  if cost >= INFEASIBLE:
+    raise HetjaxError(f'no memory-feasible plan found for {model_name or "the model"} on {cluster.name}; '
+                      f'best candidate still overflows (try recompute=True, a smaller micro-batch or more devices)')
+  groups = groups_of(full.assign, ev.d_pp)
+  plan = ev.to_plan(groups)
+  info = {'method': 'hetjax', 'seed': seed, 'shape': [ev.tp, ev.d_pp, ev.d_dp], 'objective': 'step_time_approx',
+          'best': full.cost, 'history': full.history, 'evaluations': full.evaluations + sum(
+              r.evaluations for _, _, _, r in screened),
+          'screened': [{'shape': [e.tp, e.d_pp, e.d_dp], 'approx_step': c} for c, _, e, _ in screened],
+          'seconds': time.perf_counter() - t0}
+  return finish(plan, cluster, model, setup, info, model_name)
+
+
+def plan_training(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup,
+                  search: SearchConfig = SearchConfig(), seed: int = 0, model_name: str = '') -> Plan:
+  """Entry point: dispatch on search.method."""
+  from hetjax.search import baselines
+  if search.method == 'hetjax':
+    return plan_hetjax(cluster, model, setup, search, seed, model_name)
+  if search.method in ('dtfm', 'hybrid'):
+    return plan_dtfm(cluster, model, setup, search, seed, search.method, model_name)
+  if search.method == 'random':
+    return baselines.random_plan(cluster, model, setup, search, seed, model_name)
+  if search.method == 'index':
+    return baselines.index_plan(cluster, model, setup, search, model_name)
+  raise HetjaxError(f'unknown search method {search.method!r}; choose one of {METHODS}')
