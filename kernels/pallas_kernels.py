@@ -13,6 +13,7 @@ fp32 division is `div.rn` via inline PTX so codes match XLA's IEEE division bit 
 never see NaN (non-finite values are masked first; Triton's maxnumf would drop NaN silently).
 """
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,19 @@ def _geometry(r, w, p, group):
   return bm, bw
 
 
+def _struct(shape, dtype, like):
+  """ShapeDtypeStruct that varies over the same shard_map axes as `like` (needed under check_vma)."""
+  params = inspect.signature(jax.ShapeDtypeStruct).parameters
+  aval = jax.typeof(like)
+  for name in ('manual_axis_type', 'vma'):
+    if name in params and getattr(aval, name, None) is not None:
+      return jax.ShapeDtypeStruct(shape, dtype, **{name: getattr(aval, name)})
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _call(body, grid, in_specs, out_specs, out_shape, interpret, args):
+  like = args[0]
+  out_shape = jax.tree.map(lambda s: _struct(s.shape, s.dtype, like), out_shape)
   extra = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
