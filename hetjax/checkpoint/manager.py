@@ -71,10 +71,12 @@ class Checkpointer:
 
   def save(self, step: int, stages: Sequence[tuple[StageSpec, Any]], meta: Mapping) -> None:
     """Save each (spec, state tree) as one item, plus `meta` (JSON) and the stage index.
-    The trees are copied to host memory first, so training may reuse its buffers at once."""
+    Device arrays are copied to host memory first, so training may reuse (donate) its buffers at
+    once; numpy arrays are written as they are and must not change until the save completes."""
     items, index = {}, []
     for i, (spec, tree) in enumerate(stages):
-      flat = {name: np.array(x) for name, x in flatten(tree).items()}
+      flat = {name: x if isinstance(x, np.ndarray) else np.array(x)
+              for name, x in flatten(tree).items()}
       item = f'stage{i}_{spec.start}_{spec.end}'
       tensors = {name: [list(x.shape), str(x.dtype)] for name, x in flat.items()}
       index.append({'item': item, **dataclasses.asdict(spec), 'tensors': tensors})
