@@ -200,10 +200,19 @@ def simulate_pipeline(fwd: Sequence[float], bwd: Sequence[float], send_f: Sequen
   return finish
 
 
-def pipeline_time_approx(fwd, bwd, send_f, send_b, lat, m: int) -> float:
-  """Closed form used inside the search: fill/drain of one micro-batch plus (M-1) x the bottleneck."""
+def pipeline_time_approx(fwd, bwd, send_f, send_b, lat, m: int, schedule: str = 'gpipe') -> float:
+  """Closed form used inside the search: fill/drain of one micro-batch plus (M-1) x the steady period.
+
+  The period is the busiest stage or link; under 1F1B stage s keeps only S-s micro-batches in flight,
+  so the round trip from s to the last stage and back (compute + transfers) is spread over S-s of them.
+  """
   fill = sum(fwd) + sum(bwd) + sum(send_f) + sum(send_b) + 2 * sum(lat)
   steady = max([f + b for f, b in zip(fwd, bwd)] + list(send_f) + list(send_b))
+  if schedule == '1f1b':
+    s = len(fwd)
+    for k in range(s):
+      trip = sum(fwd[k:]) + sum(bwd[k:]) + sum(send_f[k:]) + sum(send_b[k:]) + 2 * sum(lat[k:])
+      steady = max(steady, trip / min(s - k, m))
   return fill + (m - 1) * steady
 
 
@@ -257,7 +266,7 @@ def estimate(plan: Plan, cluster: Cluster, model: ModelConfig, setup: TrainSetup
     if exact:
       sim = lambda *a: simulate_pipeline(*a, m, plan.schedule)
     else:
-      sim = lambda *a: pipeline_time_approx(*a, m)
+      sim = lambda *a: pipeline_time_approx(*a, m, plan.schedule)
     t_plain = sim(fwd, bwd, zeros, zeros, zeros)
     t_tp = sim(f_tp, b_tp, zeros, zeros, zeros)
     t_all = sim(f_tp, b_tp, send, send, lat)

@@ -187,7 +187,7 @@ class Evaluator:
       b = [u[s + 1] for u in lay['replicas']]
       send.append(float(self.link[a, b].max()))
     zeros = [0.0] * len(send)
-    pipe = cm.pipeline_time_approx(fwd, bwd, send, send, zeros, self.m)
+    pipe = cm.pipeline_time_approx(fwd, bwd, send, send, zeros, self.m, self.setup.schedule)
     dp = 0.0
     if self.d_dp > 1:
       lead = self.units.leaders
@@ -287,22 +287,33 @@ def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, sear
                             seed + k, ev.pair_weight)
     screened.append((res.cost, k, ev, res))
   screened.sort(key=lambda x: x[0])
-  best = None
+  finals = []
   for cost, k, ev, res in screened[:search.finalists]:
+    index_order = np.repeat(np.arange(ev.d_pp), ev.d_dp)  # Megatron's order as one starting point
     full = genetic_partition([ev.d_dp] * ev.d_pp, lambda a, ev=ev: ev.step_time(groups_of(a, ev.d_pp)),
                              _ga_config(search, search.evaluations, search.population), seed + 1000 + k,
-                             ev.pair_weight, initial=[res.assign])
-    if best is None or full.cost < best[0]:
-      best = (full.cost, ev, full, res)
-  cost, ev, full, _ = best
-  if cost >= INFEASIBLE:
+                             ev.pair_weight, initial=[res.assign, index_order])
+    finals.append((ev, full))
+  if min(f.cost for _, f in finals) >= INFEASIBLE:
     raise HetjaxError(f'no memory-feasible plan found for {model_name or "the model"} on {cluster.name}; '
                       f'best candidate still overflows (try recompute=True, a smaller micro-batch or more devices)')
-  groups = groups_of(full.assign, ev.d_pp)
-  plan = ev.to_plan(groups)
+  # The GA ranks with a closed-form pipeline; pick the final plan by the exact simulation among the
+  # finalists' best partitions, each with uneven and with equal layers.
+  best = None
+  for ev, full in finals:
+    groups = groups_of(full.assign, ev.d_pp)
+    for uneven in ([True, False] if search.uneven_layers else [False]):
+      ev.uneven = uneven
+      cand = ev.to_plan(groups)
+      if ev.layout(groups)['deficit']:
+        continue
+      t = cm.estimate(cand, cluster, model, setup, exact=True)['total']
+      if best is None or t < best[0]:
+        best = (t, cand, ev, full)
+  _, plan, ev, full = best
   info = {'method': 'hetjax', 'seed': seed, 'shape': [ev.tp, ev.d_pp, ev.d_dp], 'objective': 'step_time_approx',
-          'best': full.cost, 'history': full.history, 'evaluations': full.evaluations + sum(
-              r.evaluations for _, _, _, r in screened),
+          'best': full.cost, 'history': full.history,
+          'evaluations': sum(f.evaluations for _, f in finals) + sum(r.evaluations for _, _, _, r in screened),
           'screened': [{'shape': [e.tp, e.d_pp, e.d_dp], 'approx_step': c} for c, _, e, _ in screened],
           'seconds': time.perf_counter() - t0}
   return finish(plan, cluster, model, setup, info, model_name)

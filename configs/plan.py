@@ -1,0 +1,25 @@
+"""Plan training placement over a cluster (DT-FM scheduler + hetjax extensions), e.g.
+python run.py --config=configs/plan.py --config.cluster=dtfm_case5 --config.model=gpt3_xl
+
+Prints the plan table and predicted step time, writes plan.json and placement.png into the workdir.
+--config.search.method: hetjax | dtfm | hybrid | random | index."""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.mode = 'plan'
+  c.model = 'gpt3_xl'
+  c.cluster = 'dtfm_case5'       # scenario name, file in configs/clusters/, or a path
+  c.num_devices = 0              # 0: the scenario's default (64 for DT-FM's cases)
+  c.train = ml_collections.ConfigDict(dict(
+      global_batch=1024, seq_len=0,  # 0: the model's max_len
+      micro_batch_size=1, schedule='1f1b', efficiency=0.4, activation_bits=16, recompute=False))
+  c.search = ml_collections.ConfigDict(dict(
+      method='hetjax', d_pp=0, tp=0, population=100, evaluations=5000, screen_evaluations=300,
+      finalists=2, uneven_layers=True, time_limit=0.0))
+  c.draw = True
+  return c

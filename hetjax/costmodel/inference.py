@@ -1,0 +1,243 @@
+"""Inference cost model (HexGen-style): prefill and decode time of pipeline stages, TP and PP
+communication, memory, request latency and replica throughput.
+
+A stage runs `n` layers on a TP group of `t` devices of one GPU type. Every term names its inputs:
+  compute    FLOPs / (t * peak TFLOP/s * compute_efficiency)         FLOPs from ModelConfig
+  memory     bytes / (peak GB/s * memory_efficiency)                  weight scan (1/t of the layer)
+                                                                      + KV-cache reads/writes (1/t, GQA heads)
+  layer      max(compute, memory)                                     (roofline)
+  TP         2 ring all-reduces per layer of the activations:
+             2 (t-1) (alpha + bytes / (t beta)), alpha/beta = worst delay/bandwidth inside the group
+  PP         delay + bytes / bandwidth between consecutive stage leaders, plus the sampled token's hop
+             from the last stage back to the first before each decode step
+A request (or a batch of B requests served together) = prefill of the prompt, which yields the first
+token, then gen_len - 1 decode steps at contexts prompt_len + 1 ... prompt_len + gen_len - 1.
+Replicas serve one batch at a time (no pipelining of batches across stages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import numpy as np
+
+from hetjax.cluster import Cluster
+from hetjax.errors import HetjaxError
+from hetjax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSetup:
+  """The workload and the knobs of the model."""
+  prompt_len: int = 128           # s_in
+  gen_len: int = 128              # s_out (the first token comes from prefill)
+  batch: int = 1                  # requests served together by one replica
+  bytes_per_value: int = 2        # fp16/bf16 weights, KV cache and activations
+  compute_efficiency: float = 0.6  # achieved share of datasheet TFLOP/s
+  memory_efficiency: float = 0.8   # achieved share of datasheet memory bandwidth
+  memory_fraction: float = 0.9     # usable share of device memory
+
+  def validate(self) -> 'ServeSetup':
+    for name in ('prompt_len', 'gen_len', 'batch', 'bytes_per_value'):
+      if getattr(self, name) < 1:
+        raise HetjaxError(f'{name} must be >= 1, got {getattr(self, name)}')
+    for name in ('compute_efficiency', 'memory_efficiency', 'memory_fraction'):
+      if not 0 < getattr(self, name) <= 1:
+        raise HetjaxError(f'{name} must be in (0, 1], got {getattr(self, name)}')
+    return self
+
+
+def allowed_tp(model: ModelConfig, max_tp: int = 8) -> list[int]:
+  """TP degrees that split heads, KV heads and the MLP evenly."""
+  return [t for t in range(1, max_tp + 1)
+          if model.num_heads % t == 0 and model.num_kv_heads % t == 0 and model.ffn % t == 0]
+
+
+def allreduce_time(nbytes: float, t: int, alpha_s: float, beta_gbps: float) -> float:
+  """Ring all-reduce of nbytes over t devices: 2(t-1) steps of nbytes/t each."""
+  if t <= 1:
+    return 0.0
+  return 2 * (t - 1) * (alpha_s + nbytes / t * 8 / (beta_gbps * 1e9))
+
+
+def group_link(cluster: Cluster, devices: Sequence[int]) -> tuple[float, float]:
+  """(alpha seconds, beta Gbit/s): the worst delay and bandwidth between members of a TP group."""
+  if len(devices) <= 1:
+    return 0.0, float('inf')
+  idx = np.ix_(devices, devices)
+  off = ~np.eye(len(devices), dtype=bool)
+  return float(cluster.delay_ms[idx][off].max()) / 1e3, float(cluster.bandwidth_gbps[idx][off].min())
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+  """Seconds and bytes of ONE layer on one TP group, for a batch of B requests."""
+  prefill: float            # whole prompt
+  decode: float             # all gen_len - 1 decode steps together
+  decode_steps: int
+  compute_prefill: float    # the roofline terms behind `prefill`, for reports
+  memory_prefill: float
+  tp_comm: float            # all-reduce share of prefill + decode
+  weight_bytes: float       # per device
+  kv_bytes: float           # per device, B x (prompt + gen) tokens
+
+
+@functools.lru_cache(maxsize=100_000)
+def layer_cost(model: ModelConfig, setup: ServeSetup, tflops: float, mem_bw_gbs: float, tp: int,
+               alpha_s: float = 0.0, beta_gbps: float = float('inf')) -> LayerCost:
+  b, s_in, s_out, v = setup.batch, setup.prompt_len, setup.gen_len, setup.bytes_per_value
+  rate = tp * tflops * 1e12 * setup.compute_efficiency
+  bw = mem_bw_gbs * 1e9 * setup.memory_efficiency
+  w_bytes = model.block_params() * v / tp
+  kv_tok = model.kv_bytes_per_token(v) / tp               # per token, this device's KV heads
+  # prefill: causal attention, token i attends to i + 1 keys -> mean context (s_in + 1) / 2
+  flops_p = b * s_in * model.block_flops_per_token((s_in + 1) / 2)
+  comp_p = flops_p / rate
+  mem_p = (w_bytes + b * s_in * kv_tok) / bw
+  act = b * model.hidden * v                              # one token's activations per request
+  tp_p = 2 * allreduce_time(act * s_in, tp, alpha_s, beta_gbps)
+  # decode steps at contexts s_in + 1 ... s_in + s_out - 1 (the new token included)
+  ctx = np.arange(s_in + 1, s_in + s_out, dtype=np.float64)
+  comp_d = b * (2 * model.block_matmul_params() + 4 * ctx * model.hidden) / rate
+  mem_d = (w_bytes + b * ctx * kv_tok) / bw
+  tp_d = 2 * allreduce_time(act, tp, alpha_s, beta_gbps)
+  decode = float(np.maximum(comp_d, mem_d).sum()) + len(ctx) * tp_d
+  return LayerCost(prefill=max(comp_p, mem_p) + tp_p, decode=decode, decode_steps=len(ctx),
+                   compute_prefill=comp_p, memory_prefill=mem_p, tp_comm=tp_p + len(ctx) * tp_d,
+                   weight_bytes=w_bytes, kv_bytes=b * (s_in + s_out) * kv_tok)
+
+
+def head_time(model: ModelConfig, setup: ServeSetup, tflops: float, mem_bw_gbs: float, tp: int) -> float:
+  """LM head (vocab-parallel) for the last prompt token and every decode step."""
+  b, v = setup.batch, setup.bytes_per_value
+  rate = tp * tflops * 1e12 * setup.compute_efficiency
+  bw = mem_bw_gbs * 1e9 * setup.memory_efficiency
+  per_step = max(2 * b * model.hidden * model.vocab_size / rate, model.vocab_size * model.hidden * v / tp / bw)
+  return setup.gen_len * per_step
+
+
+def stage_memory(model: ModelConfig, setup: ServeSetup, num_layers: int, tp: int, embed: bool,
+                 head: bool) -> dict[str, float]:
+  """Bytes per device of a stage: weights, KV cache for batch x (prompt + gen), activations."""
+  b, s, v = setup.batch, setup.prompt_len, setup.bytes_per_value
+  params = num_layers * model.block_params()
+  if embed:
+    params += model.embed_params()
+  if head:
+    params += model.head_params() + (model.vocab_size * model.hidden if model.tie_embeddings and not embed else 0)
+  weights = params * v / tp
+  kv = num_layers * b * (s + setup.gen_len) * model.kv_bytes_per_token(v) / tp
+  # prefill workspace: residual + normed input + q/k/v + MLP intermediate + attention scores (no flash)
+  act = b * s * (4 * model.hidden + 2 * model.ffn / tp + model.num_heads / tp * s) * v
+  if head:
+    act += b * model.vocab_size / tp * 4          # fp32 logits of the last position
+  return {'weights': weights, 'kv': kv, 'activations': act, 'total': weights + kv + act}
+
+
+def layers_that_fit(model: ModelConfig, setup: ServeSetup, tp: int, mem_bytes: float, embed: bool,
+                    head: bool) -> int:
+  """Most layers one TP group can hold (0 if none); mem_bytes = one device's memory."""
+  cap = mem_bytes * setup.memory_fraction
+  fixed = stage_memory(model, setup, 0, tp, embed, head)['total']
+  per = stage_memory(model, setup, 1, tp, False, False)['total'] - stage_memory(model, setup, 0, tp, False, False)['total']
+  return max(0, int((cap - fixed) // per))
+
+
+def pp_hop(cluster: Cluster, src: int, dst: int, nbytes: float) -> float:
+  return float(cluster.transfer_time(nbytes, src, dst)) if src != dst else 0.0
+
+
+@dataclasses.dataclass
+class StageLayout:
+  """What the cost model needs of a stage: layers and its TP group (devices[0] is the leader)."""
+  num_layers: int
+  devices: list[int]
+
+
+def check_stage(cluster: Cluster, model: ModelConfig, devices: Sequence[int], where: str = 'stage') -> None:
+  """TP groups stay inside one host and one GPU type, and split heads evenly."""
+  hosts = {cluster.devices[d].host for d in devices}
+  kinds = {cluster.devices[d].gpu for d in devices}
+  if len(hosts) > 1 or len(kinds) > 1:
+    raise HetjaxError(f'{where}: a TP group must be one host and one GPU type, got hosts {sorted(hosts)} '
+                      f'and GPUs {sorted(kinds)}')
+  if len(devices) not in allowed_tp(model, max(len(devices), 1)):
+    raise HetjaxError(f'{where}: tp={len(devices)} does not divide heads={model.num_heads}, '
+                      f'kv_heads={model.num_kv_heads}, ffn={model.ffn}')
+
+
+def replica_cost(cluster: Cluster, model: ModelConfig, stages: Sequence[StageLayout], setup: ServeSetup,
+                 check_memory: bool = True) -> dict:
+  """Latency (s) of a batch of `setup.batch` requests through one replica, its throughput and memory.
+
+  Raises HetjaxError naming the numbers when a stage does not fit in memory (check_memory=True)."""
+  setup.validate()
+  if not stages:
+    raise HetjaxError('a replica needs at least one stage')
+  if sum(s.num_layers for s in stages) != model.num_layers or min(s.num_layers for s in stages) < 1:
+    raise HetjaxError(f'stage layer counts {[s.num_layers for s in stages]} must be >= 1 and sum to '
+                      f'{model.num_layers}')
+  v, b = setup.bytes_per_value, setup.batch
+  prefill = decode = tp = 0.0
+  mem = []
+  for k, st in enumerate(stages):
+    check_stage(cluster, model, st.devices, f'stage {k}')
+    t = len(st.devices)
+    alpha, beta = group_link(cluster, st.devices)
+    spec = cluster.spec(st.devices[0])
+    tfl = min(cluster.tflops(d) for d in st.devices)
+    lc = layer_cost(model, setup, tfl, spec.mem_bw_gbs, t, alpha, beta)
+    prefill += st.num_layers * lc.prefill
+    decode += st.num_layers * lc.decode
+    tp += st.num_layers * lc.tp_comm
+    if k == len(stages) - 1:
+      h = head_time(model, setup, tfl, spec.mem_bw_gbs, t)
+      prefill += h / setup.gen_len
+      decode += h * (setup.gen_len - 1) / setup.gen_len
+    m = stage_memory(model, setup, st.num_layers, t, k == 0, k == len(stages) - 1)
+    cap = min(cluster.memory_bytes(d) for d in st.devices) * setup.memory_fraction
+    mem.append({**m, 'capacity': cap})
+    if check_memory and m['total'] > cap:
+      raise HetjaxError(
+          f'stage {k} ({st.num_layers} layers, tp={t} on {spec.name}) needs {m["total"] / 1e9:.2f} GB per device '
+          f'(weights {m["weights"] / 1e9:.2f} + KV {m["kv"] / 1e9:.2f} + activations {m["activations"] / 1e9:.2f}) '
+          f'but has {cap / 1e9:.2f} GB ({setup.memory_fraction:.0%} of {cap / setup.memory_fraction / 1e9:.1f})')
+  leaders = [st.devices[0] for st in stages]
+  act = b * model.hidden * v
+  hops_p = sum(pp_hop(cluster, a, c, act * setup.prompt_len) for a, c in zip(leaders, leaders[1:]))
+  hops_d = sum(pp_hop(cluster, a, c, act) for a, c in zip(leaders, leaders[1:]))
+  back = pp_hop(cluster, leaders[-1], leaders[0], 4 * b)      # sampled token ids return to stage 0
+  steps = setup.gen_len - 1
+  pp = hops_p + steps * (hops_d + back)
+  latency = prefill + decode + pp
+  return {'latency': latency, 'prefill': prefill + hops_p, 'decode': decode + steps * (hops_d + back),
+          'tp_comm': tp, 'pp_comm': pp, 'batch': b,
+          'requests_per_s': b / latency, 'tokens_per_s': b * setup.gen_len / latency, 'memory': mem}
+
+
+def plan_stages(plan, replica: int) -> list[StageLayout]:
+  return [StageLayout(s.num_layers, list(s.devices)) for s in plan.replicas[replica].stages]
+
+
+def plan_cost(plan, cluster: Cluster, model: ModelConfig, setup: ServeSetup) -> list[dict]:
+  """replica_cost of every replica of a serve Plan, at batch 1 and at the replica's max_batch."""
+  out = []
+  for i, r in enumerate(plan.replicas):
+    st = plan_stages(plan, i)
+    one = replica_cost(cluster, model, st, dataclasses.replace(setup, batch=1))
+    full = replica_cost(cluster, model, st, dataclasses.replace(setup, batch=max(1, r.max_batch)))
+    out.append({'latency_1': one['latency'], 'latency_max_batch': full['latency'],
+                'max_batch': max(1, r.max_batch), 'requests_per_s': full['requests_per_s'],
+                'tokens_per_s': full['tokens_per_s']})
+  return out
+
+
+def service_time_fn(cluster: Cluster, model: ModelConfig, stages: Sequence[StageLayout], setup: ServeSetup,
+                    max_batch: int) -> np.ndarray:
+  """Latency of a batch of b = 0..max_batch requests (index b; entry 0 is 0) for the dispatch simulator."""
+  times = np.zeros(max_batch + 1)
+  for b in range(1, max_batch + 1):
+    times[b] = replica_cost(cluster, model, stages, dataclasses.replace(setup, batch=b))['latency']
+  return times
