@@ -24,6 +24,7 @@ from kernels import layout, qmath, reference
 F32 = jnp.float32
 BLOCK_ELEMS = 8192  # values per program; tuned on GPU (see README)
 MAX_BW = 512
+NUM_WARPS = 4
 
 
 def _pow2_divisor(n, cap):
@@ -82,7 +83,7 @@ def _call(body, grid, in_specs, out_specs, out_shape, interpret, args):
   extra = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
-    extra['compiler_params'] = plgpu.CompilerParams(num_warps=4, num_stages=1)
+    extra['compiler_params'] = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
   return pl.pallas_call(body, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, interpret=interpret, **extra)(*args)
 
