@@ -46,6 +46,7 @@ from hetjax.search.layers import equal_layers
 
 OBJECTIVES = ('rate', 'latency')
 INF = float('inf')
+OVERLOADED = 1e6   # latency objective: fitness offset when the rate exceeds what the replicas can serve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +105,7 @@ def make_pools(cluster: Cluster) -> list[Pool]:
 class ReplicaChoice:
   """Best layout of one replica (a count per pool): stages as (pool, tp, layers) and its numbers."""
   counts: tuple[int, ...]
-  stages: list[tuple[int, int, int]]   # (pool index, tp, layers), pipeline order
+  stages: list[tuple[int, int, int]]   # one (pool index, tp, layers) per stage, pipeline order
   batch: int                           # batch limit chosen
   latency_1: float                     # one request alone (s)
   latency_b: float                     # a full batch (s)
@@ -168,11 +169,7 @@ class Planner:
     for t, per, cap, groups in self._pool_options(q, count, b):
       stages = np.ceil(n / cap)
       cost = n * per + np.maximum(stages - 1, 0) * intra
-      ok = (n >= 1) & (stages <= groups)
-      if self.cfg.symmetric:   # all groups used, equal layers: n must split into `groups` stages of <= cap
-        ok &= (n >= groups) & (np.ceil(n / groups) <= cap)
-        cost = n * per + (groups - 1) * intra
-      cost = np.where(ok, cost, INF)
+      cost = np.where((n >= 1) & (stages <= groups), cost, INF)
       better = cost < best
       best, arg = np.where(better, cost, best), np.where(better, t, arg)
     return best, arg
@@ -185,8 +182,6 @@ class Planner:
     diff = np.arange(L + 1)[None, :] - np.arange(L + 1)[:, None]   # [j, j'] = j' - j
     best, best_path = INF, None
     for fi, f in enumerate(active):
-      if self.cfg.symmetric and fi > 0:
-        break                    # symmetric: every pool of the replica is used
       # dp[last][j]: min seconds with j layers placed, last used pool `last`
       dp = {f: costs[f][0].copy()}
       back: dict[int, tuple] = {f: (None, None)}
@@ -202,10 +197,7 @@ class Planner:
           upd = val < cand
           cand = np.where(upd, val, cand)
           cand_arg[upd] = np.stack([np.full(upd.sum(), last), j_best[upd]], axis=1)
-        if self.cfg.symmetric:   # pool q must be used: drop the "skip q" states
-          dp = {q: cand}
-        else:
-          dp[q] = cand
+        dp[q] = cand
         back[q] = cand_arg
       for last, row in dp.items():
         val = row[L] + (self._back(last, f, b) if last != f else 0.0)
@@ -225,28 +217,37 @@ class Planner:
       j, q = int(j_prev), int(prev)
     return best, stages[::-1]
 
-  def layout(self, pool_stages: list[tuple[int, int, int]], counts: Sequence[int], offset: Optional[dict] = None,
-             ) -> list[icm.StageLayout]:
-    """Expand (pool, tp, layers) into stages with device ids: ceil(n / cap) TP groups per pool (all
-    of the pool's groups for symmetric plans) with near-equal layers."""
-    offset = dict(offset or {})
+  def expand(self, pool_stages: list[tuple[int, int, int]], counts: Sequence[int], b: int
+             ) -> list[tuple[int, int, int]]:
+    """(pool, tp, n layers) -> one (pool, tp, layers) per stage: ceil(n / cap) TP groups, near-equal layers."""
     out = []
     for q, t, n in pool_stages:
-      cap = next(c for tt, _, c, _ in self._pool_options(q, counts[q], self._batch_hint) if tt == t)
-      k = counts[q] // t if self.cfg.symmetric else math.ceil(n / cap)
-      devs = self.pools[q].devices
-      start = offset.get(q, 0)
-      for i, m in enumerate(equal_layers(n, k)):
-        out.append(icm.StageLayout(m, list(devs[start + i * t:start + (i + 1) * t])))
-      offset[q] = start + k * t
-    if self.cfg.symmetric:   # equal layers over the whole replica
-      for st, m in zip(out, equal_layers(self.model.num_layers, len(out))):
-        st.num_layers = m
+      cap = next(c for tt, _, c, _ in self._pool_options(q, counts[q], b) if tt == t)
+      out += [(q, t, m) for m in equal_layers(n, math.ceil(n / cap))]
     return out
 
-  def exact(self, stages: list[icm.StageLayout], b: int) -> Optional[dict]:
+  def symmetric_stages(self, counts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Baseline layout: every pool split into TP groups of cfg.tp, all used, equal layers."""
+    t = self.cfg.tp
+    groups = [q for q, c in enumerate(counts) for _ in range(c // t)]
+    if not groups or len(groups) > self.model.num_layers:
+      return []
+    return [(q, t, m) for q, m in zip(groups, equal_layers(self.model.num_layers, len(groups)))]
+
+  def devices(self, stages: list[tuple[int, int, int]], offset: Optional[dict] = None) -> list[icm.StageLayout]:
+    """Device ids for stages, taking each pool's devices in order from `offset` (updated in place)."""
+    offset = {} if offset is None else offset
+    out = []
+    for q, t, n in stages:
+      k = offset.get(q, 0)
+      out.append(icm.StageLayout(n, list(self.pools[q].devices[k:k + t])))
+      offset[q] = k + t
+    return out
+
+  def exact(self, stages: list[tuple[int, int, int]], b: int) -> Optional[dict]:
     try:
-      return icm.replica_cost(self.cluster, self.model, stages, dataclasses.replace(self.setup, batch=b))
+      return icm.replica_cost(self.cluster, self.model, self.devices(stages),
+                              dataclasses.replace(self.setup, batch=b))
     except HetjaxError:
       return None
 
@@ -255,29 +256,27 @@ class Planner:
     key = tuple(int(c) for c in counts)
     if key in self._inner:
       return self._inner[key]
-    none = ReplicaChoice(key, [], 0, INF, INF, 0.0)
-    result = none
-    lat1 = None
+    result = ReplicaChoice(key, [], 0, INF, INF, 0.0)
+    budget = self.cfg.slo_margin * self.cfg.deadline
     for b in self.batches:
-      self._batch_hint = b
-      _, st = self._dp(key, b)
-      if not st:
-        break
-      cost = self.exact(self.layout(st, key), b)
+      if self.cfg.symmetric:
+        st = self.symmetric_stages(key)
+      else:
+        st = self._dp(key, b)[1]
+        st = self.expand(st, key, b) if st else []
+      cost = self.exact(st, b) if st else None
       if cost is None:
-        break
+        break                       # larger batches need more memory: stop
       if b == 1:
-        lat1 = cost['latency']
-        result = ReplicaChoice(key, st, 1, lat1, lat1, 1 / lat1)
+        result = ReplicaChoice(key, st, 1, cost['latency'], cost['latency'], cost['requests_per_s'])
         if self.cfg.objective == 'latency':
           break
-      if self.cfg.objective == 'rate':
-        if cost['latency'] > self.cfg.slo_margin * self.cfg.deadline:
-          break
-        if cost['requests_per_s'] > result.capacity:
-          result = ReplicaChoice(key, st, b, lat1, cost['latency'], cost['requests_per_s'])
-    if self.cfg.objective == 'rate' and result.feasible and result.latency_b > self.cfg.slo_margin * self.cfg.deadline:
-      result = dataclasses.replace(result, capacity=0.0)   # even one request misses the budget
+      if cost['latency'] > budget:
+        if b == 1:
+          result.capacity = 0.0     # even one request alone misses the budget
+        break
+      if cost['requests_per_s'] > result.capacity:
+        result = ReplicaChoice(key, st, b, result.latency_1, cost['latency'], cost['requests_per_s'])
     self._inner[key] = result
     return result
 
@@ -305,7 +304,7 @@ def latency_objective(reps: list[ReplicaChoice], rate: float) -> tuple[float, li
     if mean < best:
       best, used = mean, reps[:k]
   if not used and reps:   # overloaded even with all replicas: rank by load so the search can improve
-    return 1e6 * rate / mu, reps
+    return OVERLOADED * (1 + rate / mu), reps
   return best, used
 
 
@@ -402,22 +401,12 @@ class ServeResult:
 
 
 def _to_plan(planner: Planner, reps: list[ReplicaChoice], model_name: str, info: dict) -> Plan:
+  w = np.array([r.capacity if planner.cfg.objective == 'rate' else 1 / r.latency_1 for r in reps])
   offset: dict[int, int] = {}
   out = []
-  if planner.cfg.objective == 'rate':
-    w = np.array([r.capacity for r in reps])
-  else:
-    w = np.array([1 / r.latency_1 for r in reps])
   for r, wi in zip(reps, w / w.sum()):
-    planner._batch_hint = r.batch
-    layers = planner.layout(r.stages, r.counts, offset)
-    for q, t, n in r.stages:
-      pass
-    for st in layers:
-      q = next(i for i, p in enumerate(planner.pools) if st.devices[0] in p.devices)
-      offset[q] = max(offset.get(q, 0), planner.pools[q].devices.index(st.devices[-1]) + 1)
     pos, stages = 0, []
-    for st in layers:
+    for st in planner.devices(r.stages, offset):
       stages.append(Stage(pos, pos + st.num_layers, st.devices))
       pos += st.num_layers
     out.append(Replica(stages, weight=float(wi), max_batch=r.batch))
@@ -471,7 +460,7 @@ def plan_serving(cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup, cf
   res = steady_state(lambda rng: random_genome(sizes, rng), breed, fitness, evo, seed=seed,
                      initial=seeds(planner.pools, sizes))
   fit, reps = planner.score(res.best)
-  if not reps or not math.isfinite(fit) or fit >= 1e6 * max(cfg.rate, 1e-9) and cfg.objective == 'latency':
+  if not reps or not math.isfinite(fit) or (cfg.objective == 'latency' and fit >= OVERLOADED):
     raise HetjaxError(_why_infeasible(planner))
   info = {'method': 'symmetric' if cfg.symmetric else 'hetjax', 'objective': cfg.objective, 'seed': seed,
           'seconds': time.perf_counter() - t0, 'evaluations': res.evaluations,
