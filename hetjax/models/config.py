@@ -98,7 +98,7 @@ def _llama(layers, hidden, heads, kv_heads, ffn, max_len=4096, vocab=32000, **kw
 
 PRESETS: dict[str, ModelConfig] = {
     'tiny_gpt': _gpt2(4, 128, 4, max_len=256, vocab=256),
-    'tiny_llama': _llama(4, 128, 4, 2, 344, max_len=256, vocab=256, tie_embeddings=False),
+    'tiny_llama': _llama(4, 128, 8, 4, 352, max_len=256, vocab=256, tie_embeddings=False),
     'gpt2_small': _gpt2(12, 768, 12),
     'gpt2_medium': _gpt2(24, 1024, 16),
     'gpt2_large': _gpt2(36, 1280, 20),

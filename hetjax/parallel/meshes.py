@@ -1,0 +1,103 @@
+"""Stage groups: one (dp, tp) mesh per pipeline stage, and parameters placed on it.
+
+Plan device ids are indices into `jax.devices()` (all processes' devices, process-major). Row r of a
+stage mesh is replica r's TP group for that stage, so gradients are averaged over 'dp' by XLA inside
+the stage's backward program, across processes when replicas live on different hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from hetjax.errors import HetjaxError
+from hetjax.models.config import ModelConfig
+from hetjax.models.model import Stage
+from hetjax.plan import Plan
+
+
+@dataclasses.dataclass
+class StageGroup:
+  index: int
+  start: int
+  end: int
+  has_embed: bool
+  has_head: bool
+  mesh: Mesh                    # axes ('dp', 'tp'); row r = replica r's devices
+  abstract: Stage = None         # the stage module with shapes only (nnx.eval_shape)
+  graphdef: nnx.GraphDef = None
+  param_sharding: object = None  # pytree of NamedSharding, like the stage's nnx.State
+
+  @property
+  def dp(self) -> int:
+    return self.mesh.shape['dp']
+
+  @property
+  def tp(self) -> int:
+    return self.mesh.shape['tp']
+
+  def leader(self, replica: int) -> jax.Device:
+    """The device that sends and receives replica `replica`'s activations."""
+    return self.mesh.devices[replica, 0]
+
+  def replica_devices(self, replica: int) -> list:
+    return list(self.mesh.devices[replica])
+
+  @property
+  def is_local(self) -> bool:
+    """Whether this process owns any device of the stage (and so runs its programs)."""
+    return any(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+
+  def batch_sharding(self, ndim: int) -> NamedSharding:
+    """Micro-batches are split over replicas on their leading axis, replicated over tp."""
+    return NamedSharding(self.mesh, P('dp', *([None] * (ndim - 1))))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+
+def plan_devices(plan: Plan) -> list:
+  devices = jax.devices()
+  if max(plan.devices) >= len(devices):
+    raise HetjaxError(f'the plan uses device {max(plan.devices)} but only {len(devices)} devices '
+                      f'exist (set XLA_FLAGS=--xla_force_host_platform_device_count or add hosts)')
+  return devices
+
+
+def build_stage_groups(plan: Plan, cfg: ModelConfig) -> list[StageGroup]:
+  """One StageGroup per stage; replicas must split layers and TP degrees identically."""
+  plan.validate(model=cfg)
+  devices = plan_devices(plan)
+  groups = []
+  for k, first in enumerate(plan.replicas[0].stages):
+    stages = [r.stages[k] for r in plan.replicas]
+    if any(s.tp != first.tp for s in stages):
+      raise HetjaxError(f'stage {k}: all training replicas must use the same TP degree')
+    grid = np.array([[devices[d] for d in s.devices] for s in stages], dtype=object)
+    for row in grid:
+      if len({d.process_index for d in row}) > 1:
+        raise HetjaxError(f'stage {k}: a TP group must live in one process (host)')
+    mesh = Mesh(grid, ('dp', 'tp'), axis_types=(AxisType.Auto, AxisType.Auto))
+    group = StageGroup(k, first.start, first.end, bool(first.embed), bool(first.head), mesh)
+    abstract = nnx.eval_shape(lambda: Stage(cfg, group.start, group.end, has_embed=group.has_embed,
+                                            has_head=group.has_head, rngs=nnx.Rngs(0)))
+    group.abstract = abstract
+    group.graphdef, state = nnx.split(abstract)
+    group.param_sharding = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                                        nnx.get_partition_spec(state))
+    groups.append(group)
+  return groups
+
+
+def place(host_tree, shardings):
+  """Host (numpy) arrays -> global arrays with the given shardings; each process supplies only its
+  own devices' pieces, so this works unchanged in multi-controller runs."""
+  def one(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(one, host_tree, shardings)

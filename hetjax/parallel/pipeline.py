@@ -1,0 +1,227 @@
+"""The pipeline runtime: execute a training Plan of uneven, tensor-parallel stages.
+
+Each stage group has its own mesh and three programs, jitted once: forward, backward (recomputes the
+forward from the stashed input, so only stage inputs are kept between F and B), and, on the last
+stage, a fused loss + backward. Every process walks the same global op order (schedules.py) and runs
+the ops of the stages it owns; transfers go through an Exchange (codec + transport). After the last
+backward: tied-embedding gradients are summed between the first and last stage, the global gradient
+norm is reduced over all stages, and each stage applies AdamW to its own parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hetjax.compression.codecs import Identity
+from hetjax.errors import HetjaxError
+from hetjax.models.config import ModelConfig
+from hetjax.models.model import build_model, split_state
+from hetjax.parallel.exchange import DevicePutTransport, Exchange
+from hetjax.parallel.meshes import StageGroup, build_stage_groups, place
+from hetjax.parallel.schedules import global_order, stage_programs
+from hetjax.plan import Plan
+from hetjax.train import cross_entropy, make_adamw
+
+TIED = ('token_embed', 'embedding')
+
+
+def _run(graphdef, params, x):
+  return nnx.merge(graphdef, params)(x)[0]
+
+
+def _tree_add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _sq_norm(tree, skip_tied=False):
+  flat = nnx.to_flat_state(tree) if isinstance(tree, nnx.State) else None
+  leaves = [v for p, v in flat if not (skip_tied and tuple(p[:2]) == TIED)] if flat else jax.tree.leaves(tree)
+  return sum(jnp.sum(jnp.square(jnp.asarray(getattr(v, 'value', v), jnp.float32))) for v in leaves)
+
+
+class StageRunner:
+  """One stage group's parameters, optimizer state and jitted programs."""
+
+  def __init__(self, group: StageGroup, params, optimizer, micro_batches: int):
+    self.g = group
+    self.params = params
+    self.optimizer = optimizer
+    shard = group.param_sharding
+    self.opt_state = jax.jit(optimizer.init, out_shardings=None)(params)
+    gd = group.graphdef
+    act = lambda nd: group.batch_sharding(nd)
+
+    def forward(params, x):
+      return _run(gd, params, x)
+
+    def backward(params, x, g_out):
+      if group.has_embed:  # integer token input: no input gradient
+        _, vjp = jax.vjp(lambda p: _run(gd, p, x), params)
+        return vjp(g_out)[0], None
+      _, vjp = jax.vjp(lambda p, h: _run(gd, p, h), params, x)
+      return vjp(g_out)
+
+    def loss_backward(params, x, targets):
+      if group.has_embed:
+        loss, grads = jax.value_and_grad(lambda p: cross_entropy(_run(gd, p, x), targets))(params)
+        return loss, grads, None
+      loss, (grads, g_in) = jax.value_and_grad(
+          lambda p, h: cross_entropy(_run(gd, p, h), targets), argnums=(0, 1))(params, x)
+      return loss, grads, g_in
+
+    def update(params, opt_state, grads, scale):
+      grads = jax.tree.map(lambda g: g * scale, grads)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    self.forward = jax.jit(forward, out_shardings=act(3))
+    self.backward = jax.jit(backward, out_shardings=(shard, act(3)))
+    self.loss_backward = jax.jit(loss_backward, out_shardings=(group.replicated, shard, act(3)))
+    self.accumulate = jax.jit(_tree_add, donate_argnums=0)
+    self.update = jax.jit(update, donate_argnums=(0, 1))
+    self.sq_norm = jax.jit(_sq_norm, static_argnums=1)
+
+
+class Pipeline:
+  """Runs training steps of `plan` for model `cfg`. Parameters start from `build_model(cfg, seed)`
+  (the same initial values as single-device training), split into the plan's stages."""
+
+  def __init__(self, plan: Plan, cfg: ModelConfig, tcfg, *, seed: int = 0, codec=None,
+               transport=None, grad_codec=None, profile: bool = False):
+    if plan.kind != 'train':
+      raise HetjaxError(f'the pipeline trainer runs training plans, got kind={plan.kind!r}')
+    self.plan, self.cfg, self.tcfg = plan, cfg, tcfg
+    self.groups = build_stage_groups(plan, cfg)
+    self.micro = plan.micro_batches
+    self.order = global_order(stage_programs(plan.schedule, len(self.groups), self.micro))
+    self.forward_exchange = Exchange(transport or DevicePutTransport(), codec or Identity())
+    self.backward_exchange = Exchange(self.forward_exchange.transport, grad_codec or Identity())
+    self.tied_exchange = Exchange(self.forward_exchange.transport, Identity())
+    self.tied = cfg.tie_embeddings and len(self.groups) > 1
+    self.profile = profile
+    self.clip_norm = tcfg.clip_norm
+    full = nnx.state(build_model(cfg, seed))
+    stage_params = split_state(full, [g.abstract for g in self.groups])
+    optimizer = make_adamw(tcfg)
+    self.runners = [StageRunner(g, place(jax.tree.map(np.asarray, p), g.param_sharding)
+                                if g.is_local else None, optimizer, self.micro)
+                    if g.is_local else None for g, p in zip(self.groups, stage_params)]
+    self.step_count = 0
+    self.timeline: list[dict] = []
+
+  # ---- one training step
+  def step(self, batch: dict) -> dict:
+    """batch: {'inputs', 'targets'} [M * dp * micro_batch_size, T] on the host (same on all
+    processes). Returns metrics on every process: loss, grad_norm, bytes_sent, step_time_s."""
+    t_start = time.perf_counter()
+    groups, runners, M = self.groups, self.runners, self.micro
+    first, last = groups[0], groups[-1]
+    inputs, targets = np.asarray(batch['inputs']), np.asarray(batch['targets'])
+    if inputs.shape[0] % (M * first.dp):
+      raise HetjaxError(f'batch of {inputs.shape[0]} does not split into {M} micro-batches x '
+                        f'{first.dp} replicas')
+    mb = inputs.shape[0] // M
+    seq = inputs.shape[1]
+    act_shape = (mb, seq, self.cfg.hidden)
+    stash, inbox, grad_inbox = {}, {}, {}
+    grads = [None] * len(groups)
+    losses = []
+    sent_before = self._bytes()
+    events = []
+    for op in self.order:
+      s, m = op.stage, op.micro
+      g, run = groups[s], runners[s]
+      t0 = time.perf_counter()
+      if op.kind == 'F':
+        if run is not None:
+          x = (place(inputs[m * mb:(m + 1) * mb], g.batch_sharding(2)) if g.has_embed
+               else inbox.pop((s, m)))
+          stash[(s, m)] = x
+          if g.has_head:
+            y = place(targets[m * mb:(m + 1) * mb], g.batch_sharding(2))
+            loss, gr, g_in = run.loss_backward(run.params, x, y)
+            losses.append(loss)
+            grads[s] = gr if grads[s] is None else run.accumulate(grads[s], gr)
+            grad_inbox[(s, m)] = g_in
+            out = None
+          else:
+            out = run.forward(run.params, x)
+        if not g.has_head:
+          got = self.forward_exchange.send(out if run is not None else None, g, groups[s + 1],
+                                           act_shape)
+          if got is not None:
+            inbox[(s + 1, m)] = got
+      else:
+        if run is not None:
+          x = stash.pop((s, m))
+          if g.has_head:
+            g_in = grad_inbox.pop((s, m))
+          else:
+            gr, g_in = run.backward(run.params, x, grad_inbox.pop((s, m)))
+            grads[s] = gr if grads[s] is None else run.accumulate(grads[s], gr)
+        if s > 0:
+          got = self.backward_exchange.send(g_in if run is not None else None, g, groups[s - 1],
+                                            act_shape)
+          if got is not None:
+            grad_inbox[(s - 1, m)] = got
+      if self.profile:
+        jax.block_until_ready((grads, inbox, grad_inbox))
+        events.append({'kind': op.kind, 'stage': s, 'micro': m, 'tick': op.tick,
+                       'start_s': t0 - t_start, 'end_s': time.perf_counter() - t_start})
+    grads = [None if gr is None else jax.tree.map(lambda a: a / M, gr) for gr in grads]
+    if self.tied:
+      grads = self._sum_tied(grads)
+    sq = 0.0
+    for s, (g, run) in enumerate(zip(groups, runners)):
+      if run is not None and g.leader(0).process_index == jax.process_index():
+        sq += float(run.sq_norm(grads[s], self.tied and g.has_head))
+    loss_sum = float(sum(losses)) / M if losses and last.leader(0).process_index == jax.process_index() else 0.0
+    sq, loss = self._sum_over_processes(np.array([sq, loss_sum]))
+    norm = float(np.sqrt(sq))
+    scale = 1.0 if norm < self.clip_norm else self.clip_norm / norm
+    for s, run in enumerate(runners):
+      if run is not None:
+        run.params, run.opt_state = run.update(run.params, run.opt_state, grads[s], jnp.float32(scale))
+    jax.block_until_ready([r.params for r in runners if r is not None])
+    self.step_count += 1
+    if self.profile:
+      self.timeline = events
+    return {'loss': loss, 'grad_norm': norm, 'bytes_sent': self._bytes() - sent_before,
+            'step_time_s': time.perf_counter() - t_start}
+
+  def _bytes(self) -> int:
+    return sum(e.bytes_sent for e in (self.forward_exchange, self.backward_exchange, self.tied_exchange))
+
+  def _sum_tied(self, grads):
+    """First and last stage each hold the token table; both get the sum of both gradients."""
+    first, last = self.groups[0], self.groups[-1]
+    def table(s):
+      return None if grads[s] is None else dict(nnx.to_flat_state(grads[s]))[TIED]
+    shape = (self.cfg.vocab_size, self.cfg.hidden)
+    to_first = self.tied_exchange.send(table(-1), last, first, shape, batch_sharded=False)
+    to_last = self.tied_exchange.send(table(0), first, last, shape, batch_sharded=False)
+    for s, other in ((0, to_first), (len(grads) - 1, to_last)):
+      if grads[s] is not None:
+        flat = dict(nnx.to_flat_state(grads[s]))
+        flat[TIED] = flat[TIED].replace(flat[TIED][...] + other)
+        grads[s] = nnx.from_flat_state(list(flat.items()))
+    return grads
+
+  @staticmethod
+  def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+      return values
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(values)).sum(0)
+
+  # ---- state access
+  def stage_params(self) -> list:
+    """Per-stage parameters on the host (None for stages this process does not own)."""
+    return [None if r is None else jax.tree.map(np.asarray, r.params) for r in self.runners]
