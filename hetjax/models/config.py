@@ -107,6 +107,10 @@ PRESETS: dict[str, ModelConfig] = {
     'llama2_7b': _llama(32, 4096, 32, 32, 11008, norm_eps=1e-5),
     'llama2_13b': _llama(40, 5120, 40, 40, 13824, norm_eps=1e-5),
     'llama2_70b': _llama(80, 8192, 64, 8, 28672, norm_eps=1e-5),
+    # OPT (FlexGen's models): GPT-2-style blocks; sizes from shared/paper_facts/flexgen_facts.json
+    'opt_6.7b': _gpt2(32, 4096, 32, max_len=2048, vocab=50272),
+    'opt_30b': _gpt2(48, 7168, 56, max_len=2048, vocab=50272),
+    'opt_175b': _gpt2(96, 12288, 96, max_len=2048, vocab=50272),
 }
 
 
