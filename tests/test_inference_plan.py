@@ -133,3 +133,26 @@ def test_bad_inputs_get_clear_errors():
     icm.replica_cost(tiny_cluster(), m, [icm.StageLayout(10, [0])], SETUP)
   with pytest.raises(HetjaxError, match='tp=3'):
     icm.replica_cost(get_cluster('hexgen_homogeneous'), m, [icm.StageLayout(40, [0, 1, 2])], SETUP)
+
+
+def test_run_py_plan_inference_and_offload_policy(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  run = lambda *a: subprocess.run([sys.executable, os.path.join(root, 'run.py'), *a], cwd=root, env=env,
+                                  capture_output=True, text=True, timeout=300)
+  r = run('--config=configs/plan_inference.py', '--config.cluster=hexgen_half_budget', '--config.evaluations=100',
+          '--config.population=10', '--config.num_requests=200', f'--config.workdir={tmp_path / "a"}')
+  assert r.returncode == 0, r.stderr
+  assert 'replicas=' in r.stdout and 'SLO attainment' in r.stdout
+  plan = Plan.load(str(tmp_path / 'a' / 'plan.json'))
+  assert plan.kind == 'serve' and os.path.getsize(tmp_path / 'a' / 'plan.png') > 1000
+  r = run('--config=configs/offload_policy.py', '--config.model=opt_6.7b', f'--config.workdir={tmp_path / "b"}')
+  assert r.returncode == 0, r.stderr
+  pol = json.load(open(tmp_path / 'b' / 'policy.json'))
+  assert abs(sum(pol['weights']) - 1) < 1e-6 and 'tok/s' in r.stdout
+  r = run('--config=configs/plan_inference.py', '--config.objective=fastest', f'--config.workdir={tmp_path / "c"}')
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith('error: objective must be one of')

@@ -486,6 +486,16 @@ def _why_infeasible(planner: Planner) -> str:
           f'{c.name} has {usable:.1f} GB usable in TP groups of at most {planner.cfg.max_tp} GPUs of one host')
 
 
+def reference_latency(cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup) -> float:
+  """Best single-request latency on a cluster (HexGen's SLO unit): the inner DP over all its devices,
+  which may leave pools out, so it is the best over every possible replica."""
+  p = Planner(cluster, model, setup, HexGenConfig(objective='latency'))
+  r = p.inner(tuple(p.sizes))
+  if not r.feasible:
+    raise HetjaxError(_why_infeasible(p))
+  return r.latency_1
+
+
 def brute_force(cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup, cfg: HexGenConfig
                 ) -> tuple[float, Genome]:
   """Best grouping by enumerating every set partition of the devices (tiny clusters only)."""
