@@ -110,12 +110,14 @@ class Checkpointer:
     restored = self.manager.restore(meta['step'], args=ocp.args.Composite(**args))
     return {name: x for item in args for name, x in flatten(restored[item]).items()}
 
-  def restore(self, templates: Sequence[Any], step: int | None = None) -> tuple[list, dict]:
+  def restore(self, templates: Sequence[Any], step: int | None = None,
+              whole_model: bool = True) -> tuple[list, dict]:
     """Fill each template (a stage's state tree; arrays or shape structs) from the checkpoint.
+    Returns (filled trees of numpy arrays, meta).
 
-    Together the templates must use every saved tensor of the kinds they ask for (params,
-    opt_state, ...), so restoring a 6-layer checkpoint into a 4-layer model fails instead of
-    silently dropping layers. Returns (filled trees of numpy arrays, meta)."""
+    With `whole_model` the templates together must use every saved tensor of the kinds they ask
+    for (params, opt_state, ...), so restoring a 6-layer checkpoint into a 4-layer model fails
+    instead of silently dropping layers. A process restoring only its own stage passes False."""
     meta = self.meta(step)
     where = tensor_index(meta)
     shapes = {name: shape for name, (_, shape, _) in where.items()}
@@ -125,7 +127,7 @@ class Checkpointer:
       wanted.update(flatten(template))
     kinds = {name.split('/')[0] for name in wanted}
     unused = [n for n in where if n.split('/')[0] in kinds and n not in wanted]
-    if unused:
+    if whole_model and unused:
       raise HetjaxError(f'checkpoint tensor {unused[0]} (shape {tuple(shapes[unused[0]])}) has no '
                         f'place in the model; was it written for a different model config?')
     flat = self.read(wanted, meta=meta)
