@@ -3,7 +3,8 @@
 Everything here is plain jnp on arrays of any shape, so the same ops run in XLA and inside a
 Pallas kernel (Triton or interpret). Rules that make results reproducible everywhere:
 
-- Scales are rounded *up* and zero points *down* to the stored dtype, and codes are computed from
+- Scales are rounded *up* and zero points *down* to the stored dtype (with integer ops on the fp32
+  bits, so XLA's excess-precision rewrites cannot skip the rounding), and codes are computed from
   the stored values, so |x - deQ(Q(x))| <= scale/2 holds with the scale that travels.
 - Scales are kept >= the smallest normal number of the scale dtype: no division by zero for
   all-zero groups, and no subnormals (which CPUs may flush and GPUs do not).
@@ -13,6 +14,7 @@ Pallas kernel (Triton or interpret). Rules that make results reproducible everyw
 - A group (or channel) holding NaN or +-inf gets a NaN scale (and zero point) and all-zero codes,
   so it dequantizes to NaN: loud, never a silently wrong finite scale.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -43,23 +45,30 @@ def isfinite(x):
   return jnp.abs(x) <= FLT_MAX  # False for NaN and +-inf; portable to Triton
 
 
+def _to_grid(v, dtype, away):
+  """fp32 v to a value of `dtype` (normal range), rounding toward zero or, where `away`, away
+  from zero, with integer ops on the fp32 bits. XLA's excess-precision rewrites (which may drop an
+  f32->bf16->f32 round trip on GPU) cannot change integer ops, so every backend agrees.
+  """
+  drop = 23 - _SCALE_INFO[jnp.dtype(dtype)][0]  # fp32 mantissa bits the target lacks
+  bits = jax.lax.bitcast_convert_type(v, jnp.uint32)
+  low = bits & np.uint32(2**drop - 1)
+  t = bits - low + jnp.where(away & (low != 0), np.uint32(2**drop), np.uint32(0))
+  return jax.lax.bitcast_convert_type(t, F32).astype(dtype)  # exact: t is on the grid
+
+
 def round_up(s, dtype):
-  """Smallest-ish value of `dtype` >= s (s >= 0 fp32), clamped to the normal finite range."""
-  m, tiny, big = _SCALE_INFO[jnp.dtype(dtype)]
-  s = jnp.clip(s, tiny, big / (1 + 2.0**-m))
-  r = s.astype(dtype)
-  bumped = (s * (1 + 2.0**-m)).astype(dtype)
-  return jnp.where(r.astype(F32) < s, bumped, r)
+  """Smallest value of `dtype` >= s (fp32, >= 0), clamped to the normal finite range."""
+  _, tiny, big = _SCALE_INFO[jnp.dtype(dtype)]
+  return _to_grid(jnp.clip(s, tiny, big), dtype, True)
 
 
 def round_down(z, dtype):
-  """A value of `dtype` <= z (fp32); tiny |z| snap to 0 or -smallest normal."""
-  m, tiny, big = _SCALE_INFO[jnp.dtype(dtype)]
+  """Largest value of `dtype` <= z (fp32); |z| below the smallest normal snaps to 0 or -tiny."""
+  _, tiny, big = _SCALE_INFO[jnp.dtype(dtype)]
   z = jnp.where(jnp.abs(z) < tiny, jnp.where(z < 0, -tiny, 0.0), z)
-  z = jnp.clip(z, -big / (1 + 2.0**-m), big)
-  r = z.astype(dtype)
-  bumped = (z - jnp.abs(z) * 2.0**-m).astype(dtype)
-  return jnp.where(r.astype(F32) > z, bumped, r)
+  z = jnp.clip(z, -big, big)
+  return _to_grid(z, dtype, z < 0)
 
 
 def group_params(amax, lo, hi, bad, bits, symmetric, dtype, div=true_div):

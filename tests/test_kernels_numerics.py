@@ -124,11 +124,15 @@ def test_float16_scales_saturate_instead_of_overflowing():
 def test_scale_rounding_never_rounds_down():
   s = jnp.asarray(np.random.default_rng(1).lognormal(0, 20, 4096).astype(np.float32))
   for dt in qmath.SCALE_DTYPES:
+    big = float(jnp.finfo(dt).max)
     r = qmath.round_up(s, dt).astype(jnp.float32)
-    assert bool(jnp.all(r >= jnp.clip(s, 0, float(jnp.finfo(dt).max) / 1.01)))
+    assert bool(jnp.all(r >= jnp.clip(s, 0, big)))
+    # and it is the nearest such value: one step down would be below s
+    r16 = np.asarray(r).astype(dt)
+    below = (r16.view(np.uint16) - 1).view(r16.dtype).astype(np.float32)
+    assert bool(jnp.all((below < s) | (r <= float(jnp.finfo(dt).smallest_normal))))
     z = qmath.round_down(s - 1e3, dt).astype(jnp.float32)
-    lo = -float(jnp.finfo(dt).max) / 1.01
-    assert bool(jnp.all(z <= jnp.maximum(s - 1e3, lo)))
+    assert bool(jnp.all(z <= jnp.maximum(s - 1e3, -big)))
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
