@@ -69,3 +69,10 @@ def test_bad_inputs():
     dsp.make_policy('random')
   with pytest.raises(HetjaxError, match='rate > 0'):
     dsp.poisson_arrivals(0.0, 10)
+
+
+def test_max_rate_bisection_brackets_the_99pct_point():
+  reps = replicas()
+  r = dsp.max_rate(reps, 6.0, 'shortest_completion', 0.99, num_requests=300, seed=0)
+  at = lambda rate: dsp.simulate(dsp.poisson_arrivals(rate, 300, 0), reps, dsp.ShortestExpectedCompletion()).attainment(6.0)
+  assert 0 < r < 1024 and at(r) >= 0.99 and at(r * 1.05) < 0.99

@@ -168,3 +168,20 @@ def sweep(replicas: Sequence[ReplicaState], rates: Sequence[float], deadline: fl
     rows.append({'rate': float(rate), 'policy': policy, 'attainment': res.attainment(deadline),
                  'deadline_99': res.deadline_for(0.99), 'mean_latency': float(res.latency.mean())})
   return rows
+
+
+def max_rate(replicas: Sequence[ReplicaState], deadline: float, policy: str, target: float = 0.99,
+             num_requests: int = 2000, seed: int = 0, hi: float = 1024.0, iters: int = 14) -> float:
+  """Largest Poisson rate (bisection on a log scale, ~1% resolution) whose SLO attainment is >= target."""
+  def ok(rate):
+    res = simulate(poisson_arrivals(rate, num_requests, seed), replicas, make_policy(policy))
+    return res.attainment(deadline) >= target
+  lo = 1e-3
+  if not ok(lo):
+    return 0.0
+  if ok(hi):
+    return hi
+  for _ in range(iters):
+    mid = math.sqrt(lo * hi)
+    lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+  return lo
