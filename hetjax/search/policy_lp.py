@@ -81,7 +81,7 @@ def solve_shape(model: ModelConfig, hw: Hardware, wl: Workload, shape: Shape, pr
                    b_eq=np.ones(3), bounds=bounds, method='highs')
     if res2.status == 0:
       res = res2
-  x = np.clip(res.x[:NX], 0, 1)
+  x = np.clip(res.x[:NX], 0, 1) + 0.0   # + 0.0 turns -0.0 into 0.0
   for g in range(3):   # exact sums after clipping solver noise
     x[3 * g:3 * g + 3] /= x[3 * g:3 * g + 3].sum()
   ev = evaluate(model, hw, wl, shape, x)
