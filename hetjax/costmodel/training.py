@@ -203,16 +203,18 @@ def simulate_pipeline(fwd: Sequence[float], bwd: Sequence[float], send_f: Sequen
 def pipeline_time_approx(fwd, bwd, send_f, send_b, lat, m: int, schedule: str = 'gpipe') -> float:
   """Closed form used inside the search: fill/drain of one micro-batch plus (M-1) x the steady period.
 
-  The period is the busiest stage or link; under 1F1B stage s keeps only S-s micro-batches in flight,
-  so the round trip from s to the last stage and back (compute + transfers) is spread over S-s of them.
+  GPipe runs all forwards, then all backwards: two phases, each paced by its busiest stage or link.
+  1F1B overlaps them: the period is the busiest stage (f + b) or link, and stage s keeps only S-s
+  micro-batches in flight, so its round trip to the last stage and back is spread over S-s of them.
   """
   fill = sum(fwd) + sum(bwd) + sum(send_f) + sum(send_b) + 2 * sum(lat)
+  if schedule == 'gpipe':
+    return fill + (m - 1) * (max(list(fwd) + list(send_f)) + max(list(bwd) + list(send_b)))
   steady = max([f + b for f, b in zip(fwd, bwd)] + list(send_f) + list(send_b))
-  if schedule == '1f1b':
-    s = len(fwd)
-    for k in range(s):
-      trip = sum(fwd[k:]) + sum(bwd[k:]) + sum(send_f[k:]) + sum(send_b[k:]) + 2 * sum(lat[k:])
-      steady = max(steady, trip / min(s - k, m))
+  s = len(fwd)
+  for k in range(s):
+    trip = sum(fwd[k:]) + sum(bwd[k:]) + sum(send_f[k:]) + sum(send_b[k:]) + 2 * sum(lat[k:])
+    steady = max(steady, trip / min(s - k, m))
   return fill + (m - 1) * steady
 
 

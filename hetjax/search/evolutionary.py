@@ -17,7 +17,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class EvoConfig:
   population: int = 100
-  evaluations: int = 5000            # candidates evaluated, initial population included
+  evaluations: int = 5000            # distinct candidates evaluated, initial population included
   time_limit: Optional[float] = None  # seconds
 
 
@@ -25,7 +25,7 @@ class EvoConfig:
 class EvoResult:
   best: Any
   cost: float
-  history: list[float]     # best cost after each generation (= `population` evaluations)
+  history: list[float]     # best cost after each generation (= `population` new candidates)
   evaluations: int
   seconds: float
 
@@ -33,7 +33,10 @@ class EvoResult:
 def steady_state(init: Callable[[np.random.Generator], Any],
                  breed: Callable[[Any, Any, np.random.Generator], Any],
                  fitness: Callable[[Any], float], cfg: EvoConfig, seed: int = 0,
-                 key: Callable[[Any], Hashable] = lambda g: g, initial: Sequence[Any] = ()) -> EvoResult:
+                 key: Callable[[Any], Hashable] = lambda g: g, initial: Sequence[Any] = (),
+                 perturb: Optional[Callable[[Any, np.random.Generator], Any]] = None) -> EvoResult:
+  """Minimise fitness. `perturb` (optional) mutates a child that was already scored, up to 5 times,
+  so that the budget goes to new candidates."""
   rng = np.random.default_rng(seed)
   t0 = time.perf_counter()
   cache: dict[Hashable, float] = {}
@@ -45,24 +48,39 @@ def steady_state(init: Callable[[np.random.Generator], Any],
     return cache[kk]
 
   pop = list(initial)[:cfg.population]
-  while len(pop) < max(2, cfg.population):
+  tries = 0
+  while len(pop) < max(2, cfg.population) and tries < 20 * cfg.population:
+    g, tries = init(rng), tries + 1
+    if key(g) not in {key(p) for p in pop}:   # distinct individuals while the space allows
+      pop.append(g)
+  while len(pop) < 2:
     pop.append(init(rng))
   scores = [score(g) for g in pop]
-  evals, history = len(pop), [min(scores)]
-  distinct = len({key(g) for g in pop}) > 1 or len(cache) > 1
-  while distinct and evals < cfg.evaluations:
+  members = [key(g) for g in pop]
+  history = [min(scores)]
+  steps, last_gen = 0, 0
+  # `evaluations` counts distinct candidates scored (repeats hit the cache); steps are capped as well
+  while len(cache) < cfg.evaluations and steps < 20 * cfg.evaluations and len(cache) > 1:
     if cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit:
       break
+    steps += 1
     i, j = rng.choice(len(pop), size=2, replace=False)
     child = breed(pop[i], pop[j], rng)
+    ck = key(child)
+    for _ in range(5 if perturb is not None else 0):
+      if ck not in cache:
+        break
+      child = perturb(child, rng)
+      ck = key(child)
     c = score(child)
-    evals += 1
     worse = i if scores[i] >= scores[j] else j
-    if c < scores[worse]:
-      pop[worse], scores[worse] = child, c
-    if evals % cfg.population == 0:
+    if c < scores[worse] and ck not in members:   # no duplicates in the population
+      pop[worse], scores[worse], members[worse] = child, c, ck
+    if len(cache) // cfg.population > last_gen:
+      last_gen = len(cache) // cfg.population
       history.append(min(scores))
   if history[-1] != min(scores):
     history.append(min(scores))
+  evals = len(cache)
   b = int(np.argmin(scores))
   return EvoResult(pop[b], scores[b], history, evals, time.perf_counter() - t0)

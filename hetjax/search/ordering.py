@@ -21,24 +21,25 @@ def bottleneck_matching(w: np.ndarray) -> tuple[float, np.ndarray]:
   n = w.shape[0]
   if n == 1:
     return float(w[0, 0]), np.zeros(1, dtype=int)
-  values = np.unique(w)
   lower = max(w.min(axis=1).max(), w.min(axis=0).max())  # every row and column needs an edge
-  lo, hi = int(np.searchsorted(values, lower)), len(values) - 1
+  big = w.max() * n + 1.0
 
-  def feasible(t):
-    r, c = linear_sum_assignment(w > t)
-    return not (w[r, c] > t).any()
+  def matching(t):  # min-sum matching using only edges <= t; None if there is no perfect one
+    _, c = linear_sum_assignment(np.where(w > t, big, w))
+    return None if w[np.arange(n), c].max() > t else c
 
+  cols = matching(lower)  # often already feasible on structured clusters
+  if cols is not None:
+    return float(lower), cols
+  values = np.unique(w)
+  lo, hi = int(np.searchsorted(values, lower)) + 1, len(values) - 1
   while lo < hi:
     mid = (lo + hi) // 2
-    if feasible(values[mid]):
+    if matching(values[mid]) is not None:
       hi = mid
     else:
       lo = mid + 1
-  t = values[lo]
-  capped = np.where(w > t, w.max() * n + 1.0, w)  # among bottleneck-optimal matchings take min sum
-  _, cols = linear_sum_assignment(capped)
-  return float(t), cols
+  return float(values[lo]), matching(values[lo])
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,7 +39,10 @@ class GAResult:
 
 
 def groups_of(assign: np.ndarray, k: int) -> list[list[int]]:
-  return [sorted(np.flatnonzero(assign == g).tolist()) for g in range(k)]
+  """Items of each group, ascending."""
+  order = np.argsort(assign, kind='stable')
+  bounds = np.searchsorted(assign[order], np.arange(k + 1))
+  return [order[bounds[g]:bounds[g + 1]].tolist() for g in range(k)]
 
 
 def random_assign(sizes: Sequence[int], rng: np.random.Generator) -> np.ndarray:
@@ -159,10 +162,10 @@ def genetic_partition(sizes: Sequence[int], fitness: Callable[[np.ndarray], floa
     if equal:  # group labels are interchangeable: align p2 to p1 before crossing
       p2 = align_labels(p1, p2, k)
     child = crossover(p1, p2, sizes, cfg.crossover_points, rng)
-    if rng.random() < cfg.mutation:
-      child = mutate(child, rng)
     if use_kl:
       child = kl_pass(child, weights[rng.integers(len(weights))], k, steps)
+    if rng.random() < cfg.mutation:  # after KL, so the local search cannot undo it
+      child = mutate(child, rng)
     return child
 
   def key(a):  # partitions equal up to relabelling share one fitness
@@ -170,5 +173,5 @@ def genetic_partition(sizes: Sequence[int], fitness: Callable[[np.ndarray], floa
 
   res = steady_state(lambda rng: random_assign(sizes, rng), breed, fitness,
                      EvoConfig(cfg.population, cfg.evaluations, cfg.time_limit), seed, key,
-                     [np.asarray(x, dtype=int) for x in initial])
+                     [np.asarray(x, dtype=int) for x in initial], perturb=mutate)
   return GAResult(res.best, res.cost, res.history, res.evaluations, res.seconds)

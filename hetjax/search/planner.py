@@ -38,8 +38,8 @@ class SearchConfig:
   d_pp: int = 0                 # pipeline stages; 0 = search (hetjax) or 8 capped by devices/layers
   tp: int = 0                   # 0 = search over 1, 2, 4, 8 (hetjax) or 1 (others)
   population: int = 100
-  evaluations: int = 5000       # per finalist shape (DT-FM: 5000 candidates)
-  screen_evaluations: int = 300  # per shape when hetjax screens shapes
+  evaluations: int = 5000       # distinct candidates per GA run (DT-FM: 5000); hetjax: per finalist / finalists
+  screen_evaluations: int = 100  # per shape when hetjax screens shapes
   finalists: int = 2
   crossover_points: int = 5
   uneven_layers: bool = True
@@ -135,6 +135,8 @@ class Evaluator:
     lay = model.num_layers / d_pp
     c_dp = lay * model.block_params() * setup.grad_bytes / t
     self.dp_pair = 2.0 * cluster.transfer_time(c_dp / d_dp)[np.ix_(lead, lead)]
+    self.alpha = cluster.delay_ms[np.ix_(lead, lead)] / 1e3           # seconds, 0 on the diagonal
+    self.inv_bw = 8.0 / (cluster.bandwidth_gbps[np.ix_(lead, lead)] * 1e9)  # seconds per byte
     c_pp = self.mb_bytes * self.m
     pp_pair = cluster.transfer_time(c_pp)[np.ix_(lead, lead)]
     step = self.m * lay * self.layer_time
@@ -189,12 +191,12 @@ class Evaluator:
     zeros = [0.0] * len(send)
     pipe = cm.pipeline_time_approx(fwd, bwd, send, send, zeros, self.m, self.setup.schedule)
     dp = 0.0
-    if self.d_dp > 1:
-      lead = self.units.leaders
+    if self.d_dp > 1:  # DT-FM's DP cost per group: max row of sum 2 * (alpha + c_dp / (D_DP beta))
       for s, g in enumerate(ordered):
         c_dp = cm.stage_params(self.model, n[s], s == 0, s == self.d_pp - 1) * self.setup.grad_bytes / self.tp
-        dev = [lead[u] for u in g]
-        dp = max(dp, cm.dtfm_dp_cost(self.cluster, [dev], c_dp))
+        ix = np.ix_(g, g)
+        rows = 2.0 * (self.alpha[ix].sum(axis=1) + c_dp / self.d_dp * self.inv_bw[ix].sum(axis=1))
+        dp = max(dp, float(rows.max()))
     return pipe + dp + (INFEASIBLE * (1 + lay['deficit']) if lay['deficit'] else 0.0)
 
   def dtfm_cost(self, groups: list[list[int]], c_pp: float, c_dp: float) -> dict:
@@ -291,7 +293,7 @@ def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, sear
   for cost, k, ev, res in screened[:search.finalists]:
     index_order = np.repeat(np.arange(ev.d_pp), ev.d_dp)  # Megatron's order as one starting point
     full = genetic_partition([ev.d_dp] * ev.d_pp, lambda a, ev=ev: ev.step_time(groups_of(a, ev.d_pp)),
-                             _ga_config(search, search.evaluations, search.population), seed + 1000 + k,
+                             _ga_config(search, max(1, search.evaluations // search.finalists), search.population), seed + 1000 + k,
                              ev.pair_weight, initial=[res.assign, index_order])
     finals.append((ev, full))
   if min(f.cost for _, f in finals) >= INFEASIBLE:

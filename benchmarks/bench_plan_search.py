@@ -1,0 +1,30 @@
+"""Time the default hetjax training search on 64 devices (the issue's < 60 s target on 2 cores).
+
+  python benchmarks/bench_plan_search.py [--clusters dtfm_case1,dtfm_case5,mixed_worldwide] [--method hetjax]
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hetjax.cluster import get_cluster  # noqa: E402
+from hetjax.costmodel.training import TrainSetup  # noqa: E402
+from hetjax.models.config import get_model_config  # noqa: E402
+from hetjax.search.planner import SearchConfig, plan_training  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument('--clusters', default='dtfm_case1,dtfm_case5,mixed_worldwide')
+ap.add_argument('--method', default='hetjax')
+ap.add_argument('--model', default='gpt3_xl')
+args = ap.parse_args()
+model = get_model_config(args.model)
+for name in args.clusters.split(','):
+  cluster = get_cluster(name)
+  t0 = time.perf_counter()
+  plan = plan_training(cluster, model, TrainSetup(seq_len=model.max_len), SearchConfig(method=args.method), seed=0)
+  dt = time.perf_counter() - t0
+  s = plan.search
+  print(f"{name:16s} {cluster.n} devices  {args.method}: {dt:6.1f} s  {s.get('evaluations')} candidates "
+        f"shape {s.get('shape')}  predicted step {plan.prediction['total']:.2f} s", flush=True)

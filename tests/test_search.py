@@ -1,0 +1,160 @@
+"""Search: matching and Held-Karp vs brute force, GA vs brute force, layers, determinism, planners."""
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from hetjax.cluster import Cluster, Device, dtfm_case, get_cluster
+from hetjax.costmodel import training as cm
+from hetjax.errors import HetjaxError
+from hetjax.models.config import get_model_config
+from hetjax.search.layers import assign_layers
+from hetjax.search.ordering import bottleneck_matching, held_karp_path, heuristic_path
+from hetjax.search.partition import GAConfig, genetic_partition, groups_of, kl_pass, repair
+from hetjax.search.planner import SearchConfig, kl_weights, plan_training
+
+
+def test_bottleneck_matching_brute_force():
+  rng = np.random.default_rng(0)
+  for _ in range(40):
+    n = int(rng.integers(1, 6))
+    w = rng.integers(0, 6, (n, n)).astype(float)   # many ties
+    val, cols = bottleneck_matching(w)
+    brute = min(max(w[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+    assert val == brute and sorted(cols) == list(range(n)) and w[np.arange(n), cols].max() == val
+
+
+def test_held_karp_brute_force_and_heuristic():
+  rng = np.random.default_rng(1)
+  for _ in range(20):
+    k = int(rng.integers(1, 7))
+    d = rng.random((k, k))
+    d = d + d.T
+    cost, path = held_karp_path(d)
+    brute = min(sum(d[p[i], p[i + 1]] for i in range(k - 1)) for p in itertools.permutations(range(k)))
+    assert cost == pytest.approx(brute) and sorted(path) == list(range(k))
+    assert sum(d[path[i], path[i + 1]] for i in range(k - 1)) == pytest.approx(cost)
+    h, hp = heuristic_path(d)
+    assert h >= cost - 1e-12 and sorted(hp) == list(range(k))
+
+
+def _random_cluster(n, rng):
+  bw = rng.uniform(0.5, 10, (n, n))
+  dl = rng.uniform(0, 50, (n, n))
+  return Cluster('rand', [Device(i, 'V100-SXM2-32GB', f'h{i}', 'r') for i in range(n)], dl + dl.T, bw + bw.T)
+
+
+def _all_partitions(items, size):
+  if not items:
+    yield []
+    return
+  first = items[0]
+  for rest in itertools.combinations(items[1:], size - 1):
+    group = [first, *rest]
+    left = [x for x in items if x not in group]
+    for tail in _all_partitions(left, size):
+      yield [group, *tail]
+
+
+@pytest.mark.parametrize('k,budget', [(2, 25), (4, 80)])
+def test_ga_finds_brute_force_optimum(k, budget):
+  # 8 devices: 35 partitions into 2 groups, 105 into 4; the GA scores fewer distinct candidates than that
+  rng = np.random.default_rng(k)
+  for trial in range(4):
+    c = _random_cluster(8, rng)
+    fit_groups = lambda g: cm.dtfm_cost(c, g, c_pp=0.5e9, c_dp=1e9)['total']
+    brute = min(fit_groups(p) for p in _all_partitions(list(range(8)), 8 // k))
+    pair = kl_weights(cm.dp_pair_cost(c, 1e9, 8 // k), c.transfer_time(0.5e9))
+    res = genetic_partition([8 // k] * k, lambda a: fit_groups(groups_of(a, k)),
+                            GAConfig(population=10, evaluations=budget), seed=trial, pair_weight=pair)
+    assert res.cost == pytest.approx(brute) and res.evaluations <= budget
+    assert res.history == sorted(res.history, reverse=True)
+
+
+def test_kl_and_repair_keep_sizes_and_lower_cost():
+  rng = np.random.default_rng(3)
+  w = rng.random((12, 12))
+  w = w + w.T
+  np.fill_diagonal(w, 0)
+  a = rng.permutation(np.repeat(np.arange(3), 4))
+  within = lambda x: sum(w[i, j] for i in range(12) for j in range(i + 1, 12) if x[i] == x[j])
+  b = kl_pass(a, w, 3, 6)
+  assert np.bincount(b).tolist() == [4, 4, 4] and within(b) <= within(a)
+  r = repair(np.array([0, 0, 0, 0, 0, 1, 2, 2]), [3, 3, 2], rng)
+  assert np.bincount(r, minlength=3).tolist() == [3, 3, 2]
+
+
+def test_assign_layers_brute_force():
+  rng = np.random.default_rng(4)
+  for _ in range(20):
+    s, L = 3, int(rng.integers(3, 10))
+    t, e = rng.random(s) + 0.1, rng.random(s)
+    caps = rng.integers(1, L, s).tolist()
+    best = min((max(n[i] * t[i] + e[i] for i in range(s)) for n in itertools.product(range(1, L + 1), repeat=s)
+                if sum(n) == L and all(n[i] <= caps[i] for i in range(s))), default=None)
+    if best is None:
+      with pytest.raises(HetjaxError):
+        assign_layers(L, t, e, caps)
+      continue
+    n = assign_layers(L, t, e, caps)
+    assert sum(n) == L and max(n[i] * t[i] + e[i] for i in range(s)) == pytest.approx(best)
+
+
+def test_dtfm_beats_baselines_and_is_deterministic():
+  c = dtfm_case(4, n=16)
+  m = get_model_config('gpt3_xl')
+  setup = cm.TrainSetup(global_batch=64)
+  cfg = SearchConfig(method='dtfm', d_pp=4, population=20, evaluations=300)
+  a = plan_training(c, m, setup, cfg, seed=5)
+  b = plan_training(c, m, setup, cfg, seed=5)
+  strip = lambda p: {**p.to_dict(), 'search': {k: v for k, v in p.search.items() if k != 'seconds'}}
+  assert strip(a) == strip(b)
+  rnd = plan_training(c, m, setup, SearchConfig(method='random', d_pp=4), seed=0)
+  idx = plan_training(c, m, setup, SearchConfig(method='index', d_pp=4))
+  assert a.prediction['dtfm_cost'] <= min(rnd.prediction['dtfm_cost'], idx.prediction['dtfm_cost'])
+  assert a.search['best'] == pytest.approx(a.prediction['dtfm_cost'])
+
+
+def test_hetjax_mixed_gpus_uneven_layers_and_tp():
+  c = get_cluster('small_lab')   # 4 A100 (one host), 4 RTX3090 (2 hosts), 8 T4 (2 hosts)
+  m = get_model_config('gpt2_medium')
+  setup = cm.TrainSetup(global_batch=32, seq_len=1024)
+  cfg = SearchConfig(method='hetjax', population=20, evaluations=200, screen_evaluations=60)
+  p = plan_training(c, m, setup, cfg, seed=0, model_name='gpt2_medium')
+  p.validate(c, m)
+  assert p.prediction['memory_ok'] == 1.0
+  for r in p.replicas:
+    for s in r.stages:
+      assert c.same_host(s.devices)     # TP only inside a host
+  idx = plan_training(c, m, setup, SearchConfig(method='index'), model_name='gpt2_medium')
+  assert p.prediction['total'] <= idx.prediction['total'] + 1e-9
+  # faster GPUs get at least as many layers per stage (ignoring the head's extra work on the last stage)
+  speed = [min(c.tflops(d) for r in p.replicas for d in r.stages[k].devices) * p.replicas[0].stages[k].tp
+           for k in range(p.num_stages)]
+  counts = p.layer_counts()
+  body = list(range(p.num_stages - 1))
+  for i in body:
+    for j in body:
+      if speed[i] > 1.5 * speed[j]:
+        assert counts[i] >= counts[j]
+
+
+def test_plan_mode_writes_outputs(tmp_path):
+  from configs import plan as plan_cfg
+  from hetjax.modes import plan as plan_mode
+  cfg = plan_cfg.get_config()
+  cfg.cluster, cfg.num_devices = 'dtfm_case3', 8
+  cfg.train.global_batch = 16
+  cfg.search.method, cfg.search.evaluations = 'dtfm', 100
+  cfg.search.population, cfg.search.d_pp = 10, 4
+  plan_mode.run(cfg, str(tmp_path))
+  assert os.path.getsize(tmp_path / 'plan.json') > 0 and os.path.getsize(tmp_path / 'placement.png') > 0
+  cfg.search.method = 'bogus'
+  with pytest.raises(HetjaxError, match='unknown search.method'):
+    plan_mode.run(cfg, str(tmp_path))
+  cfg.search.method, cfg.search.d_pp, cfg.num_devices = 'dtfm', 0, 64
+  cfg.model, cfg.train.global_batch = 'tiny_gpt', 64   # 64 stages > 4 layers is impossible when forced
+  cfg.search.d_pp = 64
+  with pytest.raises(HetjaxError, match='cannot split'):
+    plan_mode.run(cfg, str(tmp_path))
