@@ -105,7 +105,10 @@ def uniform(idx, seed):
 def encode_codes(x, s, z, offset, bits, symmetric, div=true_div):
   """Stored codes (int32 in [0, 2**bits)) for fp32 x, stored scale/zero (any float dtype).
 
-  `offset` is 0.5 for round-to-nearest or a uniform [0, 1) draw for stochastic rounding.
+  offset None: round to nearest (half up). The quotient x/s only proposes a code; exact
+  comparisons against (c +- 1/2)*s (a product with <= 21 significant bits, so exact in fp32) fix
+  it, so ties round the same on every backend whatever its division accuracy.
+  offset array: stochastic rounding, floor(x/s + u) with u uniform in [0, 1).
   """
   qlo, qhi = code_range(bits, symmetric)
   s = s.astype(F32)
@@ -114,7 +117,14 @@ def encode_codes(x, s, z, offset, bits, symmetric, div=true_div):
   x = jnp.where(isfinite(x), x, F32(0))
   if not symmetric:
     x = x - jnp.where(bad, F32(0), z.astype(F32))
-  q = jnp.clip(jnp.floor(div(x, s) + offset), F32(qlo), F32(qhi))
+  v = div(x, s)
+  if offset is None:
+    q = jnp.floor(v + F32(0.5))
+    q = jnp.where(x >= (q + F32(0.5)) * s, q + 1, q)
+    q = jnp.where(x < (q - F32(0.5)) * s, q - 1, q)
+  else:
+    q = jnp.floor(v + offset)
+  q = jnp.clip(q, F32(qlo), F32(qhi))
   return jnp.where(bad, 0, q.astype(jnp.int32) - qlo)
 
 

@@ -11,9 +11,9 @@ F32 = jnp.float32
 
 
 def element_offsets(shape, seed):
-  """Rounding offsets for an (N, Dp) array: 0.5 (nearest) or hashed uniforms (stochastic)."""
+  """Rounding offsets for an (N, Dp) array: None (nearest) or hashed uniforms (stochastic)."""
   if seed is None:
-    return F32(0.5)
+    return None
   n, d = shape
   idx = (jnp.arange(n, dtype=jnp.uint32)[:, None] * jnp.uint32(d)
          + jnp.arange(d, dtype=jnp.uint32)[None, :])

@@ -143,3 +143,20 @@ def test_padding_non_divisible_last_axis(dtype):
   d = K.dequantize(q, impl='pallas')
   assert d.shape == x.shape and d.dtype == jnp.dtype(dtype)
   assert float(jnp.max(jnp.abs(d.astype(jnp.float32) - x.astype(jnp.float32)))) < 0.6
+
+
+def test_nearest_codes_do_not_depend_on_division_accuracy():
+  # bf16 data on a bf16 grid makes exact ties (x/s = k + 1/2) common; a division that is off by a
+  # few ulps (as GPU fast division is) must still give the same codes.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.bfloat16).astype(jnp.float32)
+  s = jnp.full((64, 1), 0.125, jnp.float32)
+  sloppy_up = lambda a, b: (a / b) * jnp.float32(1 + 2.0**-22)
+  sloppy_down = lambda a, b: (a / b) * jnp.float32(1 - 2.0**-22)
+  exact = qmath.encode_codes(x, s, None, None, 8, True)
+  ties = np.mean(np.asarray(x / s) % 1 == 0.5)
+  assert ties > 0.1  # the data does exercise ties
+  for div in (sloppy_up, sloppy_down):
+    np.testing.assert_array_equal(qmath.encode_codes(x, s, None, None, 8, True, div), exact)
+  # without the exact fix-up, a sloppy division would have changed tie codes
+  naive = jnp.floor(sloppy_down(x, s) + 0.5)
+  assert np.any(np.asarray(naive) != np.asarray(exact) - 127)
