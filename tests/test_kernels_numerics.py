@@ -154,7 +154,7 @@ def test_nearest_codes_do_not_depend_on_division_accuracy():
   sloppy_down = lambda a, b: (a / b) * jnp.float32(1 - 2.0**-22)
   exact = qmath.encode_codes(x, s, None, None, 8, True)
   ties = np.mean(np.asarray(x / s) % 1 == 0.5)
-  assert ties > 0.1  # the data does exercise ties
+  assert ties > 0.02  # the data does exercise ties (about 150 of 4096 values)
   for div in (sloppy_up, sloppy_down):
     np.testing.assert_array_equal(qmath.encode_codes(x, s, None, None, 8, True, div), exact)
   # without the exact fix-up, a sloppy division would have changed tie codes
