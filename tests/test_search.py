@@ -158,3 +158,10 @@ def test_plan_mode_writes_outputs(tmp_path):
   cfg.search.d_pp = 64
   with pytest.raises(HetjaxError, match='cannot split'):
     plan_mode.run(cfg, str(tmp_path))
+
+
+def test_search_reports_memory_infeasibility():
+  c = dtfm_case(1, n=8)
+  cfg = SearchConfig(method='hetjax', population=6, evaluations=20, screen_evaluations=10)
+  with pytest.raises(HetjaxError, match=r'no memory-feasible plan.*device \d+ \(V100.*needs .* GB'):
+    plan_training(c, get_model_config('llama2_70b'), cm.TrainSetup(global_batch=8, seq_len=1024), cfg)

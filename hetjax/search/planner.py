@@ -297,8 +297,16 @@ def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, sear
                              ev.pair_weight, initial=[res.assign, index_order])
     finals.append((ev, full))
   if min(f.cost for _, f in finals) >= INFEASIBLE:
-    raise HetjaxError(f'no memory-feasible plan found for {model_name or "the model"} on {cluster.name}; '
-                      f'best candidate still overflows (try recompute=True, a smaller micro-batch or more devices)')
+    ev, full = min(finals, key=lambda x: x[1].cost)
+    ev.uneven = False
+    try:
+      cm.check_memory(ev.to_plan(groups_of(full.assign, ev.d_pp)), cluster, model, setup)
+      detail = 'the layer split overflows a stage'
+    except HetjaxError as e:
+      detail = str(e)
+    raise HetjaxError(f'no memory-feasible plan for {model_name or "the model"} on {cluster.name} (best shape '
+                      f'tp={ev.tp} d_pp={ev.d_pp} d_dp={ev.d_dp}): {detail}; try recompute=True, a smaller '
+                      f'micro-batch or more devices')
   # The GA ranks with a closed-form pipeline; pick the final plan by the exact simulation among the
   # finalists' best partitions, each with uneven and with equal layers.
   best = None
