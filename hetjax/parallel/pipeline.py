@@ -10,11 +10,14 @@ norm is reduced over all stages, and each stage applies AdamW to its own paramet
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -40,53 +43,81 @@ def _tree_add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def _sq_norm(tree, skip_tied=False):
-  flat = nnx.to_flat_state(tree) if isinstance(tree, nnx.State) else None
-  leaves = [v for p, v in flat if not (skip_tied and tuple(p[:2]) == TIED)] if flat else jax.tree.leaves(tree)
-  return sum(jnp.sum(jnp.square(jnp.asarray(getattr(v, 'value', v), jnp.float32))) for v in leaves)
+def _sq_norm(grads: nnx.State, skip_tied: bool = False):
+  """Sum of squares of all gradients (without the tied table's second copy when asked)."""
+  return sum(jnp.sum(jnp.square(v[...].astype(jnp.float32))) for path, v in nnx.to_flat_state(grads)
+             if not (skip_tied and tuple(path[:2]) == TIED))
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(group_key, optimizer_key):
+  """Jitted programs of one stage group, cached so that pipelines with the same stages (e.g. the
+  same plan under another schedule) share compilations."""
+  group, graphdef, mesh = group_key.group, group_key.graphdef, group_key.mesh
+  optimizer = make_adamw(ml_collections.ConfigDict(dict(optimizer_key)))
+  shard = group.param_sharding
+  act = group.batch_sharding(3)
+
+  def forward(params, x):
+    return _run(graphdef, params, x)
+
+  def backward(params, x, g_out):
+    if group.has_embed:  # integer token input: no input gradient
+      _, vjp = jax.vjp(lambda p: _run(graphdef, p, x), params)
+      return vjp(g_out)[0], None
+    _, vjp = jax.vjp(lambda p, h: _run(graphdef, p, h), params, x)
+    return vjp(g_out)
+
+  def loss_backward(params, x, targets):
+    if group.has_embed:
+      loss, grads = jax.value_and_grad(lambda p: cross_entropy(_run(graphdef, p, x), targets))(params)
+      return loss, grads, None
+    loss, (grads, g_in) = jax.value_and_grad(
+        lambda p, h: cross_entropy(_run(graphdef, p, h), targets), argnums=(0, 1))(params, x)
+    return loss, grads, g_in
+
+  def update(params, opt_state, grads, scale):
+    grads = jax.tree.map(lambda g: g * scale, grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def init(params):
+    # Moments are laid out like the parameters, step counters replicated on the stage mesh.
+    like_params = lambda t: jax.tree.structure(t) == jax.tree.structure(params)
+    constrain = jax.lax.with_sharding_constraint
+    return jax.tree.map(
+        lambda t: jax.tree.map(constrain, t, shard) if like_params(t) else constrain(t, group.replicated),
+        optimizer.init(params), is_leaf=like_params)
+
+  return types.SimpleNamespace(
+      forward=jax.jit(forward, out_shardings=act),
+      backward=jax.jit(backward, out_shardings=(shard, act)),
+      loss_backward=jax.jit(loss_backward, out_shardings=(group.replicated, shard, act)),
+      accumulate=jax.jit(_tree_add, donate_argnums=0),
+      init=jax.jit(init),
+      update=jax.jit(update, donate_argnums=(0, 1)),
+      sq_norm=jax.jit(_sq_norm, static_argnums=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupKey:
+  """Hashable identity of a stage group's programs: its graph and mesh."""
+  graphdef: nnx.GraphDef
+  mesh: object
+  has_embed: bool
+  group: StageGroup = dataclasses.field(compare=False, hash=False)
 
 
 class StageRunner:
   """One stage group's parameters, optimizer state and jitted programs."""
 
-  def __init__(self, group: StageGroup, params, optimizer, micro_batches: int):
+  def __init__(self, group: StageGroup, params, tcfg):
     self.g = group
+    optimizer_key = tuple(sorted((k, v) for k, v in tcfg.items()))
+    self.programs = _programs(_GroupKey(group.graphdef, group.mesh, group.has_embed, group),
+                              optimizer_key)
     self.params = params
-    self.optimizer = optimizer
-    shard = group.param_sharding
-    self.opt_state = jax.jit(optimizer.init, out_shardings=None)(params)
-    gd = group.graphdef
-    act = lambda nd: group.batch_sharding(nd)
-
-    def forward(params, x):
-      return _run(gd, params, x)
-
-    def backward(params, x, g_out):
-      if group.has_embed:  # integer token input: no input gradient
-        _, vjp = jax.vjp(lambda p: _run(gd, p, x), params)
-        return vjp(g_out)[0], None
-      _, vjp = jax.vjp(lambda p, h: _run(gd, p, h), params, x)
-      return vjp(g_out)
-
-    def loss_backward(params, x, targets):
-      if group.has_embed:
-        loss, grads = jax.value_and_grad(lambda p: cross_entropy(_run(gd, p, x), targets))(params)
-        return loss, grads, None
-      loss, (grads, g_in) = jax.value_and_grad(
-          lambda p, h: cross_entropy(_run(gd, p, h), targets), argnums=(0, 1))(params, x)
-      return loss, grads, g_in
-
-    def update(params, opt_state, grads, scale):
-      grads = jax.tree.map(lambda g: g * scale, grads)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    self.forward = jax.jit(forward, out_shardings=act(3))
-    self.backward = jax.jit(backward, out_shardings=(shard, act(3)))
-    self.loss_backward = jax.jit(loss_backward, out_shardings=(group.replicated, shard, act(3)))
-    self.accumulate = jax.jit(_tree_add, donate_argnums=0)
-    self.update = jax.jit(update, donate_argnums=(0, 1))
-    self.sq_norm = jax.jit(_sq_norm, static_argnums=1)
+    self.opt_state = self.programs.init(params)
 
 
 class Pipeline:
@@ -109,9 +140,7 @@ class Pipeline:
     self.clip_norm = tcfg.clip_norm
     full = nnx.state(build_model(cfg, seed))
     stage_params = split_state(full, [g.abstract for g in self.groups])
-    optimizer = make_adamw(tcfg)
-    self.runners = [StageRunner(g, place(jax.tree.map(np.asarray, p), g.param_sharding)
-                                if g.is_local else None, optimizer, self.micro)
+    self.runners = [StageRunner(g, place(jax.tree.map(np.asarray, p), g.param_sharding), tcfg)
                     if g.is_local else None for g, p in zip(self.groups, stage_params)]
     self.step_count = 0
     self.timeline: list[dict] = []
@@ -146,13 +175,13 @@ class Pipeline:
           stash[(s, m)] = x
           if g.has_head:
             y = place(targets[m * mb:(m + 1) * mb], g.batch_sharding(2))
-            loss, gr, g_in = run.loss_backward(run.params, x, y)
+            loss, gr, g_in = run.programs.loss_backward(run.params, x, y)
             losses.append(loss)
-            grads[s] = gr if grads[s] is None else run.accumulate(grads[s], gr)
+            grads[s] = gr if grads[s] is None else run.programs.accumulate(grads[s], gr)
             grad_inbox[(s, m)] = g_in
             out = None
           else:
-            out = run.forward(run.params, x)
+            out = run.programs.forward(run.params, x)
         if not g.has_head:
           got = self.forward_exchange.send(out if run is not None else None, g, groups[s + 1],
                                            act_shape)
@@ -164,8 +193,8 @@ class Pipeline:
           if g.has_head:
             g_in = grad_inbox.pop((s, m))
           else:
-            gr, g_in = run.backward(run.params, x, grad_inbox.pop((s, m)))
-            grads[s] = gr if grads[s] is None else run.accumulate(grads[s], gr)
+            gr, g_in = run.programs.backward(run.params, x, grad_inbox.pop((s, m)))
+            grads[s] = gr if grads[s] is None else run.programs.accumulate(grads[s], gr)
         if s > 0:
           got = self.backward_exchange.send(g_in if run is not None else None, g, groups[s - 1],
                                             act_shape)
@@ -175,20 +204,19 @@ class Pipeline:
         jax.block_until_ready((grads, inbox, grad_inbox))
         events.append({'kind': op.kind, 'stage': s, 'micro': m, 'tick': op.tick,
                        'start_s': t0 - t_start, 'end_s': time.perf_counter() - t_start})
-    grads = [None if gr is None else jax.tree.map(lambda a: a / M, gr) for gr in grads]
     if self.tied:
       grads = self._sum_tied(grads)
     sq = 0.0
     for s, (g, run) in enumerate(zip(groups, runners)):
       if run is not None and g.leader(0).process_index == jax.process_index():
-        sq += float(run.sq_norm(grads[s], self.tied and g.has_head))
+        sq += float(run.programs.sq_norm(grads[s], self.tied and g.has_head))
     loss_sum = float(sum(losses)) / M if losses and last.leader(0).process_index == jax.process_index() else 0.0
     sq, loss = self._sum_over_processes(np.array([sq, loss_sum]))
-    norm = float(np.sqrt(sq))
-    scale = 1.0 if norm < self.clip_norm else self.clip_norm / norm
+    norm = float(np.sqrt(sq)) / M  # of the mean gradient over micro-batches
+    scale = (1.0 if norm < self.clip_norm else self.clip_norm / norm) / M
     for s, run in enumerate(runners):
       if run is not None:
-        run.params, run.opt_state = run.update(run.params, run.opt_state, grads[s], jnp.float32(scale))
+        run.params, run.opt_state = run.programs.update(run.params, run.opt_state, grads[s], jnp.float32(scale))
     jax.block_until_ready([r.params for r in runners if r is not None])
     self.step_count += 1
     if self.profile:
