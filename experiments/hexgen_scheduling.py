@@ -34,7 +34,7 @@ SETTINGS = {'full_budget': 'hexgen_full_budget', 'half_budget': 'hexgen_half_bud
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--lengths', default='32,64,128', help='prompt = output lengths, comma separated')
-  ap.add_argument('--rates', default='0.125,1,2,4,8,16,24,32,40,48,56,64')
+  ap.add_argument('--rates', default='0.125,1,2,4,8,16,24,32,48,64,96,128,192')
   ap.add_argument('--slo_scale', type=float, default=8.0)
   ap.add_argument('--evaluations', type=int, default=1500)
   ap.add_argument('--population', type=int, default=40)
