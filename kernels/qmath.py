@@ -71,6 +71,27 @@ def round_down(z, dtype):
   return _to_grid(z, dtype, z < 0)
 
 
+def _step(v, dtype, n):
+  """fp32 v (positive, on the dtype grid) moved n grid steps."""
+  drop = 23 - _SCALE_INFO[jnp.dtype(dtype)][0]
+  bits = jax.lax.bitcast_convert_type(v, jnp.int32) + n * 2**drop
+  return jax.lax.bitcast_convert_type(bits, F32)
+
+
+def scale_for(num, q, dtype, div=true_div):
+  """Smallest normal `dtype` value s with s*q >= num (num >= 0 fp32, q an integer <= 255).
+
+  The quotient only proposes s; exact checks (s*q has <= 19 significant bits) settle it, so it
+  does not matter whether a backend divides exactly or multiplies by a rounded 1/q.
+  """
+  _, tiny, big = _SCALE_INFO[jnp.dtype(dtype)]
+  s = round_up(div(num, F32(q)), dtype).astype(F32)
+  down = _step(s, dtype, -1)
+  s = jnp.where((down >= tiny) & (down * q >= num), down, s)
+  s = jnp.where((s * q < num) & (s < big), _step(s, dtype, 1), s)
+  return s.astype(dtype)
+
+
 def group_params(amax, lo, hi, bad, bits, symmetric, dtype, div=true_div):
   """Stored (scale, zero) for groups with finite abs-max / min / max and a bad (non-finite) flag.
 
@@ -79,10 +100,10 @@ def group_params(amax, lo, hi, bad, bits, symmetric, dtype, div=true_div):
   qlo, qhi = code_range(bits, symmetric)
   nan = jnp.array(jnp.nan, dtype)
   if symmetric:
-    s = round_up(div(amax, F32(qhi)), dtype)
+    s = scale_for(amax, qhi, dtype, div)
     return jnp.where(bad, nan, s), None
   z = round_down(lo, dtype)
-  s = round_up(div(hi - z.astype(F32), F32(qhi - qlo)), dtype)
+  s = scale_for(hi - z.astype(F32), qhi - qlo, dtype, div)
   return jnp.where(bad, nan, s), jnp.where(bad, nan, z)
 
 

@@ -160,3 +160,15 @@ def test_nearest_codes_do_not_depend_on_division_accuracy():
   # without the exact fix-up, a sloppy division would have changed tie codes
   naive = jnp.floor(sloppy_down(x, s) + 0.5)
   assert np.any(np.asarray(naive) != np.asarray(exact) - 127)
+
+
+def test_scale_does_not_depend_on_division_accuracy():
+  # amax = 7 * (a bf16 value): exact division lands on the grid, a sloppy one one ulp off it.
+  amax = jnp.asarray(7 * np.random.default_rng(1).choice(np.arange(1, 256), 512) / 64.0, jnp.float32)
+  exact = qmath.scale_for(amax, 7, jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(exact.astype(jnp.float32)) * 7, amax)
+  for f in (1 + 2.0**-22, 1 - 2.0**-22):
+    sloppy = qmath.scale_for(amax, 7, jnp.bfloat16, lambda a, b: (a / b) * jnp.float32(f))
+    np.testing.assert_array_equal(sloppy, exact)
+  naive = qmath.round_up(amax / 7 * jnp.float32(1 + 2.0**-22), jnp.bfloat16)
+  assert np.any(np.asarray(naive) != np.asarray(exact))
