@@ -98,7 +98,8 @@ class TrainState:
   def restore(self, ckpt: Checkpointer, step: int | None = None) -> None:
     """Load a checkpoint (written under any stage plan) onto this state's devices and shardings."""
     (saved,), meta = ckpt.restore([self.tensors()], step)
-    on_device = jax.tree.map(lambda want, x: jax.device_put(x, getattr(want, 'sharding', None)), self.tensors(), saved)
+    on_device = jax.tree.map(lambda want, x: jax.device_put(x, getattr(want, 'sharding', None)),
+                             self.tensors(), saved)
     self.params, self.opt_state, self.extra = (
         on_device['params'], on_device['opt_state'], on_device['extra'])
     self.data.restore(meta['data'])

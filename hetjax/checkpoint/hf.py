@@ -16,6 +16,7 @@ safetensors shards of at most `shard_bytes`. The destination appears only when c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,8 +25,9 @@ import sys
 import time
 from typing import Callable, Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from hetjax.checkpoint.manager import (Checkpointer, StageSpec, model_config_of, resolve,
@@ -198,9 +200,35 @@ def hf_tensor_files(path: str) -> dict[str, str]:
     with open(index) as f:
       return {name: os.path.join(path, file) for name, file in json.load(f)['weight_map'].items()}
   if os.path.isfile(single):
-    with safe_open(single, framework='np') as f:
-      return {name: single for name in f.keys()}
+    return {name: single for name in SafetensorsReader(single).header}
   raise HetjaxError(f'{path} has no model.safetensors or model.safetensors.index.json')
+
+
+class SafetensorsReader:
+  """Reads one tensor at a time with plain file reads. (safetensors' safe_open maps the whole
+  file, and the pages it touches stay resident: a second copy of the model in memory.)"""
+
+  DTYPES = {'F32': 'float32', 'BF16': 'bfloat16', 'F16': 'float16', 'F64': 'float64',
+            'I64': 'int64', 'I32': 'int32', 'U8': 'uint8', 'BOOL': 'bool'}
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, 'rb') as f:
+      size = int.from_bytes(f.read(8), 'little')
+      self.header = json.loads(f.read(size))
+    self.header.pop('__metadata__', None)
+    self.data_start = 8 + size
+
+  def get(self, name: str) -> np.ndarray:
+    info = self.header[name]
+    if info['dtype'] not in self.DTYPES:
+      raise HetjaxError(f'{self.path}: tensor {name} has unsupported dtype {info["dtype"]}')
+    dtype = jnp.dtype(self.DTYPES[info['dtype']])
+    start, end = info['data_offsets']
+    with open(self.path, 'rb') as f:
+      f.seek(self.data_start + start)
+      x = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize)
+    return x.reshape(info['shape'])
 
 
 def progress(items: Sequence, label: str, stream=sys.stderr):
@@ -217,17 +245,22 @@ def progress(items: Sequence, label: str, stream=sys.stderr):
   stream.write('\n')
 
 
-def _check_destination(dst: str, overwrite: bool) -> str:
+def _refuse_existing(dst: str, overwrite: bool) -> None:
   if os.path.exists(dst) and not overwrite:
     raise HetjaxError(f'destination {dst} exists; pass --config.overwrite=true to replace it')
+
+
+@contextlib.contextmanager
+def _staged(dst: str):
+  """A sibling folder to write into; it replaces `dst` only once complete, and goes on failure."""
   tmp = f'{os.path.abspath(dst).rstrip("/")}.partial-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  return tmp
-
-
-def _publish(tmp: str, dst: str) -> None:
-  """Put the finished folder in place: the old destination goes only once the new one is whole."""
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   old = f'{tmp}.old'
   if os.path.exists(dst):
     os.replace(dst, old)
@@ -248,7 +281,7 @@ def import_hf(src: str, dst: str, dtype: str = '', overwrite: bool = False,
   with open(os.path.join(src, 'config.json')) as f:
     hf_cfg = json.load(f)
   mcfg = model_config_from_hf(hf_cfg, dtype)
-  tmp = _check_destination(dst, overwrite)
+  _refuse_existing(dst, overwrite)
   template = _abstract_params(mcfg)
   rules = [r for group in expand(mcfg, template) for r in group]
   files = hf_tensor_files(src)
@@ -257,27 +290,21 @@ def import_hf(src: str, dst: str, dtype: str = '', overwrite: bool = False,
              and not (n == 'lm_head.weight' and mcfg.tie_embeddings)]
   if unknown:
     raise HetjaxError(f'Hugging Face tensor {unknown[0]} has no place in the {mcfg.family} name map')
-  params, handles = {}, {}
-  try:
-    for rule in (progress(rules, 'import') if show_progress else rules):
-      if rule.hf not in files:
-        raise HetjaxError(f'{src} lacks tensor {rule.hf}')
-      if files[rule.hf] not in handles:
-        handles[files[rule.hf]] = safe_open(files[rule.hf], framework='np').__enter__()
-      x = handles[files[rule.hf]].get_tensor(rule.hf)
-      for name, y in zip(rule.ours, rule.transform.to_ours(x)):
-        params[name] = np.ascontiguousarray(y, dtype=template[name].dtype)
-      del x
-  finally:
-    for h in handles.values():
-      h.__exit__(None, None, None)
+  params, readers, cpu = {}, {}, jax.devices('cpu')[0]
+  for rule in (progress(rules, 'import') if show_progress else rules):
+    if rule.hf not in files:
+      raise HetjaxError(f'{src} lacks tensor {rule.hf}')
+    file = files[rule.hf]
+    reader = readers.setdefault(file, SafetensorsReader(file))
+    for name, y in zip(rule.ours, rule.transform.to_ours(reader.get(rule.hf))):
+      # A CPU jax array: orbax then writes it without another copy.
+      params[name] = jax.device_put(np.ascontiguousarray(y, dtype=template[name].dtype), cpu)
   check(template, {n: x.shape for n, x in params.items()})
-  ckpt = Checkpointer(tmp)
   meta = {'model': dataclasses.asdict(mcfg), 'hf_config': hf_cfg, 'source': os.path.abspath(src)}
-  ckpt.save(0, [(StageSpec(0, mcfg.num_layers, True, True), {'params': params})], meta)
-  ckpt.close()
-  del params
-  _publish(tmp, dst)
+  with _staged(dst) as tmp:
+    ckpt = Checkpointer(tmp)
+    ckpt.save(0, [(StageSpec(0, mcfg.num_layers, True, True), {'params': params})], meta)
+    ckpt.close()
   return mcfg
 
 
@@ -288,30 +315,25 @@ def export_hf(src: str, dst: str, dtype: str = '', overwrite: bool = False,
   meta = ckpt.meta()
   mcfg = model_config_of(meta)
   dtype = _dtype(dtype, mcfg.param_dtype)
-  tmp = _check_destination(dst, overwrite)
+  _refuse_existing(dst, overwrite)
   template = _abstract_params(mcfg)
   saved = {n[len('params/'):]: shape for n, (_, shape, _) in tensor_index(meta).items()
            if n.startswith('params/')}
   check(template, saved)
-  writer = _ShardWriter(tmp, shard_bytes)
   groups = expand(mcfg, template)
-  for group in (progress(groups, 'export') if show_progress else groups):
-    flat = ckpt.read([f'params/{n}' for r in group for n in r.ours], meta=meta)
-    for rule in group:
-      x = rule.transform.to_hf([flat[f'params/{n}'] for n in rule.ours])
-      writer.add(rule.hf, np.ascontiguousarray(x, dtype=_np_dtype(dtype)))
-    del flat
-  writer.close()
-  with open(os.path.join(tmp, 'config.json'), 'w') as f:
-    json.dump(hf_config_from(mcfg, dtype, meta.get('hf_config')), f, indent=2)
+  with _staged(dst) as tmp:
+    writer = _ShardWriter(tmp, shard_bytes)
+    for group in (progress(groups, 'export') if show_progress else groups):
+      flat = ckpt.read([f'params/{n}' for r in group for n in r.ours], meta=meta)
+      for rule in group:
+        x = rule.transform.to_hf([flat[f'params/{n}'] for n in rule.ours])
+        writer.add(rule.hf, np.ascontiguousarray(x, dtype=jnp.dtype(dtype)))
+      del flat
+    writer.close()
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(hf_config_from(mcfg, dtype, meta.get('hf_config')), f, indent=2)
   ckpt.close()
-  _publish(tmp, dst)
   return mcfg
-
-
-def _np_dtype(name: str):
-  import jax.numpy as jnp
-  return jnp.dtype(name)
 
 
 class _ShardWriter:

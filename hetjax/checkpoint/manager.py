@@ -57,11 +57,20 @@ class Checkpointer:
     self.every = every
     if read_only and not is_checkpoint(self.directory):
       raise HetjaxError(f'no hetjax checkpoint in {directory}')
+    self.async_save = async_save
     # read_only only stops this object from creating or cleaning up; it never saves anyway.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, enable_async_checkpointing=async_save, create=not read_only,
         cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    # Any item name: stages are PyTrees, meta is JSON. zstd on float weights gains little and made
+    # saves about 10x slower here, so it is off.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    trees = ocp.PyTreeCheckpointHandler(use_compression=False)
+    for args in (ocp.args.PyTreeSave, ocp.args.PyTreeRestore):
+      registry.add(None, args, trees)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+      registry.add(None, args, ocp.JsonCheckpointHandler)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -71,12 +80,15 @@ class Checkpointer:
 
   def save(self, step: int, stages: Sequence[tuple[StageSpec, Any]], meta: Mapping) -> None:
     """Save each (spec, state tree) as one item, plus `meta` (JSON) and the stage index.
-    Device arrays are copied to host memory first, so training may reuse (donate) its buffers at
-    once; numpy arrays are written as they are and must not change until the save completes."""
+
+    Leaves should be jax arrays: orbax writes those without a host copy (numpy leaves cost one).
+    An asynchronous save first copies them on their device, so training may donate its buffers
+    at once."""
     items, index = {}, []
     for i, (spec, tree) in enumerate(stages):
-      flat = {name: x if isinstance(x, np.ndarray) else np.array(x)
-              for name, x in flatten(tree).items()}
+      flat = flatten(tree)
+      if self.async_save:
+        flat = {name: jnp.array(x, copy=True) for name, x in flat.items()}
       item = f'stage{i}_{spec.start}_{spec.end}'
       tensors = {name: [list(x.shape), str(x.dtype)] for name, x in flat.items()}
       index.append({'item': item, **dataclasses.asdict(spec), 'tensors': tensors})
@@ -91,19 +103,25 @@ class Checkpointer:
       raise HetjaxError(f'{self.directory}/{step} is not a {FORMAT} checkpoint')
     return meta
 
-  def read(self, names: Iterable[str], step: int | None = None, meta: dict | None = None) -> dict:
-    """{name: np.ndarray} for the named tensors, reading only those."""
+  def read(self, names: Iterable[str], step: int | None = None, meta: dict | None = None,
+           shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> dict:
+    """{name: array} for the named tensors, reading only those: jax arrays placed on
+    `shardings[name]` (orbax reads just the shards each device needs), else numpy arrays."""
     meta = meta or self.meta(step)
     where = tensor_index(meta)
+    shardings = shardings or {}
     wanted: dict[str, dict] = defaultdict(dict)
     for name in names:
       if name not in where:
         raise HetjaxError(f'checkpoint has no tensor {name}')
       item, shape, dtype = where[name]
-      wanted[item][name] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+      wanted[item][name] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
+                                                sharding=shardings.get(name))
     args = {item: ocp.args.PyTreeRestore(
         item=nest(structs), partial_restore=True,
-        restore_args=nest({n: ocp.RestoreArgs(restore_type=np.ndarray) for n in structs}))
+        restore_args=nest({n: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape)
+                           if x.sharding is not None else ocp.RestoreArgs(restore_type=np.ndarray)
+                           for n, x in structs.items()}))
         for item, structs in wanted.items()}
     if not args:
       return {}
@@ -113,7 +131,8 @@ class Checkpointer:
   def restore(self, templates: Sequence[Any], step: int | None = None,
               whole_model: bool = True) -> tuple[list, dict]:
     """Fill each template (a stage's state tree; arrays or shape structs) from the checkpoint.
-    Returns (filled trees of numpy arrays, meta).
+    Returns (filled trees, meta): a leaf with a sharding comes back as a jax array on it, others
+    as numpy arrays.
 
     With `whole_model` the templates together must use every saved tensor of the kinds they ask
     for (params, opt_state, ...), so restoring a 6-layer checkpoint into a 4-layer model fails
@@ -130,7 +149,9 @@ class Checkpointer:
     if whole_model and unused:
       raise HetjaxError(f'checkpoint tensor {unused[0]} (shape {tuple(shapes[unused[0]])}) has no '
                         f'place in the model; was it written for a different model config?')
-    flat = self.read(wanted, meta=meta)
+    shardings = {n: x.sharding for n, x in wanted.items()
+                 if isinstance(getattr(x, 'sharding', None), jax.sharding.Sharding)}
+    flat = self.read(wanted, meta=meta, shardings=shardings)
     return [fill(t, flat) for t in templates], meta
 
   def wait(self) -> None:
@@ -182,6 +203,8 @@ def load_model(path: str, step: int | None = None):
   ckpt = Checkpointer(resolve(path), read_only=True)
   mcfg = model_config_of(ckpt.meta(step))
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(mcfg)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
   (params,), meta = ckpt.restore([{'params': abstract}], step)
   ckpt.close()
-  return nnx.merge(graphdef, jax.tree.map(jnp.asarray, params['params'])), meta
+  return nnx.merge(graphdef, params['params']), meta

@@ -76,7 +76,7 @@ def fill(template, flat: Mapping[str, Any]):
   for path, want in paths:
     x = flat[path_name(path)]
     dtype = getattr(want, 'dtype', None)
-    leaves.append(x if dtype is None or x.dtype == dtype else np.asarray(x).astype(dtype))
+    leaves.append(x if dtype is None or x.dtype == dtype else x.astype(dtype))
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
