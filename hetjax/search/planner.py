@@ -285,8 +285,9 @@ def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, sear
     ev = Evaluator(cluster, model, setup, make_units(cluster, t), d_pp, d_dp, search.uneven_layers)
     fit = lambda a, ev=ev, d_pp=d_pp: ev.step_time(groups_of(a, d_pp))
     pop = min(search.population, 20)
+    index_order = np.repeat(np.arange(d_pp), d_dp)  # Megatron's order is always a candidate
     res = genetic_partition([d_dp] * d_pp, fit, _ga_config(search, search.screen_evaluations, pop),
-                            seed + k, ev.pair_weight)
+                            seed + k, ev.pair_weight, initial=[index_order])
     screened.append((res.cost, k, ev, res))
   screened.sort(key=lambda x: x[0])
   finals = []
