@@ -47,6 +47,8 @@ class PairPermuteTransport:
   def move(self, wire, wire_shape, src: jax.Device, dst: jax.Device):
     """`wire` is the pytree on `src` (None on a process that does not own src); `wire_shape` is its
     jax.ShapeDtypeStruct tree, known to both sides. Returns the pytree on `dst` (None elsewhere)."""
+    if not (_mine(src) or _mine(dst)):
+      return None  # only the two owners take part
     mesh, permute = _pair_permute(src, dst)
     sharding = NamedSharding(mesh, P('pair'))
 
@@ -56,7 +58,8 @@ class PairPermuteTransport:
         local.append(jax.device_put(x[None], src))
       if _mine(dst):
         local.append(jax.device_put(jnp.zeros((1, *spec.shape), spec.dtype), dst))
-      out = permute(jax.make_array_from_single_device_arrays((2, *spec.shape), sharding, local))
+      out = permute(jax.make_array_from_single_device_arrays((2, *spec.shape), sharding, local,
+                                                            dtype=spec.dtype))
       if not _mine(dst):
         return None
       return next(s.data for s in out.addressable_shards if s.device == dst)[0]

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hetjax.compression.codecs import Identity
 from hetjax.errors import HetjaxError
@@ -120,6 +121,18 @@ class StageRunner:
     self.opt_state = self.programs.init(params)
 
 
+@functools.lru_cache(maxsize=1)
+def _process_sum():
+  """A mesh of each process's first device, and a jitted sum over it."""
+  firsts = {}
+  for d in jax.devices():
+    firsts.setdefault(d.process_index, d)
+  mesh = Mesh(np.array([firsts[i] for i in sorted(firsts)]), ('proc',))
+  total = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, 'proc'), mesh=mesh, in_specs=P('proc'),
+                                out_specs=P()))
+  return mesh, total
+
+
 class Pipeline:
   """Runs training steps of `plan` for model `cfg`. Parameters start from `build_model(cfg, seed)`
   (the same initial values as single-device training), split into the plan's stages."""
@@ -211,7 +224,8 @@ class Pipeline:
       if run is not None and g.leader(0).process_index == jax.process_index():
         sq += float(run.programs.sq_norm(grads[s], self.tied and g.has_head))
     loss_sum = float(sum(losses)) / M if losses and last.leader(0).process_index == jax.process_index() else 0.0
-    sq, loss = self._sum_over_processes(np.array([sq, loss_sum]))
+    sent = self._bytes() - sent_before
+    sq, loss, sent = self._sum_over_processes(np.array([sq, loss_sum, sent]))
     norm = float(np.sqrt(sq)) / M  # of the mean gradient over micro-batches
     scale = (1.0 if norm < self.clip_norm else self.clip_norm / norm) / M
     for s, run in enumerate(runners):
@@ -221,7 +235,7 @@ class Pipeline:
     self.step_count += 1
     if self.profile:
       self.timeline = events
-    return {'loss': loss, 'grad_norm': norm, 'bytes_sent': self._bytes() - sent_before,
+    return {'loss': float(loss), 'grad_norm': norm, 'bytes_sent': int(sent),
             'step_time_s': time.perf_counter() - t_start}
 
   def _bytes(self) -> int:
@@ -244,10 +258,14 @@ class Pipeline:
 
   @staticmethod
   def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+    """Sum a small host vector over processes (which may own different numbers of devices)."""
     if jax.process_count() == 1:
       return values
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(values)).reshape(-1, len(values)).sum(0)
+    mesh, total = _process_sum()
+    mine = jax.device_put(np.asarray(values, np.float32)[None], jax.local_devices()[0])
+    arr = jax.make_array_from_single_device_arrays(
+        (jax.process_count(), len(values)), NamedSharding(mesh, P('proc')), [mine])
+    return np.asarray(total(arr).addressable_shards[0].data)[0]
 
   # ---- state access
   def stage_params(self) -> list:

@@ -1,0 +1,53 @@
+"""Multi-controller JAX start-up: one process per host, joined by jax.distributed.
+
+`hetjax.launch` sets HETJAX_COORDINATOR / HETJAX_NUM_PROCESSES / HETJAX_PROCESS_ID for local runs.
+On a real cluster leave them unset: under SLURM or Open MPI `jax.distributed.initialize()` reads the
+scheduler's variables itself. CPU runs use gloo collectives.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+HEARTBEAT_TIMEOUT_S = 20  # a dead peer is noticed within about this long
+
+
+def launched() -> bool:
+  return 'HETJAX_NUM_PROCESSES' in os.environ
+
+
+def on_cluster_scheduler() -> bool:
+  return 'SLURM_JOB_ID' in os.environ or 'OMPI_COMM_WORLD_SIZE' in os.environ
+
+
+def initialize() -> bool:
+  """Join the other processes if this one was launched as part of a group; returns whether it did."""
+  if not (launched() or on_cluster_scheduler()):
+    return False
+  if os.environ.get('JAX_PLATFORMS', '').startswith('cpu') or not _has_gpu():
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if launched():
+    jax.distributed.initialize(
+        coordinator_address=os.environ['HETJAX_COORDINATOR'],
+        num_processes=int(os.environ['HETJAX_NUM_PROCESSES']),
+        process_id=int(os.environ['HETJAX_PROCESS_ID']),
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, initialization_timeout=120)
+  else:
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+  return True
+
+
+def _has_gpu() -> bool:
+  try:
+    import importlib.util
+    return importlib.util.find_spec('jax_cuda13_plugin') is not None or \
+        importlib.util.find_spec('jax_cuda12_plugin') is not None
+  except Exception:  # pragma: no cover
+    return False
+
+
+def is_leader() -> bool:
+  """Process 0 writes the run's files (metrics, plan, config)."""
+  return jax.process_index() == 0
