@@ -6,7 +6,7 @@ Pallas kernel (Triton or interpret). Rules that make results reproducible everyw
 - Scales are rounded *up* and zero points *down* to the stored dtype (with integer ops on the fp32
   bits, so XLA's excess-precision rewrites cannot skip the rounding), and codes are computed from
   the stored values, so |x - deQ(Q(x))| <= scale/2 holds with the scale that travels.
-- Scales are kept >= the smallest normal number of the scale dtype: no division by zero for
+- Scales are kept >= 2^-100 (bf16) or 2^-14 (fp16, its smallest normal): no division by zero for
   all-zero groups, and no subnormals (which CPUs may flush and GPUs do not).
 - Dequantization is exact: a code (<= 255) times a bf16/fp16 scale fits in fp32's 24-bit mantissa,
   so `m + code*scale` rounds once whether or not a compiler fuses it into an FMA. This is what makes
@@ -21,12 +21,18 @@ import numpy as np
 F32 = jnp.float32
 FLT_MAX = float(np.finfo(np.float32).max)
 
-# scale dtype -> (mantissa bits, smallest normal, largest finite)
+# scale dtype -> (mantissa bits, smallest scale, largest finite). bf16's floor is 2^-100, not its
+# smallest normal 2^-126, so that (code +- 1/2) * scale stays a normal fp32 number (no FTZ issues).
 _SCALE_INFO = {
-    jnp.dtype(jnp.bfloat16): (7, 2.0**-126, float(jnp.finfo(jnp.bfloat16).max)),
+    jnp.dtype(jnp.bfloat16): (7, 2.0**-100, float(jnp.finfo(jnp.bfloat16).max)),
     jnp.dtype(jnp.float16): (10, 2.0**-14, 65504.0),
 }
 SCALE_DTYPES = tuple(_SCALE_INFO)
+
+
+def scale_limits(dtype):
+  """(smallest, largest) scale value used for `dtype`."""
+  return _SCALE_INFO[jnp.dtype(dtype)][1:]
 
 
 def code_range(bits, symmetric):

@@ -18,8 +18,9 @@ def _per_value_scale(q):
 
 
 @pytest.mark.parametrize('bits', [2, 3, 4, 8])
-@pytest.mark.parametrize('gs,sym', [(16, True), (64, False), (None, True), (None, False)])
-@pytest.mark.parametrize('scale_dtype', [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('gs,sym,scale_dtype', [(16, True, jnp.bfloat16), (64, False, jnp.float16),
+                                                (None, True, jnp.float16),
+                                                (None, False, jnp.bfloat16)])
 def test_nearest_error_within_half_scale(bits, gs, sym, scale_dtype):
   x = 2 * jax.random.normal(jax.random.key(bits), (6, 100)) + 0.5 * sym
   q = K.quantize(x, bits, gs, symmetric=sym, scale_dtype=scale_dtype, impl='reference')
@@ -62,10 +63,11 @@ def test_stochastic_rounding_is_unbiased(bits, gs, sym):
   assert abs(m_near) > 20 * se
 
 
-@pytest.mark.parametrize('impl_send,impl_recv', [('pallas', 'pallas'), ('reference', 'reference'),
-                                                 ('pallas', 'reference')])
-@pytest.mark.parametrize('bits,gs,rnd,mdt', [(2, 32, 'stochastic', jnp.float32),
-                                             (4, None, 'nearest', jnp.bfloat16)])
+@pytest.mark.parametrize('impl_send,impl_recv,bits,gs,rnd,mdt', [
+    ('pallas', 'pallas', 2, 32, 'stochastic', jnp.float32),
+    ('pallas', 'reference', 4, None, 'nearest', jnp.bfloat16),
+    ('reference', 'pallas', 3, 16, 'stochastic', jnp.bfloat16),
+    ('reference', 'reference', 8, 8, 'nearest', jnp.float32)])
 def test_delta_buffers_identical_over_50_steps(impl_send, impl_recv, bits, gs, rnd, mdt):
   shape = (4, 64)
   m_send = m_recv = jnp.zeros(shape, mdt)
@@ -124,13 +126,13 @@ def test_float16_scales_saturate_instead_of_overflowing():
 def test_scale_rounding_never_rounds_down():
   s = jnp.asarray(np.random.default_rng(1).lognormal(0, 20, 4096).astype(np.float32))
   for dt in qmath.SCALE_DTYPES:
-    big = float(jnp.finfo(dt).max)
+    tiny, big = qmath.scale_limits(dt)
     r = qmath.round_up(s, dt).astype(jnp.float32)
-    assert bool(jnp.all(r >= jnp.clip(s, 0, big)))
+    assert bool(jnp.all(r >= jnp.clip(s, tiny, big)))
     # and it is the nearest such value: one step down would be below s
     r16 = np.asarray(r).astype(dt)
     below = (r16.view(np.uint16) - 1).view(r16.dtype).astype(np.float32)
-    assert bool(jnp.all((below < s) | (r <= float(jnp.finfo(dt).smallest_normal))))
+    assert bool(jnp.all((below < s) | (r <= tiny)))
     z = qmath.round_down(s - 1e3, dt).astype(jnp.float32)
     assert bool(jnp.all(z <= jnp.maximum(s - 1e3, -big)))
 
