@@ -61,24 +61,30 @@ class StageGroup:
     return NamedSharding(self.mesh, P())
 
 
-def plan_devices(plan: Plan) -> list:
+def plan_devices(plan: Plan, colocate: bool = False) -> list:
+  """Plan device id -> jax device. `colocate` wraps ids onto the devices that exist (several stages
+  on one GPU, for checks on a single accelerator)."""
   devices = jax.devices()
+  if colocate:
+    return [devices[i % len(devices)] for i in range(max(plan.devices) + 1)]
   if max(plan.devices) >= len(devices):
     raise HetjaxError(f'the plan uses device {max(plan.devices)} but only {len(devices)} devices '
                       f'exist (set XLA_FLAGS=--xla_force_host_platform_device_count or add hosts)')
   return devices
 
 
-def build_stage_groups(plan: Plan, cfg: ModelConfig) -> list[StageGroup]:
+def build_stage_groups(plan: Plan, cfg: ModelConfig, colocate: bool = False) -> list[StageGroup]:
   """One StageGroup per stage; replicas must split layers and TP degrees identically."""
   plan.validate(model=cfg)
-  devices = plan_devices(plan)
+  devices = plan_devices(plan, colocate)
   groups = []
   for k, first in enumerate(plan.replicas[0].stages):
     stages = [r.stages[k] for r in plan.replicas]
     if any(s.tp != first.tp for s in stages):
       raise HetjaxError(f'stage {k}: all training replicas must use the same TP degree')
     grid = np.array([[devices[d] for d in s.devices] for s in stages], dtype=object)
+    if len(set(grid.flat)) != grid.size:
+      raise HetjaxError(f'stage {k}: its devices map onto fewer physical devices than it needs')
     for row in grid:
       if len({d.process_index for d in row}) > 1:
         raise HetjaxError(f'stage {k}: a TP group must live in one process (host)')

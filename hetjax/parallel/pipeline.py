@@ -138,11 +138,11 @@ class Pipeline:
   (the same initial values as single-device training), split into the plan's stages."""
 
   def __init__(self, plan: Plan, cfg: ModelConfig, tcfg, *, seed: int = 0, codec=None,
-               transport=None, grad_codec=None, profile: bool = False):
+               transport=None, grad_codec=None, profile: bool = False, colocate: bool = False):
     if plan.kind != 'train':
       raise HetjaxError(f'the pipeline trainer runs training plans, got kind={plan.kind!r}')
     self.plan, self.cfg, self.tcfg = plan, cfg, tcfg
-    self.groups = build_stage_groups(plan, cfg)
+    self.groups = build_stage_groups(plan, cfg, colocate)
     self.micro = plan.micro_batches
     self.order = global_order(stage_programs(plan.schedule, len(self.groups), self.micro))
     self.forward_exchange = Exchange(transport or DevicePutTransport(), codec or Identity())
