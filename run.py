@@ -12,6 +12,11 @@ from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
+# On CPU one process shows 8 host devices, so plans with several (TP) stages run in one process;
+# processes started by hetjax.launch get their own count. Must precede importing jax.
+if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=8').strip()
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', default=os.path.join(ROOT, 'configs', 'quickstart.py'),
@@ -59,7 +64,9 @@ def parse_flags(argv):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  from hetjax import distributed
   from hetjax.errors import HetjaxError
+  distributed.initialize()  # joins the other processes when started by hetjax.launch / SLURM
   try:
     run_config(_CONFIG.value)
   except HetjaxError as e:

@@ -1,6 +1,10 @@
 """Single-device training on the shipped corpus, e.g.
 python run.py --config=configs/train.py --config.model=tiny_llama --config.train.steps=500
 
+Pipeline training over a Plan: --config.pipeline.plan=plan.json, or =search to plan over
+--config.pipeline.cluster first (see configs/base.py pipeline_fields); multi-controller runs start
+through `python -m hetjax.launch`.
+
 Checkpoints go to <workdir>/checkpoints (--config.ckpt.every/keep/async_save). A run whose workdir
 holds a checkpoint resumes from it; --config.resume=true insists on resuming, false refuses to."""
 
@@ -13,6 +17,7 @@ def get_config():
   c = base.get_config()
   c.mode = 'train'
   c.train = base.train_fields()
+  c.pipeline = base.pipeline_fields()
   c.ckpt = base.checkpoint_fields()
   c.resume = config_dict.placeholder(bool)  # None: resume when the workdir holds a checkpoint
   c.generate = base.generate_fields()

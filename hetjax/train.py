@@ -17,6 +17,7 @@ from flax import nnx
 
 from hetjax import data as data_lib
 from hetjax.checkpoint.manager import Checkpointer, StageSpec
+from hetjax.distributed import is_leader
 from hetjax.errors import HetjaxError
 from hetjax.metrics import MetricsLog
 from hetjax.models.config import ModelConfig
@@ -87,6 +88,14 @@ class TrainState:
   def model(self) -> Stage:
     return nnx.merge(self.graphdef, self.params)
 
+  def train_step(self, batch) -> dict:
+    self.params, self.opt_state, m = train_step(
+        self.graphdef, self.optimizer, self.params, self.opt_state, batch)
+    return {'loss': float(m['loss']), 'grad_norm': float(m['grad_norm'])}  # float() waits
+
+  def evaluate(self, batches) -> float:
+    return evaluate(self.graphdef, self.params, batches)
+
   def tensors(self) -> dict:
     return {'params': self.params, 'opt_state': self.opt_state, 'extra': self.extra}
 
@@ -138,9 +147,11 @@ def drop_metrics_after(log: MetricsLog, step: int) -> None:
 
 
 def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | None = None,
-          print_fn=print, ckpt_cfg=None, resume: bool | None = None) -> TrainState:
-  """Train a single-device model on the corpus; logs to <workdir>/metrics.jsonl.
+          print_fn=print, ckpt_cfg=None, resume: bool | None = None, make_state=None) -> TrainState:
+  """Train on the corpus; logs to <workdir>/metrics.jsonl.
 
+  `make_state(model, data, seed)` builds what runs the steps: by default a single-device
+  TrainState; the pipeline runtime passes one that executes a Plan (hetjax/parallel/trainer.py).
   With `ckpt_cfg` (every, keep, async_save) it saves to <workdir>/checkpoints every N steps and at
   the end, and resumes from the latest checkpoint there (see `open_checkpoints`)."""
   check_train_config(mcfg, tcfg)
@@ -149,33 +160,40 @@ def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | No
     raise HetjaxError(f'corpus token id {int(tokens.max())} needs vocab_size > {mcfg.vocab_size}')
   train_tokens, val_tokens = data_lib.train_val_split(tokens)
   val = data_lib.eval_batches(val_tokens, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches)
-  state = TrainState(build_model(mcfg, seed), make_optimizer(tcfg),
-                     data_lib.BatchIterator(train_tokens, tcfg.batch_size, tcfg.seq_len, seed), seed)
-  log = MetricsLog(workdir)
+  data = data_lib.BatchIterator(train_tokens, tcfg.batch_size, tcfg.seq_len, seed)
+  if make_state is None:
+    state = TrainState(build_model(mcfg, seed), make_optimizer(tcfg), data, seed)
+  else:
+    state = make_state(build_model(mcfg, seed), data, seed)
+  log = MetricsLog(workdir) if is_leader() else None
+  if log is None:  # other processes of a multi-controller run stay quiet
+    print_fn = lambda *args, **kwargs: None
   ckpt = open_checkpoints(workdir, ckpt_cfg, resume) if ckpt_cfg is not None else None
   if ckpt is not None and ckpt.latest_step() is not None:
     state.restore(ckpt)
-    drop_metrics_after(log, state.step)
+    if log:
+      drop_metrics_after(log, state.step)
     print_fn(f'resumed from {ckpt.directory} at step {state.step}')
   tokens_per_step = tcfg.batch_size * tcfg.seq_len
   if tcfg.eval_every and state.step == 0:
-    log.log(0, val_loss=evaluate(state.graphdef, state.params, val))
+    val_loss = state.evaluate(val)
+    if log:
+      log.log(0, val_loss=val_loss)
   window_start, window_steps = time.perf_counter(), 0
   while state.step < tcfg.steps:
     batch = next(state.data)
     t0 = time.perf_counter()
-    state.params, state.opt_state, m = train_step(
-        state.graphdef, state.optimizer, state.params, state.opt_state, batch)
-    loss = float(m['loss'])  # waits for the step
-    record = {'loss': loss, 'grad_norm': float(m['grad_norm']),
-              'step_time_s': time.perf_counter() - t0}
+    record = state.train_step(batch)
+    record['step_time_s'] = time.perf_counter() - t0
+    loss = record['loss']
     state.step += 1
     window_steps += 1
     last = state.step == tcfg.steps
     if tcfg.eval_every and (state.step % tcfg.eval_every == 0 or last):
-      record['val_loss'] = evaluate(state.graphdef, state.params, val)
+      record['val_loss'] = state.evaluate(val)
     if state.step % tcfg.log_every == 0 or last or 'val_loss' in record:
-      log.log(state.step, **record)
+      if log:
+        log.log(state.step, **record)
       rate = window_steps / (time.perf_counter() - window_start)
       extra = f'  val {record["val_loss"]:.3f}' if 'val_loss' in record else ''
       print_fn(f'step {state.step:5d}/{tcfg.steps}  loss {loss:.3f}{extra}  '

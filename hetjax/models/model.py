@@ -9,6 +9,7 @@ holds its own copy of the token table (the pipeline runtime keeps the copies in 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -134,4 +135,4 @@ def merge_states(states: Sequence[nnx.State]) -> nnx.State:
 
 
 def count_params(state) -> int:
-  return sum(int(jnp.size(x)) if hasattr(x, 'size') else 0 for x in jax.tree.leaves(state))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state) if hasattr(x, 'shape'))

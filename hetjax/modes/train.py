@@ -1,9 +1,45 @@
-"""mode=train: train on the shipped corpus, then (if generate.max_new_tokens > 0) print a sample."""
+"""mode=train: train on the shipped corpus, on one device or through the pipeline runtime over a
+Plan (--config.pipeline.plan), then (if generate.max_new_tokens > 0) print a sample."""
 
+import os
+
+import jax
+from flax import nnx
+
+from hetjax.compression.codecs import make_codec
 from hetjax.data import ByteTokenizer
+from hetjax.distributed import is_leader
+from hetjax.errors import HetjaxError
 from hetjax.models.config import model_config_from
 from hetjax.modes.generate import parse_prompt, sample
 from hetjax.train import train
+
+
+def pipeline_state_factory(cfg, mcfg, workdir):
+  """make_state for hetjax.train.train that runs the configured Plan, or None for one device."""
+  pcfg = cfg.get('pipeline')
+  if pcfg is None or not pcfg.plan:
+    return None
+  from hetjax.parallel.exchange import DevicePutTransport, PairPermuteTransport
+  from hetjax.parallel.pipeline import Pipeline
+  from hetjax.parallel.planning import training_plan
+  from hetjax.parallel.trainer import PipelineTrainState
+  say = print if is_leader() else (lambda *a, **k: None)
+  plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say)
+  if is_leader():
+    plan.save(os.path.join(workdir, 'plan.json'))
+  transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport}
+  kind = pcfg.transport if pcfg.transport != 'auto' else (
+      'pair' if jax.process_count() > 1 else 'device_put')
+  if kind not in transports:
+    raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put' or 'pair', got {pcfg.transport!r}")
+  codec, grad_codec = make_codec(pcfg.codec), make_codec(pcfg.grad_codec)
+
+  def make_state(model, data, seed):
+    pipe = Pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
+                    transport=transports[kind](), init_state=nnx.state(model))
+    return PipelineTrainState(pipe, model, data, seed, profile_every=pcfg.profile_every)
+  return make_state
 
 
 def run(cfg, workdir: str) -> None:
@@ -11,10 +47,14 @@ def run(cfg, workdir: str) -> None:
   gcfg = cfg.get('generate')
   if gcfg is not None and gcfg.max_new_tokens > 0:
     parse_prompt(gcfg)  # a bad prompt fails now, not after training
-  print(f'model {cfg.model}: {mcfg.num_params():,} parameters; workdir {workdir}')
+  if is_leader():
+    print(f'model {cfg.model}: {mcfg.num_params():,} parameters; workdir {workdir}')
+  make_state = pipeline_state_factory(cfg, mcfg, workdir)
   state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=cfg.get('ckpt'),
-                resume=cfg.get('resume'))
-  if gcfg is not None and gcfg.max_new_tokens > 0:
+                resume=cfg.get('resume'), make_state=make_state)
+  if make_state is not None:
+    state.write_timeline(workdir)
+  if gcfg is not None and gcfg.max_new_tokens > 0 and jax.process_count() == 1:
     ids = sample(state.model(), gcfg, cfg.seed)
     print('--- sample ---')
     print(gcfg.prompt + ByteTokenizer().decode(ids[0]))

@@ -55,7 +55,9 @@ def _programs(group_key, optimizer_key):
   """Jitted programs of one stage group, cached so that pipelines with the same stages (e.g. the
   same plan under another schedule) share compilations."""
   group, graphdef, mesh = group_key.group, group_key.graphdef, group_key.mesh
-  optimizer = make_adamw(ml_collections.ConfigDict(dict(optimizer_key)))
+  # The same state layout as train.make_optimizer (clip, adamw), so checkpoints move between
+  # single-device and pipeline runs; the clip itself is global and applied before `update`.
+  optimizer = optax.chain(optax.identity(), make_adamw(ml_collections.ConfigDict(dict(optimizer_key))))
   shard = group.param_sharding
   act = group.batch_sharding(3)
 
@@ -77,6 +79,9 @@ def _programs(group_key, optimizer_key):
         lambda p, h: cross_entropy(_run(graphdef, p, h), targets), argnums=(0, 1))(params, x)
     return loss, grads, g_in
 
+  def loss(params, x, targets):
+    return cross_entropy(_run(graphdef, params, x), targets)
+
   def update(params, opt_state, grads, scale):
     grads = jax.tree.map(lambda g: g * scale, grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -94,6 +99,7 @@ def _programs(group_key, optimizer_key):
       forward=jax.jit(forward, out_shardings=act),
       backward=jax.jit(backward, out_shardings=(shard, act)),
       loss_backward=jax.jit(loss_backward, out_shardings=(group.replicated, shard, act)),
+      loss=jax.jit(loss, out_shardings=group.replicated),
       accumulate=jax.jit(_tree_add, donate_argnums=0),
       init=jax.jit(init),
       update=jax.jit(update, donate_argnums=(0, 1)),
@@ -121,6 +127,17 @@ class StageRunner:
     self.opt_state = self.programs.init(params)
 
 
+def stage_times(events: list[dict]) -> dict:
+  """Per-stage seconds of forward and backward compute and of sends, from a profiled step."""
+  out = {}
+  for e in events:
+    prefix = f'stage{e["stage"]}_'
+    kind = 'fwd_s' if e['kind'] == 'F' else 'bwd_s'
+    out[prefix + kind] = out.get(prefix + kind, 0.0) + e['compute_end_s'] - e['start_s']
+    out[prefix + 'send_s'] = out.get(prefix + 'send_s', 0.0) + e['end_s'] - e['compute_end_s']
+  return out
+
+
 @functools.lru_cache(maxsize=1)
 def _process_sum():
   """A mesh of each process's first device, and a jitted sum over it."""
@@ -134,11 +151,13 @@ def _process_sum():
 
 
 class Pipeline:
-  """Runs training steps of `plan` for model `cfg`. Parameters start from `build_model(cfg, seed)`
-  (the same initial values as single-device training), split into the plan's stages."""
+  """Runs training steps of `plan` for model `cfg`. Parameters start from `init_state` (a full
+  model's state) or `build_model(cfg, seed)`, the same initial values as single-device training,
+  split into the plan's stages."""
 
   def __init__(self, plan: Plan, cfg: ModelConfig, tcfg, *, seed: int = 0, codec=None,
-               transport=None, grad_codec=None, profile: bool = False, colocate: bool = False):
+               transport=None, grad_codec=None, profile: bool = False, colocate: bool = False,
+               init_state: nnx.State | None = None):
     if plan.kind != 'train':
       raise HetjaxError(f'the pipeline trainer runs training plans, got kind={plan.kind!r}')
     self.plan, self.cfg, self.tcfg = plan, cfg, tcfg
@@ -151,7 +170,7 @@ class Pipeline:
     self.tied = cfg.tie_embeddings and len(self.groups) > 1
     self.profile = profile
     self.clip_norm = tcfg.clip_norm
-    full = nnx.state(build_model(cfg, seed))
+    full = init_state if init_state is not None else nnx.state(build_model(cfg, seed))
     stage_params = split_state(full, [g.abstract for g in self.groups])
     self.runners = [StageRunner(g, place(jax.tree.map(np.asarray, p), g.param_sharding), tcfg)
                     if g.is_local else None for g, p in zip(self.groups, stage_params)]
@@ -161,82 +180,113 @@ class Pipeline:
   # ---- one training step
   def step(self, batch: dict) -> dict:
     """batch: {'inputs', 'targets'} [M * dp * micro_batch_size, T] on the host (same on all
-    processes). Returns metrics on every process: loss, grad_norm, bytes_sent, step_time_s."""
+    processes). Returns metrics on every process: loss, grad_norm, bytes_sent, and with
+    `profile` per-stage fwd/bwd/send seconds (each op is then waited for, which serialises them)."""
     t_start = time.perf_counter()
     groups, runners, M = self.groups, self.runners, self.micro
-    first, last = groups[0], groups[-1]
-    inputs, targets = np.asarray(batch['inputs']), np.asarray(batch['targets'])
-    if inputs.shape[0] % (M * first.dp):
-      raise HetjaxError(f'batch of {inputs.shape[0]} does not split into {M} micro-batches x '
-                        f'{first.dp} replicas')
-    mb = inputs.shape[0] // M
-    seq = inputs.shape[1]
-    act_shape = (mb, seq, self.cfg.hidden)
+    inputs, targets, mb, act_shape = self._split(batch)
     stash, inbox, grad_inbox = {}, {}, {}
     grads = [None] * len(groups)
     losses = []
     sent_before = self._bytes()
     events = []
+
+    def accumulate(s, gr):
+      grads[s] = gr if grads[s] is None else runners[s].programs.accumulate(grads[s], gr)
+
     for op in self.order:
       s, m = op.stage, op.micro
       g, run = groups[s], runners[s]
+      rows = slice(m * mb, (m + 1) * mb)
       t0 = time.perf_counter()
-      if op.kind == 'F':
-        if run is not None:
-          x = (place(inputs[m * mb:(m + 1) * mb], g.batch_sharding(2)) if g.has_embed
-               else inbox.pop((s, m)))
+      out = None
+      if run is not None:  # compute
+        if op.kind == 'F':
+          x = place(inputs[rows], g.batch_sharding(2)) if g.has_embed else inbox.pop((s, m))
           stash[(s, m)] = x
-          if g.has_head:
-            y = place(targets[m * mb:(m + 1) * mb], g.batch_sharding(2))
-            loss, gr, g_in = run.programs.loss_backward(run.params, x, y)
+          if g.has_head:  # the last stage runs its backward with its forward
+            loss, gr, grad_inbox[(s, m)] = run.programs.loss_backward(
+                run.params, x, place(targets[rows], g.batch_sharding(2)))
             losses.append(loss)
-            grads[s] = gr if grads[s] is None else run.programs.accumulate(grads[s], gr)
-            grad_inbox[(s, m)] = g_in
-            out = None
+            accumulate(s, gr)
           else:
             out = run.programs.forward(run.params, x)
-        if not g.has_head:
-          got = self.forward_exchange.send(out if run is not None else None, g, groups[s + 1],
-                                           act_shape)
-          if got is not None:
-            inbox[(s + 1, m)] = got
-      else:
-        if run is not None:
+        else:
           x = stash.pop((s, m))
           if g.has_head:
-            g_in = grad_inbox.pop((s, m))
+            out = grad_inbox.pop((s, m))
           else:
-            gr, g_in = run.programs.backward(run.params, x, grad_inbox.pop((s, m)))
-            grads[s] = gr if grads[s] is None else run.programs.accumulate(grads[s], gr)
-        if s > 0:
-          got = self.backward_exchange.send(g_in if run is not None else None, g, groups[s - 1],
-                                            act_shape)
-          if got is not None:
-            grad_inbox[(s - 1, m)] = got
+            gr, out = run.programs.backward(run.params, x, grad_inbox.pop((s, m)))
+            accumulate(s, gr)
       if self.profile:
-        jax.block_until_ready((grads, inbox, grad_inbox))
+        jax.block_until_ready((out, grads))
+      t1 = time.perf_counter()
+      if op.kind == 'F' and not g.has_head:  # transfer
+        got = self.forward_exchange.send(out, g, groups[s + 1], act_shape)
+        if got is not None:
+          inbox[(s + 1, m)] = got
+      elif op.kind == 'B' and s > 0:
+        got = self.backward_exchange.send(out, g, groups[s - 1], act_shape)
+        if got is not None:
+          grad_inbox[(s - 1, m)] = got
+      if self.profile:
+        jax.block_until_ready((inbox, grad_inbox))
         events.append({'kind': op.kind, 'stage': s, 'micro': m, 'tick': op.tick,
-                       'start_s': t0 - t_start, 'end_s': time.perf_counter() - t_start})
+                       'start_s': t0 - t_start, 'compute_end_s': t1 - t_start,
+                       'end_s': time.perf_counter() - t_start})
     if self.tied:
       grads = self._sum_tied(grads)
-    sq = 0.0
-    for s, (g, run) in enumerate(zip(groups, runners)):
-      if run is not None and g.leader(0).process_index == jax.process_index():
-        sq += float(run.programs.sq_norm(grads[s], self.tied and g.has_head))
-    loss_sum = float(sum(losses)) / M if losses and last.leader(0).process_index == jax.process_index() else 0.0
+    mine = lambda g: g.leader(0).process_index == jax.process_index()  # counts each stage once
+    sq = sum(float(run.programs.sq_norm(grads[s], self.tied and g.has_head))
+             for s, (g, run) in enumerate(zip(groups, runners)) if run is not None and mine(g))
+    loss_sum = float(sum(losses)) / M if losses and mine(groups[-1]) else 0.0
     sent = self._bytes() - sent_before
     sq, loss, sent = self._sum_over_processes(np.array([sq, loss_sum, sent]))
     norm = float(np.sqrt(sq)) / M  # of the mean gradient over micro-batches
     scale = (1.0 if norm < self.clip_norm else self.clip_norm / norm) / M
     for s, run in enumerate(runners):
       if run is not None:
-        run.params, run.opt_state = run.programs.update(run.params, run.opt_state, grads[s], jnp.float32(scale))
+        run.params, run.opt_state = run.programs.update(run.params, run.opt_state, grads[s],
+                                                        jnp.float32(scale))
     jax.block_until_ready([r.params for r in runners if r is not None])
     self.step_count += 1
+    metrics = {'loss': float(loss), 'grad_norm': norm, 'bytes_sent': int(sent)}
     if self.profile:
       self.timeline = events
-    return {'loss': float(loss), 'grad_norm': norm, 'bytes_sent': int(sent),
-            'step_time_s': time.perf_counter() - t_start}
+      metrics.update(stage_times(events))
+    return metrics
+
+  def _split(self, batch):
+    """Host inputs/targets, rows per micro-batch, and the activation shape between stages."""
+    inputs, targets = np.asarray(batch['inputs']), np.asarray(batch['targets'])
+    if inputs.shape[0] % (self.micro * self.groups[0].dp):
+      raise HetjaxError(f'batch of {inputs.shape[0]} sequences does not split into '
+                        f'{self.micro} micro-batches x {self.groups[0].dp} replicas')
+    mb = inputs.shape[0] // self.micro
+    return inputs, targets, mb, (mb, inputs.shape[1], self.cfg.hidden)
+
+  def evaluate(self, batch: dict) -> float:
+    """Mean loss of a batch, forward only, micro-batch by micro-batch through the stages."""
+    inputs, targets, mb, act_shape = self._split(batch)
+    groups, runners = self.groups, self.runners
+    total = 0.0
+    for m in range(self.micro):
+      rows = slice(m * mb, (m + 1) * mb)
+      x = None
+      for s, (g, run) in enumerate(zip(groups, runners)):
+        out = None
+        if run is not None:
+          if g.has_embed:
+            x = place(inputs[rows], g.batch_sharding(2))
+          if g.has_head:
+            loss = run.programs.loss(run.params, x, place(targets[rows], g.batch_sharding(2)))
+            if g.leader(0).process_index == jax.process_index():
+              total += float(loss)
+          else:
+            out = run.programs.forward(run.params, x)
+        if not g.has_head:
+          x = self.forward_exchange.send(out, g, groups[s + 1], act_shape)
+    return float(self._sum_over_processes(np.array([total]))[0]) / self.micro
 
   def _bytes(self) -> int:
     return sum(e.bytes_sent for e in (self.forward_exchange, self.backward_exchange, self.tied_exchange))

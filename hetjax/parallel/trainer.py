@@ -1,0 +1,71 @@
+"""Training state for a Plan: the pipeline runtime behind the same interface as train.TrainState,
+so the one training loop in hetjax/train.py (logging, validation, checkpoints) drives both."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from hetjax.checkpoint.manager import Checkpointer, StageSpec
+from hetjax.models.model import Stage, merge_states
+from hetjax.parallel.pipeline import Pipeline
+from hetjax.parallel.timeline import draw_gantt, write_chrome_trace
+
+
+class PipelineTrainState:
+
+  def __init__(self, pipeline: Pipeline, model: Stage, data, seed: int = 0, profile_every: int = 0):
+    """profile_every > 0: every N-th step waits for each op and logs per-stage times."""
+    self.pipe, self.mcfg, self.data = pipeline, model.cfg, data
+    self.profile_every = profile_every
+    self.graphdef = nnx.graphdef(model)
+    self.rng = jax.random.key(seed)
+    self.extra: dict = {}
+    self.step = 0
+
+  def train_step(self, batch) -> dict:
+    self.pipe.profile = bool(self.profile_every) and (self.step + 1) % self.profile_every == 0
+    return self.pipe.step(batch)
+
+  def write_timeline(self, workdir: str) -> None:
+    """timeline.json (Chrome trace) and timeline.png of the last profiled step, if any."""
+    if self.pipe.timeline and jax.process_index() == 0:
+      write_chrome_trace(self.pipe.timeline, os.path.join(workdir, 'timeline.json'))
+      draw_gantt(self.pipe.timeline, os.path.join(workdir, 'timeline.png'))
+
+  def evaluate(self, batches) -> float:
+    return float(np.mean([self.pipe.evaluate(b) for b in batches]))
+
+  def model(self) -> Stage:
+    """The whole model on one device (for sampling); needs every stage on this process."""
+    stages = self.pipe.stage_params()
+    if any(s is None for s in stages):
+      raise RuntimeError('model() needs all stages on this process')
+    return nnx.merge(self.graphdef, merge_states(stages))
+
+  def _local(self):
+    """(spec, tensors) of the stages this process runs."""
+    return [(StageSpec(g.start, g.end, g.has_embed, g.has_head),
+             {'params': r.params, 'opt_state': r.opt_state, 'extra': {}})
+            for g, r in zip(self.pipe.groups, self.pipe.runners) if r is not None]
+
+  def save(self, ckpt: Checkpointer) -> None:
+    meta = {'model': dataclasses.asdict(self.mcfg), 'data': self.data.state(),
+            'rng': np.asarray(jax.random.key_data(self.rng)).tolist()}
+    ckpt.save(self.step, self._local(), meta)
+
+  def restore(self, ckpt: Checkpointer, step: int | None = None) -> None:
+    """Load a checkpoint written under any plan (or by single-device training) onto the stages."""
+    local = self._local()
+    # Restored leaves land on the shardings of the templates' arrays.
+    saved, meta = ckpt.restore([t for _, t in local], step, whole_model=jax.process_count() == 1)
+    runners = [r for r in self.pipe.runners if r is not None]
+    for runner, got in zip(runners, saved):
+      runner.params, runner.opt_state = got['params'], got['opt_state']
+    self.data.restore(meta['data'])
+    self.rng = jax.random.wrap_key_data(np.asarray(meta['rng'], np.uint32))
+    self.step = int(meta['step'])
