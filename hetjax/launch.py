@@ -45,8 +45,9 @@ def parse_devices(spec: str, n: int) -> list[int]:
 
 
 def launch(command: list[str], n: int, devices: list[int], grace_s: float = 45.0,
-           network=None) -> int:
-  """Run `command` as n cooperating processes; returns the exit code for the group."""
+           network=None, timeout_s: float = 0) -> int:
+  """Run `command` as n cooperating processes; returns the exit code for the group.
+  timeout_s > 0 stops the whole group after that long (exit code 124)."""
   addresses = network.addresses if network else ['127.0.0.1'] * n
   coordinator = f'{addresses[0]}:{free_port()}'
   procs = []
@@ -63,8 +64,13 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 45.0
     procs.append(p)
   first_failure = None
   deadline = None
+  started = time.monotonic()
+  timed_out = False
   while True:
     codes = [p.poll() for p in procs]
+    if timeout_s and not timed_out and time.monotonic() - started > timeout_s:
+      timed_out = True
+      deadline = time.monotonic()
     if first_failure is None:
       for i, c in enumerate(codes):
         if c not in (None, 0):
@@ -79,6 +85,9 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 45.0
           os.killpg(p.pid, signal.SIGKILL)
     time.sleep(0.2)
   time.sleep(0.3)  # let the output threads drain
+  if timed_out:
+    print(f'error: the group did not finish within {timeout_s:g} s and was stopped', file=sys.stderr)
+    return 124
   if first_failure is not None:
     i, c = first_failure
     how = f'was killed by signal {-c}' if c < 0 else f'exited with code {c}'
@@ -95,6 +104,8 @@ def main(argv=None) -> int:
   parser.add_argument('--devices', default='1', help='CPU devices per process: N or N1,N2,...')
   parser.add_argument('--grace', type=float, default=45.0,
                       help='seconds the others get to exit after one process fails')
+  parser.add_argument('--timeout', type=float, default=0,
+                      help='stop the whole group after this many seconds (0: no limit)')
   parser.add_argument('--emulate', default='', help='cluster whose links to emulate (needs root)')
   parser.add_argument('--bandwidth_scale', type=float, default=1.0,
                       help='multiply the cluster\'s Gbit/s by this before shaping')
@@ -107,13 +118,13 @@ def main(argv=None) -> int:
     parser.error('-n must be at least 1')
   devices = parse_devices(args.devices, args.num_processes)
   if not args.emulate:
-    return launch(rest, args.num_processes, devices, args.grace)
+    return launch(rest, args.num_processes, devices, args.grace, timeout_s=args.timeout)
   from hetjax import netem
   from hetjax.errors import HetjaxError
   try:
     with netem.EmulatedNetwork.for_cluster(args.emulate, args.num_processes,
                                            args.bandwidth_scale) as network:
-      return launch(rest, args.num_processes, devices, args.grace, network)
+      return launch(rest, args.num_processes, devices, args.grace, network, args.timeout)
   except HetjaxError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

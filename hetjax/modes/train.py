@@ -50,7 +50,12 @@ def run(cfg, workdir: str) -> None:
   if is_leader():
     print(f'model {cfg.model}: {mcfg.num_params():,} parameters; workdir {workdir}')
   make_state = pipeline_state_factory(cfg, mcfg, workdir)
-  state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=cfg.get('ckpt'),
+  ckpt_cfg = cfg.get('ckpt')
+  if ckpt_cfg is not None and jax.process_count() > 1:
+    ckpt_cfg = None  # orbax saves collectively; per-process stage writes are not wired up yet
+    if is_leader():
+      print('note: multi-controller runs do not write checkpoints yet')
+  state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=ckpt_cfg,
                 resume=cfg.get('resume'), make_state=make_state)
   if make_state is not None:
     state.write_timeline(workdir)
