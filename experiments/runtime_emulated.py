@@ -76,10 +76,13 @@ def setup_for(codec):
                     scale_bytes=2, recompute=True)
 
 
+def with_tflops(cluster, tflops):
+  return Cluster(cluster.name, [dataclasses.replace(d, tflops=tflops) for d in cluster.devices],
+                 cluster.delay_ms, cluster.bandwidth_gbps)
+
+
 def predict(plan, cluster, model, codec, tflops):
-  for d in cluster.devices:
-    d.tflops = tflops
-  return estimate(plan, cluster, model, setup_for(codec))['total']
+  return estimate(plan, with_tflops(cluster, tflops), model, setup_for(codec))['total']
 
 
 def calibrate(plan, cluster, model, measured):
@@ -126,9 +129,7 @@ def main(_):
     gbps = [[np.inf if i == j else (fast if (i < 2) == (j < 2) else slow) for j in range(4)]
             for i in range(4)]
     cpath = os.path.join(out, 'two_regions.json')
-    cluster = cluster_file(cpath, ['r1a', 'r1b', 'r2a', 'r2b'], gbps)
-    for d in cluster.devices:
-      d.tflops = tflops
+    cluster = with_tflops(cluster_file(cpath, ['r1a', 'r1b', 'r2a', 'r2b'], gbps), tflops)
     setup = dataclasses.replace(setup_for('fp32'), global_batch=MICRO * MB * 2)
     search = SearchConfig(evaluations=200, population=20, screen_evaluations=20, tp=1)
     plans = {'scheduler': plan_training(cluster, model, setup, search, seed=0),
