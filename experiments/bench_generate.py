@@ -4,12 +4,13 @@ python experiments/bench_generate.py --out=out/bench_generate [--models=tiny_gpt
 Writes results.csv and throughput.png, prints the table last. Timings exclude compilation (one
 warm-up run per shape)."""
 
-import csv
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import write_csv
 from absl import app, flags
 
 from hetjax.inference.generate import generate
@@ -49,10 +50,7 @@ def main(_):
       rows.append({'model': name, 'params_M': cfg.num_params() / 1e6, 'batch': batch, **r})
       print(f'{name} batch {batch}: prefill {r["prefill_tok_s"]:,.0f} tok/s, '
             f'decode {r["decode_tok_s"]:,.0f} tok/s', flush=True)
-  with open(os.path.join(FLAGS.out, 'results.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  write_csv(os.path.join(FLAGS.out, 'results.csv'), rows)
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt

@@ -7,7 +7,6 @@ an uneven plan (layers 1/2/3 on TP 1/2/4 when 8 devices exist; on fewer devices,
 stages are colocated with TP 1). Prints losses side by side and the step-time ratio; writes
 results.csv and timeline.json (Chrome trace of one profiled pipeline step)."""
 
-import csv
 import json
 import os
 import sys
@@ -16,7 +15,9 @@ import time
 if 'XLA_FLAGS' not in os.environ and os.environ.get('JAX_PLATFORMS', 'cpu') == 'cpu':
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import write_csv
 from absl import app, flags
 import jax
 import numpy as np
@@ -80,10 +81,7 @@ def main(_):
   pipe.profile = True
   pipe.step(data[0])
   write_chrome_trace(pipe.timeline, os.path.join(FLAGS.out, 'timeline.json'))
-  with open(os.path.join(FLAGS.out, 'results.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  write_csv(os.path.join(FLAGS.out, 'results.csv'), rows)
   single = np.median([r['single_s'] for r in rows])
   piped = np.median([r['pipeline_s'] for r in rows])
   print(f'\ndevice: {jax.devices()[0].device_kind} x{n_dev}; model {FLAGS.model} {FLAGS.layers} layers; '

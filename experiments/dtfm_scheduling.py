@@ -14,7 +14,6 @@ Two metrics: `step` = hetjax's predicted step time (compute + bubble + TP + PP +
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -22,6 +21,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import write_csv  # noqa: E402
 
 from hetjax.cluster import get_cluster  # noqa: E402
 from hetjax.costmodel.training import TrainSetup  # noqa: E402
@@ -65,10 +67,7 @@ def main():
           histories[(scen, method, seed)] = s['history']
         print(f"{scen:11s} {method:7s} seed {seed}: step {row['step_s']:8.2f} s  dtfm {row['dtfm_cost_s']:8.2f} s"
               f"  shape {s['shape']} layers {row['layers']}  ({row['search_s']:.1f} s)", flush=True)
-  with open(os.path.join(args.out, 'results.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  write_csv(os.path.join(args.out, 'results.csv'), rows)
   plot(rows, histories, args.out)
   print_table(rows, args.out)
 

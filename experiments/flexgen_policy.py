@@ -8,12 +8,14 @@ a local engine can run. Writes CSV + PNG, prints the table last.
 """
 
 import argparse
-import csv
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import print_table, write_csv
 
 from hetjax.costmodel import offload as om
 from hetjax.models.config import get_model_config
@@ -50,17 +52,11 @@ def main():
                  'cpu_attn_kv4': p.shape.compress_kv, 'decode_bound': p.bottleneck['decode'],
                  'tok_per_s': p.throughput, 'lp_shapes': res.solved, 'search_s': res.seconds})
   rows = [{k: v for k, v in r.items() if k != 'cpu_attn_kv4'} for r in rows]
-  with open(os.path.join(a.out, 'flexgen_policy.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  write_csv(os.path.join(a.out, 'flexgen_policy.csv'), rows)
   plot(rows, os.path.join(a.out, 'flexgen_policy.png'))
   print(f'wrote {a.out}/flexgen_policy.csv and flexgen_policy.png')
   print('fractions are GPU/CPU/disk; throughput = generated tokens / (prefill + decode) of one block')
-  keys = list(rows[0])
-  print(' '.join(f'{k:>10s}' for k in keys))
-  for r in rows:
-    print(' '.join(f'{v:>10.3g}' if isinstance(v, float) else f'{str(v):>10s}' for v in r.values()))
+  print_table(rows, 10, '.3g')
 
 
 def plot(rows, path):

@@ -13,12 +13,14 @@ max_rate_99pct: the largest rate (bisection) at which 99% of requests meet the d
 """
 
 import argparse
-import csv
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import print_table, write_csv
 
 import numpy as np
 
@@ -80,22 +82,13 @@ def main():
                       'search_s': res.seconds, 'evaluations': res.evaluations})
       print(f'L={length} {setting:12s} {system:12s} searched in {res.seconds:.1f} s', flush=True)
   tag = 'hexgen_scheduling'
-  with open(os.path.join(a.out, f'{tag}.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-  with open(os.path.join(a.out, f'{tag}_summary.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(summary[0]))
-    w.writeheader()
-    w.writerows(summary)
+  write_csv(os.path.join(a.out, f'{tag}.csv'), rows)
+  write_csv(os.path.join(a.out, f'{tag}_summary.csv'), summary)
   plot(rows, os.path.join(a.out, f'{tag}.png'))
   print(f'\nwrote {a.out}/{tag}.csv, {tag}_summary.csv, {tag}.png')
   print(f'deadline = {a.slo_scale} x single-request latency on hexgen_homogeneous; attainment with '
         f'shortest-expected-completion dispatch, {a.requests} Poisson requests per rate')
-  keys = list(summary[0])
-  print('  '.join(f'{k:>14s}' for k in keys))
-  for s in summary:
-    print('  '.join(f'{v:>14.3f}' if isinstance(v, float) else f'{str(v):>14s}' for v in s.values()))
+  print_table(summary, 14, '.3f')
 
 
 def plot(rows, path):

@@ -12,7 +12,6 @@ the scheduler's plan against a random plan, both measured.
 Writes results.csv and runtime_emulated.png, prints the table last.
 """
 
-import csv
 import dataclasses
 import json
 import os
@@ -20,7 +19,9 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import write_csv
 from absl import app, flags
 import numpy as np
 
@@ -51,7 +52,8 @@ def cluster_file(path, hosts, gbps):
   return c
 
 
-def run(plan_path, n, codec, workdir, emulate=''):
+def run(plan_path, n, workdir, emulate='', batch=MICRO * MB, codec='fp32'):
+  """Launch n processes (one CPU device each) training over the plan; (median step s, bytes/step)."""
   cmd = [sys.executable, '-m', 'hetjax.launch', '-n', str(n), '--devices=1']
   if emulate:
     cmd.append(f'--emulate={emulate}')
@@ -59,7 +61,7 @@ def run(plan_path, n, codec, workdir, emulate=''):
           f'--config.pipeline.plan={plan_path}', f'--config.pipeline.codec={codec}',
           f'--config.pipeline.grad_codec={codec}', '--config.model_overrides.num_layers=6',
           f'--config.model_overrides.hidden={FLAGS.hidden}', f'--config.train.steps={FLAGS.steps}',
-          f'--config.train.batch_size={MICRO * MB * 1}', f'--config.train.seq_len={SEQ}',
+          f'--config.train.batch_size={batch}', f'--config.train.seq_len={SEQ}',
           '--config.train.eval_every=0', '--config.train.log_every=1', f'--config.workdir={workdir}']
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -113,7 +115,7 @@ def main(_):
     cluster = cluster_file(cpath, ['a', 'b'], [[np.inf, gbps], [gbps, np.inf]])
     for codec in FLAGS.codecs:
       workdir = os.path.join(out, 'runs', f'{label.split()[0]}_{codec}')
-      measured, sent = run(plan_path, 2, codec, workdir, cpath if emulate is None else '')
+      measured, sent = run(plan_path, 2, workdir, cpath if emulate is None else '', codec=codec)
       if tflops is None:
         tflops = calibrate(plan, cluster, model, measured)
       pred = predict(plan, cluster, model, codec, tflops)
@@ -139,40 +141,20 @@ def main(_):
       sub = p.replicas
       workdir = os.path.join(out, 'runs', f'two_regions_{name}')
       batch = p.micro_batches * p.dp * p.micro_batch_size
-      cmd_plan = os.path.join(out, f'plan_{name}.json')
-      FLAGS.steps = max(FLAGS.steps, 6)
-      measured, sent = run_plan(cmd_plan, 4, workdir, cpath, batch)
+      measured, sent = run(os.path.join(out, f'plan_{name}.json'), 4, workdir, cpath, batch)
       pred = estimate(p, cluster, model, setup)['total']
       layout = ' | '.join('/'.join(str(s.devices[0]) for s in r.stages) for r in sub)
       rows.append({'part': 'plans', 'link': '1 Gbit/s in, 50 Mbit/s across', 'plan': f'{name}: {layout}',
                    'codec': 'fp32', 'measured_s': measured, 'predicted_s': pred,
                    'pred_over_meas': pred / measured, 'bytes_sent': sent})
       print(f'{name}: {layout}: measured {measured:.3f} s, predicted {pred:.3f} s', flush=True)
-  with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
+  write_csv(os.path.join(out, 'results.csv'), rows)
   plot(rows, os.path.join(out, 'runtime_emulated.png'))
   print(f'\ncalibrated compute rate: {tflops * 1e3:.2f} GFLOP/s per process')
   print(f'{"link":>30} {"plan":>28} {"codec":>5} {"measured s":>10} {"predicted s":>11} {"pred/meas":>9} {"MB sent":>8}')
   for r in rows:
     print(f'{r["link"]:>30} {r["plan"]:>28} {r["codec"]:>5} {r["measured_s"]:>10.3f} '
           f'{r["predicted_s"]:>11.3f} {r["pred_over_meas"]:>9.2f} {r["bytes_sent"] / 1e6:>8.2f}')
-
-
-def run_plan(plan_path, n, workdir, emulate, batch):
-  cmd = [sys.executable, '-m', 'hetjax.launch', '-n', str(n), '--devices=1', f'--emulate={emulate}',
-         '--', sys.executable, 'run.py', '--config=configs/train.py',
-         f'--config.pipeline.plan={plan_path}', '--config.model_overrides.num_layers=6',
-         f'--config.model_overrides.hidden={FLAGS.hidden}', f'--config.train.steps={FLAGS.steps}',
-         f'--config.train.batch_size={batch}', f'--config.train.seq_len={SEQ}',
-         '--config.train.eval_every=0', '--config.train.log_every=1', f'--config.workdir={workdir}']
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  if r.returncode:
-    raise SystemExit(f'run failed:\n{r.stderr[-2000:]}')
-  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))][2:]
-  return float(np.median([x['step_time_s'] for x in records])), int(records[-1]['bytes_sent'])
 
 
 def plot(rows, path):
