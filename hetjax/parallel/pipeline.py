@@ -1,8 +1,8 @@
 """The pipeline runtime: execute a training Plan of uneven, tensor-parallel stages.
 
-Each stage group has its own mesh and three programs, jitted once: forward, backward (recomputes the
-forward from the stashed input, so only stage inputs are kept between F and B), and, on the last
-stage, a fused loss + backward. Every process walks the same global op order (schedules.py) and runs
+Each stage group has its own mesh and its programs, jitted once: forward, backward (recomputes the
+forward from the stashed input, so only stage inputs are kept between F and B), on the last stage a
+fused loss + backward, and the optimizer update. Every process walks the same global op order (schedules.py) and runs
 the ops of the stages it owns; transfers go through an Exchange (codec + transport). After the last
 backward: tied-embedding gradients are summed between the first and last stage, the global gradient
 norm is reduced over all stages, and each stage applies AdamW to its own parameters.
@@ -54,7 +54,7 @@ def _sq_norm(grads: nnx.State, skip_tied: bool = False):
 def _programs(group_key, optimizer_key):
   """Jitted programs of one stage group, cached so that pipelines with the same stages (e.g. the
   same plan under another schedule) share compilations."""
-  group, graphdef, mesh = group_key.group, group_key.graphdef, group_key.mesh
+  group, graphdef = group_key.group, group_key.graphdef
   # The same state layout as train.make_optimizer (clip, adamw), so checkpoints move between
   # single-device and pipeline runs; the clip itself is global and applied before `update`.
   optimizer = optax.chain(optax.identity(), make_adamw(ml_collections.ConfigDict(dict(optimizer_key))))
@@ -119,7 +119,6 @@ class StageRunner:
   """One stage group's parameters, optimizer state and jitted programs."""
 
   def __init__(self, group: StageGroup, params, tcfg):
-    self.g = group
     optimizer_key = tuple(sorted((k, v) for k, v in tcfg.items()))
     self.programs = _programs(_GroupKey(group.graphdef, group.mesh, group.has_embed, group),
                               optimizer_key)
@@ -174,7 +173,6 @@ class Pipeline:
     stage_params = split_state(full, [g.abstract for g in self.groups])
     self.runners = [StageRunner(g, place(jax.tree.map(np.asarray, p), g.param_sharding), tcfg)
                     if g.is_local else None for g, p in zip(self.groups, stage_params)]
-    self.step_count = 0
     self.timeline: list[dict] = []
 
   # ---- one training step
@@ -249,7 +247,6 @@ class Pipeline:
         run.params, run.opt_state = run.programs.update(run.params, run.opt_state, grads[s],
                                                         jnp.float32(scale))
     jax.block_until_ready([r.params for r in runners if r is not None])
-    self.step_count += 1
     metrics = {'loss': float(loss), 'grad_norm': norm, 'bytes_sent': int(sent)}
     if self.profile:
       self.timeline = events
