@@ -60,6 +60,9 @@ class PairPermuteTransport:
         local.append(jax.device_put(jnp.zeros((1, *spec.shape), spec.dtype), dst))
       out = permute(jax.make_array_from_single_device_arrays((2, *spec.shape), sharding, local,
                                                             dtype=spec.dtype))
+      # Wait for it: collectives between processes must complete in the one global order, or
+      # asynchronously dispatched transfers can meet out of order and deadlock.
+      out.block_until_ready()
       if not _mine(dst):
         return None
       return next(s.data for s in out.addressable_shards if s.device == dst)[0]
@@ -69,6 +72,17 @@ class PairPermuteTransport:
     return jax.tree.unflatten(jax.tree.structure(wire_shape), leaves) if _mine(dst) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _coders(codec):
+  return jax.jit(codec.encode), jax.jit(codec.decode, static_argnames='dtype')
+
+
+@functools.lru_cache(maxsize=None)
+def _wire_shape(codec, piece_shape, dtype):
+  """Shapes and dtypes of the encoded pytree: what the receiver expects."""
+  return jax.eval_shape(lambda a: codec.encode(a, None)[0], jax.ShapeDtypeStruct(piece_shape, dtype))
+
+
 class Exchange:
   """Sends stage outputs forward and activation gradients backward through a codec."""
 
@@ -76,20 +90,15 @@ class Exchange:
     self.transport, self.codec = transport, codec
     self.bytes_sent = 0  # by this process
 
-  @staticmethod
-  @functools.lru_cache(maxsize=None)
-  def _coders(codec):
-    return jax.jit(codec.encode), jax.jit(codec.decode, static_argnames='dtype')
-
   def send(self, x, src: StageGroup, dst: StageGroup, shape, dtype=jnp.float32,
-           batch_sharded: bool = True, codec=None):
+           batch_sharded: bool = True):
     """Move global array `x` of `shape` (on src's mesh; None on processes without src devices) to
     dst's mesh. Batch-sharded arrays travel as one slice per replica; replicated ones travel whole
     to every replica. Returns the array on dst's mesh where this process owns dst devices."""
-    encode, decode = self._coders(codec or self.codec)
+    encode, decode = _coders(self.codec)
     dp = dst.dp
     piece_shape = (shape[0] // dp, *shape[1:]) if batch_sharded else tuple(shape)
-    wire_shape = jax.eval_shape(lambda a: encode(a, None)[0], jax.ShapeDtypeStruct(piece_shape, dtype))
+    wire_shape = _wire_shape(self.codec, piece_shape, jnp.dtype(dtype))
     pieces = {}
     for r in range(dp):
       s_dev, d_dev = src.leader(r), dst.leader(r)
