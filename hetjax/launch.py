@@ -5,7 +5,8 @@
 Each process gets its own CPU device count (--devices, one number for all or one per process) and
 the HETJAX_* variables that hetjax.distributed reads. Output lines are prefixed with [pN]. If any
 process fails, the others get --grace seconds to notice (jax.distributed's heartbeat), then are
-stopped; the launcher exits non-zero with one line saying which process failed first.
+stopped; the launcher exits non-zero with one line saying which process failed first. --timeout
+stops a group that runs too long (exit code 124).
 
 --emulate=CLUSTER runs each process in its own network namespace joined by veth links shaped to the
 cluster's bandwidth matrix (see hetjax/netem.py); it needs root.
