@@ -133,31 +133,25 @@ def delta_decode(q, m, *, impl=None):
   return _decode(q, m, impl=resolve_impl(impl))
 
 
-def pack(codes, bits, *, impl=None):
-  """Pack uint8 codes (..., L) (values < 2**bits, L a multiple of 8//bits, or 8 for 3-bit)."""
+def _packing(x, bits, impl, op, unit, reference_fn, pallas_fn):
+  """Shared checks and dispatch of pack/unpack; `unit` is the last-axis multiple Pallas needs."""
   if bits not in layout.BITS:
     raise HetjaxError(f'bits must be one of {layout.BITS}, got {bits!r}')
-  if jnp.dtype(codes.dtype) != jnp.uint8 or codes.ndim == 0:
-    raise HetjaxError(f'pack takes a uint8 array with at least 1 axis, got {codes.dtype}')
-  if resolve_impl(impl) == 'reference':
-    return layout.pack(codes, bits)
-  p, _ = layout.planes(bits)
-  if codes.shape[-1] % p:
-    return layout.pack(codes, bits)  # raises the layout's error
-  out = pallas_kernels.pack(codes.reshape(-1, codes.shape[-1]), bits, interpret=_interpret())
-  return out.reshape(codes.shape[:-1] + out.shape[-1:])
+  if jnp.dtype(x.dtype) != jnp.uint8 or x.ndim == 0:
+    raise HetjaxError(f'{op} takes a uint8 array with at least 1 axis, got {x.dtype}')
+  if resolve_impl(impl) == 'reference' or x.shape[-1] % unit:
+    return reference_fn(x, bits)  # the layout raises its own error on a bad length
+  out = pallas_fn(x.reshape(-1, x.shape[-1]), bits, interpret=_interpret())
+  return out.reshape(x.shape[:-1] + out.shape[-1:])
+
+
+def pack(codes, bits, *, impl=None):
+  """Pack uint8 codes (..., L) (values < 2**bits, L a multiple of 8//bits, or 8 for 3-bit)."""
+  unit = layout.planes(bits)[0] if bits in layout.BITS else 1
+  return _packing(codes, bits, impl, 'pack', unit, layout.pack, pallas_kernels.pack)
 
 
 def unpack(packed, bits, *, impl=None):
   """Inverse of pack."""
-  if bits not in layout.BITS:
-    raise HetjaxError(f'bits must be one of {layout.BITS}, got {bits!r}')
-  if jnp.dtype(packed.dtype) != jnp.uint8 or packed.ndim == 0:
-    raise HetjaxError(f'unpack takes a uint8 array with at least 1 axis, got {packed.dtype}')
-  if resolve_impl(impl) == 'reference':
-    return layout.unpack(packed, bits)
-  _, nb = layout.planes(bits)
-  if packed.shape[-1] % nb:
-    return layout.unpack(packed, bits)
-  out = pallas_kernels.unpack(packed.reshape(-1, packed.shape[-1]), bits, interpret=_interpret())
-  return out.reshape(packed.shape[:-1] + out.shape[-1:])
+  unit = layout.planes(bits)[1] if bits in layout.BITS else 1
+  return _packing(packed, bits, impl, 'unpack', unit, layout.unpack, pallas_kernels.unpack)

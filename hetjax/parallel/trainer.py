@@ -24,7 +24,6 @@ class PipelineTrainState:
     self.profile_every = profile_every
     self.graphdef = nnx.graphdef(model)
     self.rng = jax.random.key(seed)
-    self.extra: dict = {}
     self.step = 0
 
   def train_step(self, batch) -> dict:
