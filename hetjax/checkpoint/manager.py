@@ -149,10 +149,15 @@ class Checkpointer:
     if whole_model and unused:
       raise HetjaxError(f'checkpoint tensor {unused[0]} (shape {tuple(shapes[unused[0]])}) has no '
                         f'place in the model; was it written for a different model config?')
-    shardings = {n: x.sharding for n, x in wanted.items()
-                 if isinstance(getattr(x, 'sharding', None), jax.sharding.Sharding)}
-    flat = self.read(wanted, meta=meta, shardings=shardings)
-    return [fill(t, flat) for t in templates], meta
+    # One read per template: a tensor several stages hold (a tied table) lands on each stage's
+    # own devices.
+    filled = []
+    for template in templates:
+      names = flatten(template)
+      shardings = {n: x.sharding for n, x in names.items()
+                   if isinstance(getattr(x, 'sharding', None), jax.sharding.Sharding)}
+      filled.append(fill(template, self.read(names, meta=meta, shardings=shardings)))
+    return filled, meta
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
