@@ -30,7 +30,8 @@ from hetjax.models.model import build_model
 from hetjax.parallel.pipeline import Pipeline
 from hetjax.parallel.timeline import write_chrome_trace
 from hetjax.plan import Plan, Replica, Stage
-from hetjax.train import make_optimizer, train_step
+from hetjax.optim import make_optimizer
+from hetjax.train import train_step
 
 flags.DEFINE_string('out', 'out/bench_pipeline', 'Output folder.')
 flags.DEFINE_string('model', 'tiny_gpt', 'Model preset.')

@@ -22,27 +22,7 @@ from hetjax.errors import HetjaxError
 from hetjax.metrics import MetricsLog
 from hetjax.models.config import ModelConfig
 from hetjax.models.model import Stage, build_model
-
-
-def make_adamw(tcfg) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay (no clipping: the pipeline clips across stages)."""
-  if tcfg.steps <= 0:
-    raise HetjaxError(f'train.steps must be positive, got {tcfg.steps}')
-  warmup = min(tcfg.warmup_steps, max(tcfg.steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tcfg.lr, warmup_steps=warmup,
-      decay_steps=max(tcfg.steps, warmup + 1), end_value=tcfg.lr * tcfg.min_lr_ratio)
-  return optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tcfg.weight_decay)
-
-
-def make_optimizer(tcfg) -> optax.GradientTransformation:
-  """AdamW after clipping the global gradient norm."""
-  return optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), make_adamw(tcfg))
-
-
-def cross_entropy(logits, targets):
-  """Mean next-token cross entropy in fp32."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+from hetjax.optim import cross_entropy, make_optimizer
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))

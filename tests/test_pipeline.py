@@ -13,7 +13,8 @@ from hetjax.models.model import build_model, merge_states
 from hetjax.parallel.exchange import PairPermuteTransport
 from hetjax.parallel.pipeline import Pipeline
 from hetjax.plan import Plan, Replica, Stage
-from hetjax.train import make_optimizer, train_step
+from hetjax.optim import make_optimizer
+from hetjax.train import train_step
 
 STEPS = 3
 

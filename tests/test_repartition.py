@@ -11,7 +11,7 @@ from hetjax.checkpoint.manager import Checkpointer, StageSpec
 from hetjax.checkpoint.repartition import flatten, repartition
 from hetjax.models.config import get_model_config
 from hetjax.models.model import build_model, build_stages, split_state
-from hetjax.train import make_optimizer
+from hetjax.optim import make_optimizer
 
 MCFG = get_model_config('tiny_gpt', num_layers=12, hidden=16, num_heads=2, num_kv_heads=2,
                         max_len=32)

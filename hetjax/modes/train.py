@@ -22,7 +22,7 @@ def pipeline_state_factory(cfg, mcfg, workdir):
     return None
   from hetjax.parallel.exchange import DevicePutTransport, PairPermuteTransport
   from hetjax.parallel.pipeline import Pipeline
-  from hetjax.parallel.planning import training_plan
+  from hetjax.modes.planning import training_plan
   from hetjax.parallel.trainer import PipelineTrainState
   say = print if is_leader() else (lambda *a, **k: None)
   plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say)

@@ -19,7 +19,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hetjax.compression.codecs import tree_nbytes
+from hetjax.errors import HetjaxError
 from hetjax.parallel.meshes import StageGroup
+from hetjax.parallel.state import SampleState
 
 
 def _mine(device) -> bool:
@@ -77,39 +79,77 @@ def _coders(codec):
   return jax.jit(codec.encode), jax.jit(codec.decode, static_argnames='dtype')
 
 
+def _state_batch_spec(codec, piece_shape, dtype):
+  """Shapes of a stateful codec's state for one piece (its rows stacked), or None."""
+  one = codec.state_spec(piece_shape, dtype)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct((piece_shape[0], *a.shape), a.dtype), one)
+
+
 @functools.lru_cache(maxsize=None)
-def _wire_shape(codec, piece_shape, dtype):
+def _wire_shape(codec, piece_shape, dtype, with_state=False):
   """Shapes and dtypes of the encoded pytree: what the receiver expects."""
-  return jax.eval_shape(lambda a: codec.encode(a, None)[0], jax.ShapeDtypeStruct(piece_shape, dtype))
+  state = _state_batch_spec(codec, piece_shape, dtype) if with_state else None
+  return jax.eval_shape(lambda a, s: codec.encode(a, s)[0], jax.ShapeDtypeStruct(piece_shape, dtype),
+                        state)
 
 
 class Exchange:
-  """Sends stage outputs forward and activation gradients backward through a codec."""
+  """Sends stage outputs forward and activation gradients backward through a codec.
 
-  def __init__(self, transport, codec):
+  A stateful codec (`codec.stateful`) keeps per-sample memory, keyed by the message's `key` (e.g.
+  (boundary, direction)), the replica and the side: the sender's copy lives where the sender runs,
+  the receiver's where the receiver runs, and both are updated identically. `ids` name the samples
+  of the message's rows; a row with no memory yet makes the whole piece travel uncompressed (the
+  codec is called with state None) and fills the memory on both sides."""
+
+  def __init__(self, transport, codec, new_state=SampleState):
     self.transport, self.codec = transport, codec
+    self.stateful = bool(getattr(codec, 'stateful', False))
+    self.new_state = new_state
+    self.states: dict = {}   # (key, replica, 'send' | 'recv') -> SampleState
     self.bytes_sent = 0  # by this process
 
+  def state(self, key, replica: int, side: str):
+    k = (key, replica, side)
+    if k not in self.states:
+      self.states[k] = self.new_state()
+    return self.states[k]
+
   def send(self, x, src: StageGroup, dst: StageGroup, shape, dtype=jnp.float32,
-           batch_sharded: bool = True):
+           batch_sharded: bool = True, key=None, ids=None):
     """Move global array `x` of `shape` (on src's mesh; None on processes without src devices) to
     dst's mesh. Batch-sharded arrays travel as one slice per replica; replicated ones travel whole
     to every replica. Returns the array on dst's mesh where this process owns dst devices."""
     encode, decode = _coders(self.codec)
     dp = dst.dp
-    piece_shape = (shape[0] // dp, *shape[1:]) if batch_sharded else tuple(shape)
-    wire_shape = _wire_shape(self.codec, piece_shape, jnp.dtype(dtype))
+    rows = shape[0] // dp if batch_sharded else shape[0]
+    piece_shape = (rows, *shape[1:])
+    if self.stateful and ids is None:
+      raise HetjaxError(f'codec {self.codec.name} keeps per-sample state: its messages need sample ids')
     pieces = {}
     for r in range(dp):
       s_dev, d_dev = src.leader(r), dst.leader(r)
+      piece_ids = None if ids is None else np.asarray(ids)[r * rows:(r + 1) * rows]
+      send_state = recv_state = None
+      if self.stateful:  # each side reads its own memory; the two hold the same rows
+        if _mine(s_dev):
+          send_state = self.state(key, r, 'send').gather(piece_ids)
+        if _mine(d_dev):
+          recv_state = self.state(key, r, 'recv').gather(piece_ids)
+      with_state = (send_state if _mine(s_dev) else recv_state) is not None
+      wire_shape = _wire_shape(self.codec, piece_shape, jnp.dtype(dtype), with_state)
       wire = None
       if _mine(s_dev):
         piece = next(p.data for p in x.addressable_shards if p.device == s_dev)
-        wire = encode(piece, None)[0]
+        wire, new = encode(piece, send_state)
+        if self.stateful:
+          self.state(key, r, 'send').scatter(piece_ids, new)
         self.bytes_sent += tree_nbytes(wire)
       got = self.transport.move(wire, wire_shape, s_dev, d_dev)
       if got is not None:
-        pieces[r] = decode(got, None, dtype=dtype)[0]
+        pieces[r], new = decode(got, recv_state, dtype=dtype)
+        if self.stateful:
+          self.state(key, r, 'recv').scatter(piece_ids, new)
     if not dst.is_local:
       return None
     sharding = dst.batch_sharding(len(shape)) if batch_sharded else dst.replicated

@@ -74,7 +74,8 @@ def plan_devices(plan: Plan, colocate: bool = False) -> list:
 
 
 def build_stage_groups(plan: Plan, cfg: ModelConfig, colocate: bool = False) -> list[StageGroup]:
-  """One StageGroup per stage; replicas must split layers and TP degrees identically."""
+  """Training: one StageGroup per stage, its rows the data-parallel replicas, which must split
+  layers and TP degrees identically."""
   plan.validate(model=cfg)
   devices = plan_devices(plan, colocate)
   groups = []
@@ -82,22 +83,35 @@ def build_stage_groups(plan: Plan, cfg: ModelConfig, colocate: bool = False) -> 
     stages = [r.stages[k] for r in plan.replicas]
     if any(s.tp != first.tp for s in stages):
       raise HetjaxError(f'stage {k}: all training replicas must use the same TP degree')
-    grid = np.array([[devices[d] for d in s.devices] for s in stages], dtype=object)
-    if len(set(grid.flat)) != grid.size:
-      raise HetjaxError(f'stage {k}: its devices map onto fewer physical devices than it needs')
-    for row in grid:
-      if len({d.process_index for d in row}) > 1:
-        raise HetjaxError(f'stage {k}: a TP group must live in one process (host)')
-    mesh = Mesh(grid, ('dp', 'tp'), axis_types=(AxisType.Auto, AxisType.Auto))
-    group = StageGroup(k, first.start, first.end, bool(first.embed), bool(first.head), mesh)
-    abstract = nnx.eval_shape(lambda: Stage(cfg, group.start, group.end, has_embed=group.has_embed,
-                                            has_head=group.has_head, rngs=nnx.Rngs(0)))
-    group.abstract = abstract
-    group.graphdef, state = nnx.split(abstract)
-    group.param_sharding = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                                        nnx.get_partition_spec(state))
-    groups.append(group)
+    groups.append(_stage_group(k, stages, devices, cfg))
   return groups
+
+
+def build_replica_groups(plan: Plan, cfg: ModelConfig, replica: int,
+                         colocate: bool = False) -> list[StageGroup]:
+  """Serving: replica `replica`'s own chain of stages, each with its own layers and TP degree."""
+  devices = plan_devices(plan, colocate)
+  return [_stage_group(k, [s], devices, cfg) for k, s in enumerate(plan.replicas[replica].stages)]
+
+
+def _stage_group(k: int, stages, devices, cfg: ModelConfig) -> StageGroup:
+  """A (dp = len(stages), tp) mesh over the stages' devices, and the stage module's shapes on it."""
+  first = stages[0]
+  grid = np.array([[devices[d] for d in s.devices] for s in stages], dtype=object)
+  if len(set(grid.flat)) != grid.size:
+    raise HetjaxError(f'stage {k}: its devices map onto fewer physical devices than it needs')
+  for row in grid:
+    if len({d.process_index for d in row}) > 1:
+      raise HetjaxError(f'stage {k}: a TP group must live in one process (host)')
+  mesh = Mesh(grid, ('dp', 'tp'), axis_types=(AxisType.Auto, AxisType.Auto))
+  group = StageGroup(k, first.start, first.end, bool(first.embed), bool(first.head), mesh)
+  abstract = nnx.eval_shape(lambda: Stage(cfg, group.start, group.end, has_embed=group.has_embed,
+                                          has_head=group.has_head, rngs=nnx.Rngs(0)))
+  group.abstract = abstract
+  group.graphdef, state = nnx.split(abstract)
+  group.param_sharding = jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                                      nnx.get_partition_spec(state))
+  return group
 
 
 def place(host_tree, shardings):

@@ -1,18 +1,18 @@
-"""The pipeline runtime: execute a training Plan of uneven, tensor-parallel stages.
+"""Training over a Plan of uneven, tensor-parallel stages: the training workload of the runtime.
 
 Each stage group has its own mesh and its programs, jitted once: forward, backward (recomputes the
 forward from the stashed input, so only stage inputs are kept between F and B), on the last stage a
-fused loss + backward, and the optimizer update. Every process walks the same global op order (schedules.py) and runs
-the ops of the stages it owns; transfers go through an Exchange (codec + transport). After the last
-backward: tied-embedding gradients are summed between the first and last stage, the global gradient
-norm is reduced over all stages, and each stage applies AdamW to its own parameters.
+fused loss + backward, and the optimizer update. `TrainHandler` runs one op of a training schedule
+(schedules.train) for the runtime (runtime.py), which walks the one global order and moves
+activations ('act') and activation gradients ('grad') through the exchanges. The epilogue, after the
+last backward: tied-embedding gradients are summed between the first and last stage, the global
+gradient norm is reduced over all stages, and each stage applies AdamW to its own parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 import types
 
 import jax
@@ -29,9 +29,11 @@ from hetjax.models.config import ModelConfig
 from hetjax.models.model import build_model, split_state
 from hetjax.parallel.exchange import DevicePutTransport, Exchange
 from hetjax.parallel.meshes import StageGroup, build_stage_groups, place
-from hetjax.parallel.schedules import global_order, stage_programs
+from hetjax.parallel.runtime import Message, Runtime
+from hetjax.parallel.schedules import forward, global_order, train
+from hetjax.parallel.state import StateStore
 from hetjax.plan import Plan
-from hetjax.train import cross_entropy, make_adamw
+from hetjax.optim import cross_entropy, make_adamw
 
 TIED = ('token_embed', 'embedding')
 
@@ -131,7 +133,7 @@ def stage_times(events: list[dict]) -> dict:
   out = {}
   for e in events:
     prefix = f'stage{e["stage"]}_'
-    kind = 'fwd_s' if e['kind'] == 'F' else 'bwd_s'
+    kind = 'fwd_s' if e['kind'] in ('F', 'P', 'D') else 'bwd_s'
     out[prefix + kind] = out.get(prefix + kind, 0.0) + e['compute_end_s'] - e['start_s']
     out[prefix + 'send_s'] = out.get(prefix + 'send_s', 0.0) + e['end_s'] - e['compute_end_s']
   return out
@@ -149,6 +151,75 @@ def _process_sum():
   return mesh, total
 
 
+class TrainHandler:
+  """Runs the ops of one training step; what an op leaves for a later op of its own stage (stashed
+  inputs, the last stage's input gradient) lives in the store for the op's lifetime, gradient sums
+  and losses for the step's."""
+
+  def __init__(self, pipe: 'Pipeline', inputs, targets, ids, mb: int, act_shape):
+    self.pipe, self.inputs, self.targets, self.ids = pipe, inputs, targets, ids
+    self.mb, self.act_shape = mb, act_shape
+    self.store = pipe.store
+
+  def _rows(self, m):
+    return slice(m * self.mb, (m + 1) * self.mb)
+
+  def compute(self, op, received):
+    s, m = op.stage, op.micro
+    g, run, store = self.pipe.groups[s], self.pipe.runners[s], self.store
+    rows = self._rows(m)
+    if op.kind == 'F':
+      x = (place(self.inputs[rows], g.batch_sharding(2)) if g.has_embed
+           else received[('F', s - 1, m, 0)])
+      store.put('op', ('stash', s, m), x)
+      if not g.has_head:
+        return run.programs.forward(run.params, x)
+      # The last stage runs its backward with its forward.
+      loss, grads, g_in = run.programs.loss_backward(run.params, x,
+                                                     place(self.targets[rows], g.batch_sharding(2)))
+      store.put('step', ('loss', m), loss)
+      store.put('op', ('grad_in', s, m), g_in)
+      self._accumulate(s, grads)
+      return None
+    x = store.pop('op', ('stash', s, m))
+    if g.has_head:
+      return store.pop('op', ('grad_in', s, m))
+    grads, g_in = run.programs.backward(run.params, x, received[('B', s + 1, m, 0)])
+    self._accumulate(s, grads)
+    return g_in
+
+  def _accumulate(self, s, grads):
+    prev = self.store.get('step', ('grads', s))
+    self.store.put('step', ('grads', s),
+                   grads if prev is None else self.pipe.runners[s].programs.accumulate(prev, grads))
+
+  def message(self, op, consumer):
+    ids = None if self.ids is None else self.ids[self._rows(op.micro)]
+    if op.kind == 'F':
+      return Message('act', self.act_shape, key=(op.stage, 'fwd'), ids=ids)
+    return Message('grad', self.act_shape, key=(op.stage, 'bwd'), ids=ids)
+
+
+class EvalHandler(TrainHandler):
+  """Forward only: the last stage's loss per micro-batch."""
+
+  def compute(self, op, received):
+    s, m = op.stage, op.micro
+    g, run = self.pipe.groups[s], self.pipe.runners[s]
+    rows = self._rows(m)
+    x = place(self.inputs[rows], g.batch_sharding(2)) if g.has_embed else received[('F', s - 1, m, 0)]
+    if not g.has_head:
+      return run.programs.forward(run.params, x)
+    self.store.put('step', ('eval_loss', m),
+                   run.programs.loss(run.params, x, place(self.targets[rows], g.batch_sharding(2))))
+    return None
+
+  def message(self, op, consumer):
+    # Evaluation sees the training codec unless it keeps per-sample state: validation samples
+    # must not touch training samples' memory.
+    return Message('eval' if self.pipe.exchanges['act'].stateful else 'act', self.act_shape)
+
+
 class Pipeline:
   """Runs training steps of `plan` for model `cfg`. Parameters start from `init_state` (a full
   model's state) or `build_model(cfg, seed)`, the same initial values as single-device training,
@@ -162,10 +233,15 @@ class Pipeline:
     self.plan, self.cfg, self.tcfg = plan, cfg, tcfg
     self.groups = build_stage_groups(plan, cfg, colocate)
     self.micro = plan.micro_batches
-    self.order = global_order(stage_programs(plan.schedule, len(self.groups), self.micro))
-    self.forward_exchange = Exchange(transport or DevicePutTransport(), codec or Identity())
-    self.backward_exchange = Exchange(self.forward_exchange.transport, grad_codec or Identity())
-    self.tied_exchange = Exchange(self.forward_exchange.transport, Identity())
+    self.order = global_order(train(plan.schedule, len(self.groups), self.micro))
+    self.eval_order = global_order(forward(len(self.groups), self.micro))
+    transport = transport or DevicePutTransport()
+    self.exchanges = {'act': Exchange(transport, codec or Identity()),
+                      'grad': Exchange(transport, grad_codec or Identity()),
+                      'eval': Exchange(transport, Identity()),
+                      'tied': Exchange(transport, Identity())}
+    self.runtime = Runtime(self.groups, self.exchanges)
+    self.store = StateStore()
     self.tied = cfg.tie_embeddings and len(self.groups) > 1
     self.profile = profile
     self.clip_norm = tcfg.clip_norm
@@ -178,66 +254,25 @@ class Pipeline:
   # ---- one training step
   def step(self, batch: dict) -> dict:
     """batch: {'inputs', 'targets'} [M * dp * micro_batch_size, T] on the host (same on all
-    processes). Returns metrics on every process: loss, grad_norm, bytes_sent, and with
-    `profile` per-stage fwd/bwd/send seconds (each op is then waited for, which serialises them)."""
-    t_start = time.perf_counter()
+    processes), and optionally 'ids' (sample ids, for codecs with per-sample state). Returns
+    metrics on every process: loss, grad_norm, bytes_sent, and with `profile` per-stage
+    fwd/bwd/send seconds (each op is then waited for, which serialises them)."""
     groups, runners, M = self.groups, self.runners, self.micro
     inputs, targets, mb, act_shape = self._split(batch)
-    stash, inbox, grad_inbox = {}, {}, {}
-    grads = [None] * len(groups)
-    losses = []
+    ids = batch.get('ids')
     sent_before = self._bytes()
-    events = []
-
-    def accumulate(s, gr):
-      grads[s] = gr if grads[s] is None else runners[s].programs.accumulate(grads[s], gr)
-
-    for op in self.order:
-      s, m = op.stage, op.micro
-      g, run = groups[s], runners[s]
-      rows = slice(m * mb, (m + 1) * mb)
-      t0 = time.perf_counter()
-      out = None
-      if run is not None:  # compute
-        if op.kind == 'F':
-          x = place(inputs[rows], g.batch_sharding(2)) if g.has_embed else inbox.pop((s, m))
-          stash[(s, m)] = x
-          if g.has_head:  # the last stage runs its backward with its forward
-            loss, gr, grad_inbox[(s, m)] = run.programs.loss_backward(
-                run.params, x, place(targets[rows], g.batch_sharding(2)))
-            losses.append(loss)
-            accumulate(s, gr)
-          else:
-            out = run.programs.forward(run.params, x)
-        else:
-          x = stash.pop((s, m))
-          if g.has_head:
-            out = grad_inbox.pop((s, m))
-          else:
-            gr, out = run.programs.backward(run.params, x, grad_inbox.pop((s, m)))
-            accumulate(s, gr)
-      if self.profile:
-        jax.block_until_ready((out, grads))
-      t1 = time.perf_counter()
-      if op.kind == 'F' and not g.has_head:  # transfer
-        got = self.forward_exchange.send(out, g, groups[s + 1], act_shape)
-        if got is not None:
-          inbox[(s + 1, m)] = got
-      elif op.kind == 'B' and s > 0:
-        got = self.backward_exchange.send(out, g, groups[s - 1], act_shape)
-        if got is not None:
-          grad_inbox[(s - 1, m)] = got
-      if self.profile:
-        jax.block_until_ready((inbox, grad_inbox))
-        events.append({'kind': op.kind, 'stage': s, 'micro': m, 'tick': op.tick,
-                       'start_s': t0 - t_start, 'compute_end_s': t1 - t_start,
-                       'end_s': time.perf_counter() - t_start})
+    handler = TrainHandler(self, inputs, targets, None if ids is None else np.asarray(ids), mb,
+                           act_shape)
+    events = self.runtime.run(self.order, handler, self.profile)
+    grads = [self.store.get('step', ('grads', s)) for s in range(len(groups))]
+    losses = [self.store.get('step', ('loss', m)) for m in range(M)]
+    self.store.clear('step')
     if self.tied:
       grads = self._sum_tied(grads)
     mine = lambda g: g.leader(0).process_index == jax.process_index()  # counts each stage once
     sq = sum(float(run.programs.sq_norm(grads[s], self.tied and g.has_head))
              for s, (g, run) in enumerate(zip(groups, runners)) if run is not None and mine(g))
-    loss_sum = float(sum(losses)) / M if losses and mine(groups[-1]) else 0.0
+    loss_sum = float(sum(losses)) / M if runners[-1] is not None and mine(groups[-1]) else 0.0
     sent = self._bytes() - sent_before
     sq, loss, sent = self._sum_over_processes(np.array([sq, loss_sum, sent]))
     norm = float(np.sqrt(sq)) / M  # of the mean gradient over micro-batches
@@ -265,28 +300,16 @@ class Pipeline:
   def evaluate(self, batch: dict) -> float:
     """Mean loss of a batch, forward only, micro-batch by micro-batch through the stages."""
     inputs, targets, mb, act_shape = self._split(batch)
-    groups, runners = self.groups, self.runners
-    total = 0.0
-    for m in range(self.micro):
-      rows = slice(m * mb, (m + 1) * mb)
-      x = None
-      for s, (g, run) in enumerate(zip(groups, runners)):
-        out = None
-        if run is not None:
-          if g.has_embed:
-            x = place(inputs[rows], g.batch_sharding(2))
-          if g.has_head:
-            loss = run.programs.loss(run.params, x, place(targets[rows], g.batch_sharding(2)))
-            if g.leader(0).process_index == jax.process_index():
-              total += float(loss)
-          else:
-            out = run.programs.forward(run.params, x)
-        if not g.has_head:
-          x = self.forward_exchange.send(out, g, groups[s + 1], act_shape)
+    self.runtime.run(self.eval_order, EvalHandler(self, inputs, targets, None, mb, act_shape))
+    losses = [self.store.get('step', ('eval_loss', m)) for m in range(self.micro)]
+    self.store.clear('step')
+    last = self.groups[-1]
+    total = (float(sum(losses)) if self.runners[-1] is not None
+             and last.leader(0).process_index == jax.process_index() else 0.0)
     return float(self._sum_over_processes(np.array([total]))[0]) / self.micro
 
   def _bytes(self) -> int:
-    return sum(e.bytes_sent for e in (self.forward_exchange, self.backward_exchange, self.tied_exchange))
+    return self.runtime.bytes_sent()
 
   def _sum_tied(self, grads):
     """First and last stage each hold the token table; both get the sum of both gradients."""
@@ -294,8 +317,8 @@ class Pipeline:
     def table(s):
       return None if grads[s] is None else dict(nnx.to_flat_state(grads[s]))[TIED]
     shape = (self.cfg.vocab_size, self.cfg.hidden)
-    to_first = self.tied_exchange.send(table(-1), last, first, shape, batch_sharded=False)
-    to_last = self.tied_exchange.send(table(0), first, last, shape, batch_sharded=False)
+    to_first = self.exchanges['tied'].send(table(-1), last, first, shape, batch_sharded=False)
+    to_last = self.exchanges['tied'].send(table(0), first, last, shape, batch_sharded=False)
     for s, other in ((0, to_first), (len(grads) - 1, to_last)):
       if grads[s] is not None:
         flat = dict(nnx.to_flat_state(grads[s]))

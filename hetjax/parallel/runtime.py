@@ -1,0 +1,84 @@
+"""One runtime loop for every workload: walk a global op order, compute the ops of the stages this
+process owns through a workload handler, and move each message between stages through an exchange
+right after the op that produced it.
+
+A message is the output of an op that an op of another stage depends on (schedules.py). The
+handler says what it is (`Message`: channel, shape, dtype, codec-state key, sample ids), so the
+receiving process knows it without seeing the data; the channel picks the exchange (and so the
+codec): e.g. 'act' forward, 'grad' backward, 'token' for sampled ids.
+
+A handler has two methods:
+- `compute(op, received) -> output`: run `op` on its stage (`received`: dependency id -> array);
+- `message(op, consumer) -> Message`: what `op` sends to `consumer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+
+from hetjax.parallel.exchange import Exchange
+from hetjax.parallel.meshes import StageGroup
+from hetjax.parallel.schedules import Op
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+  channel: str                 # which exchange carries it
+  shape: tuple
+  dtype: object = jnp.float32
+  batch_sharded: bool = True   # rows split over the receiving stage's replicas
+  key: object = None           # codec-state key (boundary, direction)
+  ids: object = None           # sample ids of the rows, for codecs with per-sample state
+
+
+def consumers(order: list[Op]) -> dict:
+  """Producer op id -> the ops of other stages that depend on it."""
+  out: dict = {}
+  for op in order:
+    for dep in op.deps:
+      if dep[1] != op.stage:
+        out.setdefault(dep, []).append(op)
+  return out
+
+
+class Runtime:
+
+  def __init__(self, groups: list[StageGroup], exchanges: dict[str, Exchange]):
+    self.groups, self.exchanges = groups, exchanges
+
+  def run(self, order: list[Op], handler, profile: bool = False, clock_start: float | None = None):
+    """Execute `order`. With `profile`, each op and its sends are waited for (which serialises
+    them) and a timeline of {kind, stage, micro, step, tick, start_s, compute_end_s, end_s} is
+    returned; otherwise an empty list."""
+    t_start = time.perf_counter() if clock_start is None else clock_start
+    sends_to = consumers(order)
+    inbox: dict = {}
+    events = []
+    for op in order:
+      group = self.groups[op.stage]
+      received = {d: inbox.pop((d, op.id)) for d in op.deps if (d, op.id) in inbox}
+      t0 = time.perf_counter()
+      out = handler.compute(op, received) if group.is_local else None
+      if profile:
+        jax.block_until_ready(out)
+      t1 = time.perf_counter()
+      for consumer in sends_to.get(op.id, ()):
+        msg = handler.message(op, consumer)
+        got = self.exchanges[msg.channel].send(out, group, self.groups[consumer.stage], msg.shape,
+                                               msg.dtype, msg.batch_sharded, msg.key, msg.ids)
+        if got is not None:
+          inbox[(op.id, consumer.id)] = got
+          if profile:
+            jax.block_until_ready(got)
+      if profile:
+        events.append({'kind': op.kind, 'stage': op.stage, 'micro': op.micro, 'step': op.step,
+                       'tick': op.tick, 'start_s': t0 - t_start, 'compute_end_s': t1 - t_start,
+                       'end_s': time.perf_counter() - t_start})
+    return events
+
+  def bytes_sent(self) -> int:
+    return sum(e.bytes_sent for e in set(self.exchanges.values()))
