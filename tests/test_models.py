@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from hetjax.errors import HetjaxError
-from hetjax.inference.generate import generate, sample_logits
+from hetjax.inference.generate import generate
+from hetjax.sampling import sample_logits
 from hetjax.models.config import PRESETS, get_model_config
 from hetjax.models.model import (abstract_model, build_model, build_stages, count_params,
                                  merge_states, split_state)

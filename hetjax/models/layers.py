@@ -57,6 +57,16 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
+def _write(cache, new, start_pos):
+  """Write `new` [B, T, ...] into `cache` [B, S, ...] at `start_pos` (one for all rows, or [B])."""
+  new = new.astype(cache.dtype)
+  start = jnp.asarray(start_pos)
+  if start.ndim == 0:
+    return jax.lax.dynamic_update_slice(cache, new, (0, start, 0, 0))
+  one_row = lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (p, 0, 0))
+  return jax.vmap(one_row)(cache, new, start)
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query causal self-attention with an optional KV cache."""
 
@@ -72,7 +82,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, cache=None, start_pos=0):
     """x: [B, T, H]; positions: [B, T]. With `cache` ({'k','v'}: [B, S, kv, d]) the new keys and
-    values are written at `start_pos` and the queries attend to the whole cache, masked causally."""
+    values are written at `start_pos` (scalar or [B]) and the queries attend to the whole cache,
+    masked causally."""
     cfg = self.cfg
     b, t, _ = x.shape
     q = self.q(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -82,8 +93,7 @@ class Attention(nnx.Module):
       q = rope(q, positions, cfg.rope_theta)
       k = rope(k, positions, cfg.rope_theta)
     if cache is not None:
-      k = jax.lax.dynamic_update_slice(cache['k'], k.astype(cache['k'].dtype), (0, start_pos, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache['v'], v.astype(cache['v'].dtype), (0, start_pos, 0, 0))
+      k, v = _write(cache['k'], k, start_pos), _write(cache['v'], v, start_pos)
       cache = {'k': k, 'v': v}
     key_pos = jnp.arange(k.shape[1])
     mask = key_pos[None, None, :] <= positions[:, :, None]               # [B, T, S]

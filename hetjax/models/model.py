@@ -46,14 +46,18 @@ class Stage(nnx.Module):
     self.lm_head = (_dense(cfg, cfg.hidden, cfg.vocab_size, (None, None), False, rngs)
                     if has_head and not cfg.tie_embeddings else None)
 
-  def __call__(self, x, start_pos=0, cache=None, last_only=False):
-    """x: token ids [B, T] if the stage has the embed, else hidden states [B, T, H].
+  def __call__(self, x, start_pos=0, cache=None, last_only=False, last_index=None):
+    """x: token ids [B, T] if the stage has the embed, else hidden states [B, T, H]. `start_pos` is
+    the position of x's first token: one for the batch, or one per row ([B]).
 
     Returns (logits [B, T, V] if it has the head, else hidden states; the updated cache).
-    `last_only` computes the head for the last position only (prefill needs no more)."""
+    `last_only` computes the head for the last position only (prefill needs no more), and
+    `last_index` ([B]) for position last_index[b] of row b (prompts padded to one length)."""
     cfg = self.cfg
     t = x.shape[1]
-    positions = jnp.broadcast_to(start_pos + jnp.arange(t), x.shape[:2])
+    start = jnp.asarray(start_pos)
+    positions = jnp.broadcast_to((start[:, None] if start.ndim else start) + jnp.arange(t),
+                                 x.shape[:2])
     if self.has_embed:
       x = self.token_embed(x)
       if self.pos_embed is not None:
@@ -65,7 +69,11 @@ class Stage(nnx.Module):
       if cache is not None:
         new_cache[key] = layer_cache
     if self.has_head:
-      x = self.final_norm(x[:, -1:] if last_only else x)
+      if last_index is not None:
+        x = jnp.take_along_axis(x, jnp.asarray(last_index)[:, None, None], axis=1)
+      elif last_only:
+        x = x[:, -1:]
+      x = self.final_norm(x)
       if self.lm_head is not None:
         x = self.lm_head(x.astype(cfg.dtype))
       else:

@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hetjax.compression.codecs import Identity
 from hetjax.errors import HetjaxError
@@ -29,7 +28,7 @@ from hetjax.models.config import ModelConfig
 from hetjax.models.model import build_model, split_state
 from hetjax.parallel.exchange import DevicePutTransport, Exchange
 from hetjax.parallel.meshes import StageGroup, build_stage_groups, place
-from hetjax.parallel.runtime import Message, Runtime
+from hetjax.parallel.runtime import Message, Runtime, sum_over_processes
 from hetjax.parallel.schedules import forward, global_order, train
 from hetjax.parallel.state import StateStore
 from hetjax.plan import Plan
@@ -137,18 +136,6 @@ def stage_times(events: list[dict]) -> dict:
     out[prefix + kind] = out.get(prefix + kind, 0.0) + e['compute_end_s'] - e['start_s']
     out[prefix + 'send_s'] = out.get(prefix + 'send_s', 0.0) + e['end_s'] - e['compute_end_s']
   return out
-
-
-@functools.lru_cache(maxsize=1)
-def _process_sum():
-  """A mesh of each process's first device, and a jitted sum over it."""
-  firsts = {}
-  for d in jax.devices():
-    firsts.setdefault(d.process_index, d)
-  mesh = Mesh(np.array([firsts[i] for i in sorted(firsts)]), ('proc',))
-  total = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, 'proc'), mesh=mesh, in_specs=P('proc'),
-                                out_specs=P()))
-  return mesh, total
 
 
 class TrainHandler:
@@ -274,7 +261,7 @@ class Pipeline:
              for s, (g, run) in enumerate(zip(groups, runners)) if run is not None and mine(g))
     loss_sum = float(sum(losses)) / M if runners[-1] is not None and mine(groups[-1]) else 0.0
     sent = self._bytes() - sent_before
-    sq, loss, sent = self._sum_over_processes(np.array([sq, loss_sum, sent]))
+    sq, loss, sent = sum_over_processes(np.array([sq, loss_sum, sent]))
     norm = float(np.sqrt(sq)) / M  # of the mean gradient over micro-batches
     scale = (1.0 if norm < self.clip_norm else self.clip_norm / norm) / M
     for s, run in enumerate(runners):
@@ -306,7 +293,7 @@ class Pipeline:
     last = self.groups[-1]
     total = (float(sum(losses)) if self.runners[-1] is not None
              and last.leader(0).process_index == jax.process_index() else 0.0)
-    return float(self._sum_over_processes(np.array([total]))[0]) / self.micro
+    return float(sum_over_processes(np.array([total]))[0]) / self.micro
 
   def _bytes(self) -> int:
     return self.runtime.bytes_sent()
@@ -325,17 +312,6 @@ class Pipeline:
         flat[TIED] = flat[TIED].replace(flat[TIED][...] + other)
         grads[s] = nnx.from_flat_state(list(flat.items()))
     return grads
-
-  @staticmethod
-  def _sum_over_processes(values: np.ndarray) -> np.ndarray:
-    """Sum a small host vector over processes (which may own different numbers of devices)."""
-    if jax.process_count() == 1:
-      return values
-    mesh, total = _process_sum()
-    mine = jax.device_put(np.asarray(values, np.float32)[None], jax.local_devices()[0])
-    arr = jax.make_array_from_single_device_arrays(
-        (jax.process_count(), len(values)), NamedSharding(mesh, P('proc')), [mine])
-    return np.asarray(total(arr).addressable_shards[0].data)[0]
 
   # ---- state access
   def stage_params(self) -> list:

@@ -15,10 +15,13 @@ A handler has two methods:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hetjax.parallel.exchange import Exchange
 from hetjax.parallel.meshes import StageGroup
@@ -82,3 +85,26 @@ class Runtime:
 
   def bytes_sent(self) -> int:
     return sum(e.bytes_sent for e in set(self.exchanges.values()))
+
+
+@functools.lru_cache(maxsize=1)
+def _process_sum():
+  """A mesh of each process's first device, and a jitted sum over it."""
+  firsts = {}
+  for d in jax.devices():
+    firsts.setdefault(d.process_index, d)
+  mesh = Mesh(np.array([firsts[i] for i in sorted(firsts)]), ('proc',))
+  total = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, 'proc'), mesh=mesh, in_specs=P('proc'),
+                                out_specs=P()))
+  return mesh, total
+
+
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
+  """Sum a small host vector over processes (which may own different numbers of devices)."""
+  if jax.process_count() == 1:
+    return values
+  mesh, total = _process_sum()
+  mine = jax.device_put(np.asarray(values, np.float32)[None], jax.local_devices()[0])
+  arr = jax.make_array_from_single_device_arrays(
+      (jax.process_count(), len(values)), NamedSharding(mesh, P('proc')), [mine])
+  return np.asarray(total(arr).addressable_shards[0].data)[0]

@@ -1,0 +1,140 @@
+"""Generation over serve-plan stages: the generation workload of the runtime.
+
+Each stage keeps its layers' KV cache for each request group on its own devices, sharded over KV
+heads on its TP mesh. Its programs are jitted once per shape: prefill (a group's prompts, padded to
+one length) and a decode step (one token per row, at each row's own position); the head stage also
+samples the next token. `GenerationHandler` runs the ops of a decode schedule (schedules.decode): a
+stage's output travels to the next stage ('act'), the token sampled on the last stage back to
+stage 0 ('token').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hetjax.parallel.meshes import StageGroup, place
+from hetjax.parallel.runtime import Message
+from hetjax.sampling import sample_logits
+
+
+def cache_sharding(group: StageGroup) -> NamedSharding:
+  """[B, S, kv_heads, head_dim], split over KV heads like the attention weights."""
+  return NamedSharding(group.mesh, P(None, None, 'tp', None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+  """Hashable identity of a stage's generation programs (graph, mesh, sampling)."""
+  graphdef: nnx.GraphDef
+  mesh: object
+  has_embed: bool
+  has_head: bool
+  sampling: tuple
+  group: StageGroup = dataclasses.field(compare=False, hash=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(key: _Key):
+  group, graphdef, sampling = key.group, key.graphdef, key.sampling
+  kv = cache_sharding(group)
+  cache_shardings = {str(i): {'k': kv, 'v': kv} for i in range(group.start, group.end)}
+  out = group.replicated
+
+  def finish(y, rng):
+    """The head samples a token per row; other stages pass their hidden states on."""
+    return sample_logits(y[:, -1], rng, *sampling) if group.has_head else y
+
+  def prefill(params, x, cache, lengths, rng):
+    y, cache = nnx.merge(graphdef, params)(x, 0, cache, last_index=lengths - 1)
+    return finish(y, rng), cache
+
+  def decode(params, x, cache, pos, rng):
+    if group.has_embed:
+      x = x[:, None]
+    y, cache = nnx.merge(graphdef, params)(x, pos, cache)
+    return finish(y, rng), cache
+
+  def init_cache(batch, length):
+    return group.abstract.init_cache(batch, length)
+
+  return types.SimpleNamespace(
+      prefill=jax.jit(prefill, donate_argnums=2, out_shardings=(out, cache_shardings)),
+      decode=jax.jit(decode, donate_argnums=2, out_shardings=(out, cache_shardings)),
+      init_cache=jax.jit(init_cache, static_argnums=(0, 1), out_shardings=cache_shardings))
+
+
+def stage_programs(group: StageGroup, sampling: tuple):
+  return _programs(_Key(group.graphdef, group.mesh, group.has_embed, group.has_head, sampling, group))
+
+
+@dataclasses.dataclass
+class GroupBatch:
+  """One request group of a replica: prompts right-padded to one length."""
+  prompts: np.ndarray       # [B, T] int32
+  lengths: np.ndarray       # [B] true prompt lengths
+
+
+class GenerationHandler:
+  """Runs prefill and decode ops. `stages[s]` = (replica, k, group, params) for the runtime's flat
+  stage index s; `batches[replica][m]` is request group m of that replica. Sampled tokens are kept
+  per group (lifetime 'group') as device arrays [B] on the head stage."""
+
+  def __init__(self, stages, batches, cache_len: dict, store, hidden: int, sampling: tuple,
+               seed: int, on_token=None):
+    self.stages, self.batches, self.cache_len, self.store = stages, batches, cache_len, store
+    self.hidden, self.sampling = hidden, sampling
+    self.key = jax.random.key(seed)
+    self.on_token = on_token   # called (replica, group, step, token) on the head stage's process
+    self.first = {}            # replica -> flat index of its first stage
+    self.last = {}
+    for s, (r, k, g, _) in enumerate(stages):
+      self.first.setdefault(r, s)
+      self.last[r] = s
+
+  def _rng(self, replica, m, t):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(self.key, replica), m), t)
+
+  def compute(self, op, received):
+    s, m, t = op.stage, op.micro, op.step
+    r, _, group, params = self.stages[s]
+    batch = self.batches[r][m]
+    programs = stage_programs(group, self.sampling)
+    cache_key = ('cache', s, m)
+    cache = self.store.pop('group', cache_key)
+    if cache is None:
+      cache = programs.init_cache(len(batch.lengths), self.cache_len[r])
+    if op.kind == 'P':
+      x = (place(batch.prompts, group.replicated) if group.has_embed
+           else received[('P', s - 1, m, t)])
+      y, cache = programs.prefill(params, x, cache, place(batch.lengths, group.replicated),
+                                  self._rng(r, m, t))
+    else:
+      if group.has_embed:
+        x = (self.store.get('group', ('token', r, m)) if self.last[r] == s
+             else received[op.deps[0]])
+      else:
+        x = received[op.deps[0]]
+      pos = place((batch.lengths + t - 1).astype(np.int32), group.replicated)
+      y, cache = programs.decode(params, x, cache, pos, self._rng(r, m, t))
+    self.store.put('group', cache_key, cache)
+    if group.has_head:
+      self.store.put('group', ('token', r, m), y)
+      if self.on_token is not None:
+        self.on_token(r, m, t, y)
+    return y
+
+  def message(self, op, consumer):
+    r = self.stages[op.stage][0]
+    rows = len(self.batches[r][op.micro].lengths)
+    if consumer.stage == self.first[r] and op.stage == self.last[r]:
+      return Message('token', (rows,), jnp.int32, batch_sharded=False)
+    width = self.batches[r][op.micro].prompts.shape[1] if op.kind == 'P' else 1
+    return Message('act', (rows, width, self.hidden), batch_sharded=False)
