@@ -1,7 +1,11 @@
 """Generation from a text prompt or raw token ids; prints the new ids as one JSON line.
 python run.py --config=configs/generate.py --config.prompt_ids=1,2,3 --config.generate.max_new_tokens=8
 With --config.checkpoint=PATH (a training workdir or a converted checkpoint) the weights and the
-model config come from the checkpoint; otherwise the model is --config.model, randomly initialised."""
+model config come from the checkpoint; otherwise the model is --config.model, randomly initialised.
+With --config.plan=PLAN.json (a serve plan, e.g. from configs/plan_inference.py) generation runs
+over the plan's replicas of uneven, tensor-parallel stages, pipelined:
+python run.py --config=configs/plan_inference.py --config.cluster=local_hetero --config.workdir=runs/serveplan
+python run.py --config=configs/generate.py --config.plan=runs/serveplan/plan.json --config.prompt_ids=1,2,3"""
 
 from configs import base
 
@@ -12,4 +16,8 @@ def get_config():
   c.generate = base.generate_fields()
   c.prompt_ids = ''    # shorthand for generate.prompt_ids
   c.checkpoint = ''    # a checkpoint to load (its latest step)
+  c.plan = ''          # a serve plan.json: generate over its stages (default: one device)
+  c.codec = 'fp32'     # activations between stages: fp32, bf16, or 8/4/3/2-bit quantization
+  c.transport = 'auto'  # device_put (one process), pair (multi-controller), auto
+  c.colocate = False   # wrap plan device ids onto the devices that exist (checks on one GPU)
   return c

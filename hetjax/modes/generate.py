@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
 from hetjax.checkpoint.manager import load_model
 from hetjax.data import ByteTokenizer
+from hetjax.distributed import is_leader
 from hetjax.errors import HetjaxError
 from hetjax.inference.generate import generate
 from hetjax.models.config import model_config_from
@@ -36,9 +38,37 @@ def print_ids(ids: np.ndarray) -> None:
   print(json.dumps({'ids': np.asarray(ids).tolist()}))
 
 
+def serve_engine(cfg, model: Stage):
+  """A ServeEngine over the serve plan at cfg.plan (replicas of uneven, TP-sharded stages)."""
+  import jax
+  from flax import nnx
+  from hetjax.compression.codecs import make_codec
+  from hetjax.inference.engine import ServeEngine
+  from hetjax.parallel.exchange import DevicePutTransport, PairPermuteTransport
+  from hetjax.plan import Plan
+  if not os.path.isfile(cfg.plan):
+    raise HetjaxError(f'plan file not found: {cfg.plan} (make one with configs/plan_inference.py)')
+  plan = Plan.load(cfg.plan)
+  transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport}
+  kind = cfg.transport if cfg.transport != 'auto' else (
+      'pair' if jax.process_count() > 1 else 'device_put')
+  if kind not in transports:
+    raise HetjaxError(f"transport must be 'auto', 'device_put' or 'pair', got {cfg.transport!r}")
+  return ServeEngine(plan, model.cfg, nnx.state(model), codec=make_codec(cfg.codec),
+                     transport=transports[kind](), colocate=cfg.colocate)
+
+
 def run(cfg, workdir: str) -> None:
   if cfg.get('checkpoint'):
     model, _ = load_model(cfg.checkpoint)
   else:
     model = build_model(model_config_from(cfg), cfg.seed)
-  print_ids(sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', '')))
+  if cfg.get('plan'):
+    g = cfg.generate
+    ids = serve_engine(cfg, model).generate(
+        parse_prompt(g, cfg.get('prompt_ids', '')), g.max_new_tokens, temperature=g.temperature,
+        top_k=g.top_k, top_p=g.top_p, seed=cfg.seed)
+  else:
+    ids = sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', ''))
+  if is_leader():
+    print_ids(ids)
