@@ -1,0 +1,44 @@
+"""Generation over a serve plan whose stages live in different processes (pair transport)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hetjax.inference.generate import generate
+from hetjax.models.config import get_model_config
+from hetjax.models.model import build_model
+from hetjax.plan import Plan, Replica, Stage
+from tests.test_multicontroller import LAUNCH_TIMEOUT_S, ROOT, env
+
+PROMPT = [5, 17, 99, 3, 42]
+TOKENS = 6
+
+
+@pytest.mark.parametrize('devices, replicas', [
+    # 2 processes: [0:2] on process 0, [2:4] at TP 2 on process 1.
+    ('1,2', [[Stage(0, 2, [0]), Stage(2, 4, [1, 2])]]),
+    # 3 processes, two replicas: one spans processes 0 -> 1 -> 2, the other lives on process 2.
+    ('1,1,4', [[Stage(0, 1, [0]), Stage(1, 3, [1]), Stage(3, 4, [2, 3])],
+               [Stage(0, 4, [4, 5])]]),
+])
+def test_processes_generate_single_device_ids(tmp_path, devices, replicas):
+  plan = Plan([Replica(r) for r in replicas], num_layers=4, kind='serve')
+  plan.save(str(tmp_path / 'plan.json'))
+  n = len(devices.split(','))
+  prompts = ','.join(map(str, PROMPT))
+  cmd = [sys.executable, '-m', 'hetjax.launch', '-n', str(n), f'--devices={devices}', '--grace=30',
+         f'--timeout={LAUNCH_TIMEOUT_S}', '--', sys.executable, 'run.py', '--config=configs/generate.py',
+         '--config.model=tiny_llama', f'--config.plan={tmp_path / "plan.json"}',
+         f'--config.prompt_ids={prompts}', f'--config.generate.max_new_tokens={TOKENS}',
+         f'--config.workdir={tmp_path / "run"}']
+  r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=2 * LAUNCH_TIMEOUT_S)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = [l[l.index('{'):] for l in r.stdout.splitlines() if '{"ids"' in l]
+  assert len(lines) == 1, r.stdout[-2000:]   # printed once, by the leader
+  cfg = get_model_config('tiny_llama')
+  want = generate(build_model(cfg, 0), np.array([PROMPT]), TOKENS)
+  assert json.loads(lines[0])['ids'] == want.tolist()
