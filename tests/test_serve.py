@@ -1,0 +1,81 @@
+"""mode=serve: requests in, completions out; bad request files and sampling settings refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hetjax.data import ByteTokenizer
+from hetjax.errors import HetjaxError
+from hetjax.inference.serving import parse_requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENCODE = ByteTokenizer().encode
+
+
+def test_parse_requests():
+  lines = ['{"prompt": "hi", "arrival_s": 0.5}', '', '{"ids": [1, 2, 3], "max_new_tokens": 4, "id": "x"}']
+  got = parse_requests(lines, ENCODE, 64, 8)
+  assert [r.id for r in got] == ['x', '0'] and got[1].ids.tolist() == [104, 105]
+  assert got[0].max_new_tokens == 4 and got[1].max_new_tokens == 8
+
+
+@pytest.mark.parametrize('lines, message', [
+    (['{"prompt": "a"}', 'not json'], 'line 2'),
+    (['{"ids": "abc"}'], 'line 1'),
+    (['{"other": 1}'], 'needs "prompt"'),
+    (['{"ids": []}'], 'empty prompt'),
+    (['{"ids": [1], "max_new_tokens": 100}'], 'exceeds'),
+    (['{"ids": [1], "arrival_s": -1}'], 'arrival_s'),
+    ([], 'no requests'),
+    (['', '  '], 'no requests'),
+])
+def test_bad_requests(lines, message):
+  with pytest.raises(HetjaxError, match=message):
+    parse_requests(lines, ENCODE, 64, 8)
+
+
+def run_serve(tmp_path, *flags):
+  plan = {'kind': 'serve', 'replicas': [{'stages': [{'layers': [0, 2], 'devices': [0, 1]},
+                                                    {'layers': [2, 4], 'devices': [2]}]},
+                                        {'stages': [{'layers': [0, 4], 'devices': [3]}]}]}
+  (tmp_path / 'plan.json').write_text(json.dumps(plan))
+  return subprocess.run([sys.executable, 'run.py', '--config=configs/serve.py',
+                         f'--config.plan={tmp_path / "plan.json"}',
+                         f'--config.workdir={tmp_path / "run"}', *flags],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--config.generate.temperature=-1'], 'temperature'),
+    (['--config.generate.top_p=0'], 'top_p'),
+    (['--config.requests=/nonexistent.jsonl'], 'cannot read requests'),
+])
+def test_bad_serve_flags_give_one_line(tmp_path, flags, message):
+  r = run_serve(tmp_path, *flags)
+  assert r.returncode == 2 and r.stderr.strip().startswith('error:') and message in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_serve_writes_completions_equal_to_generation(tmp_path):
+  from hetjax.inference.generate import generate
+  from hetjax.models.config import get_model_config
+  from hetjax.models.model import build_model
+  reqs = [{'ids': [3, 1, 4, 1, 5], 'max_new_tokens': 4}, {'prompt': 'hello', 'max_new_tokens': 6},
+          {'ids': [9, 2, 6], 'max_new_tokens': 5, 'arrival_s': 0.2}]
+  (tmp_path / 'req.jsonl').write_text('\n'.join(map(json.dumps, reqs)) + '\n')
+  r = run_serve(tmp_path, f'--config.requests={tmp_path / "req.jsonl"}', '--config.model=tiny_llama')
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = [json.loads(l) for l in open(tmp_path / 'run' / 'completions.jsonl')]
+  assert sorted(o['replica'] for o in out) != [-1, -1, -1]
+  model = build_model(get_model_config('tiny_llama'), 0)
+  prompts = [np.array(reqs[0]['ids']), ENCODE('hello'), np.array(reqs[2]['ids'])]
+  for o, req, p in zip(out, reqs, prompts):
+    assert o['ids'] == generate(model, p[None], req['max_new_tokens'])[0].tolist()
+    assert 0 < o['ttft_s'] <= o['latency_s']
+  metrics = json.load(open(tmp_path / 'run' / 'metrics.json'))
+  assert metrics['tokens'] == 15 and metrics['tokens_per_s'] > 0
+  assert (tmp_path / 'run' / 'replica_timeline.png').stat().st_size > 1000
