@@ -2,10 +2,12 @@
 
 Methods:
   'dtfm'    DT-FM's bi-level search at a fixed shape (D_PP x D_DP, TP 1, equal layers): GA partition
-            minimising DT-FM's cost (dp + 2 pp), KL gain = DT-FM's DP pair cost.
+            minimising DT-FM's cost (dp + 2 pp), started from partitions read from the link matrices,
+            local search by KL passes and exact layer matchings, restarts when it stalls.
   'hetjax'  DT-FM's machinery plus: choose TP (devices of one host), D_PP and D_DP; uneven layer counts
             from each group's compute under memory caps; fitness = the full step-time model.
-  baselines in baselines.py ('random', 'index', 'hybrid').
+  'hybrid'  DT-FM's hybrid baseline: the same GA with DT-FM's hybrid gain only.
+  baselines in baselines.py ('random', 'index', 'strided').
 
 Devices are first grouped into TP units (t devices of one host); partitioning works over units.
 """
@@ -27,7 +29,7 @@ from hetjax.search.layers import assign_layers, equal_layers
 from hetjax.search.ordering import order_groups
 from hetjax.search.partition import GAConfig, clustered, genetic_partition, groups_of, transversal
 
-METHODS = ('hetjax', 'dtfm', 'hybrid', 'random', 'index')
+METHODS = ('hetjax', 'dtfm', 'hybrid', 'random', 'index', 'strided')
 INFEASIBLE = 1e6  # fitness offset for plans that do not fit in memory
 SEARCH_EXACT_TSP = 10  # inside the GA loop Held-Karp runs up to 10 groups (heuristic beyond); final plans: 16
 
@@ -368,4 +370,6 @@ def plan_training(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup,
     return baselines.random_plan(cluster, model, setup, search, seed, model_name)
   if search.method == 'index':
     return baselines.index_plan(cluster, model, setup, search, model_name)
+  if search.method == 'strided':
+    return baselines.strided_plan(cluster, model, setup, search, model_name)
   raise HetjaxError(f'unknown search method {search.method!r}; choose one of {METHODS}')
