@@ -21,6 +21,7 @@ Writes results.csv, cost_by_scenario.png and table.txt under --out; prints the t
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib
 import io
 import json
@@ -52,9 +53,12 @@ METHODS = ('random', 'index', 'strided', 'hybrid', 'dtfm', 'dtfm_noseed')
 FLAGS = flags.FLAGS
 flags.DEFINE_string('scenarios', ','.join(SCENARIOS), 'comma-separated scenario names (see module doc)')
 flags.DEFINE_string('methods', ','.join(METHODS), 'comma-separated hetjax methods; "peer" is added by --peer_dir')
-flags.DEFINE_integer('seeds', 3, 'seeds per searching method (random, hybrid, dtfm, dtfm_noseed)')
+flags.DEFINE_integer('seeds', 10, 'seeds for dtfm (hetjax search)')
+flags.DEFINE_integer('other_seeds', 3, 'seeds for the other searching methods (random, hybrid, dtfm_noseed)')
 flags.DEFINE_string('peer_dir', '', "local copy of github.com/DS3Lab/DT-FM; runs its scheduler's GCMA")
 flags.DEFINE_integer('peer_seeds', 1, 'seeds for the peer scheduler (each run takes minutes)')
+flags.DEFINE_bool('peer_run_missing', True, 'run peer seeds missing from the cache (else use cached runs only)')
+flags.DEFINE_bool('table_only', False, 'rebuild the table from results.csv and the peer cache, running nothing')
 flags.DEFINE_string('peer_mode', 'default', "peer gain: 'default' (DT-FM) or 'baseline' (its hybrid)")
 flags.DEFINE_string('model', 'gpt3_xl', 'model (sets layers; c_pp/c_dp come from the flags below)')
 flags.DEFINE_integer('evaluations', 5000, 'distinct candidates per search (DT-FM: 5000)')
@@ -111,9 +115,9 @@ def scenario(name: str) -> Cluster:
 
 
 # ------------------------------------------------------------------ the peer's scheduler
-def run_peer(peer_dir: str, cluster: Cluster, seed: int, mode: str) -> tuple[list[list[int]], float]:
+def run_peer(peer_dir: str, cluster: Cluster, seed: int, mode: str) -> tuple[list[list[int]], float, float]:
   """DT-FM's released GCMA (scheduler/heuristic_evolutionary_solver/scheduler.py), unmodified, on this
-  cluster's matrices; returns its best partition and the seconds it took. Glue only: it reads module
+  cluster's matrices; returns its best partition and the wall and CPU seconds it took. Glue only: it reads module
   globals peer_delay (ms) and peer_bandwidth (Gbit/s), and it overwrites random.seed / np.random.seed
   with ints (`random.seed = i`), so those are restored after the run."""
   src = os.path.join(peer_dir, 'scheduler', 'heuristic_evolutionary_solver')
@@ -130,15 +134,15 @@ def run_peer(peer_dir: str, cluster: Cluster, seed: int, mode: str) -> tuple[lis
     sched.peer_bandwidth = cluster.bandwidth_gbps.copy()
     random.seed(seed)
     np.random.seed(seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     parts, scores, _ = sched.GCMA(nodes=list(range(64)), population_size=100, trails=4900, mode=mode)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
   finally:
     random.seed, np.random.seed = saved
     sys.path.remove(src)
   best = parts[int(np.argmin(scores))]
   size = sched.partition_size
-  return [sorted(int(d) for d in best[i:i + size]) for i in range(0, 64, size)], seconds
+  return [sorted(int(d) for d in best[i:i + size]) for i in range(0, 64, size)], seconds, cpu
 
 
 def peer_rows(name: str, cluster: Cluster, c_pp: float, c_dp: float, cache_path: str) -> list[dict]:
@@ -152,17 +156,21 @@ def peer_rows(name: str, cluster: Cluster, c_pp: float, c_dp: float, cache_path:
   rows = []
   for seed in range(FLAGS.peer_seeds):
     key = (name, FLAGS.peer_mode, seed)
+    if key not in done and not FLAGS.peer_run_missing:
+      continue
     if key not in done:
       print(f'{name:16s} peer ({FLAGS.peer_mode}) seed {seed}: running DT-FM\'s scheduler '
             f'(minutes) ...', flush=True)
-      groups, seconds = run_peer(FLAGS.peer_dir, cluster, seed, FLAGS.peer_mode)
-      done[key] = {'scenario': name, 'mode': FLAGS.peer_mode, 'seed': seed, 'groups': groups, 'seconds': seconds}
+      groups, seconds, cpu = run_peer(FLAGS.peer_dir, cluster, seed, FLAGS.peer_mode)
+      done[key] = {'scenario': name, 'mode': FLAGS.peer_mode, 'seed': seed, 'groups': groups, 'seconds': seconds,
+                   'cpu_seconds': cpu}
       with open(cache_path, 'a') as f:
         f.write(json.dumps(done[key]) + '\n')
     r = done[key]
     cost = cm.dtfm_cost(cluster, r['groups'], c_pp, c_dp)['total']
     rows.append({'scenario': name, 'method': 'peer' if FLAGS.peer_mode == 'default' else 'peer_hybrid',
-                 'seed': seed, 'dtfm_cost_s': cost, 'evaluations': 5000, 'search_s': r['seconds']})
+                 'seed': seed, 'dtfm_cost_s': cost, 'evaluations': 5000, 'search_s': r['seconds'],
+                 'search_cpu_s': r.get('cpu_seconds', float('nan'))})
   return rows
 
 
@@ -170,10 +178,11 @@ def peer_rows(name: str, cluster: Cluster, c_pp: float, c_dp: float, cache_path:
 def run_method(name, cluster, model, setup, method, seed) -> dict:
   cfg = SearchConfig(method='dtfm' if method == 'dtfm_noseed' else method, evaluations=FLAGS.evaluations,
                      seeds=method != 'dtfm_noseed', progress_s=0.0)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   plan = plan_training(cluster, model, setup, cfg, seed=seed, model_name=FLAGS.model)
   return {'scenario': name, 'method': method, 'seed': seed, 'dtfm_cost_s': plan.prediction['dtfm_cost'],
-          'evaluations': plan.search.get('evaluations', 0), 'search_s': time.perf_counter() - t0}
+          'evaluations': plan.search.get('evaluations', 0), 'search_s': time.perf_counter() - t0,
+          'search_cpu_s': time.process_time() - c0}
 
 
 def main(argv):
@@ -184,16 +193,25 @@ def main(argv):
                         c_pp_bytes=FLAGS.c_pp_bytes or None, c_dp_bytes=FLAGS.c_dp_bytes or None)
   methods = [m for m in FLAGS.methods.split(',') if m]
   rows = []
+  if FLAGS.table_only:
+    methods = []
+    with open(os.path.join(FLAGS.out, 'results.csv')) as f:
+      for r in csv.DictReader(f):
+        if not r['method'].startswith('peer'):
+          rows.append({k: (v if k in ('scenario', 'method') else float(v)) for k, v in r.items()})
   for name in FLAGS.scenarios.split(','):
     cluster = scenario(name)
     c_pp, c_dp = cm.dtfm_workload(model, setup, 8, cluster.n // 8)
     for method in methods:
-      for seed in range(1 if method in ('index', 'strided') else FLAGS.seeds):
+      seeds = 1 if method in ('index', 'strided') else FLAGS.seeds if method == 'dtfm' else FLAGS.other_seeds
+      for seed in range(seeds):
         row = run_method(name, cluster, model, setup, method, seed)
         rows.append(row)
         print(f"{name:16s} {method:12s} seed {seed}: DT-FM cost {row['dtfm_cost_s']:8.3f} s "
               f"({row['search_s']:.1f} s)", flush=True)
     if FLAGS.peer_dir:
+      if FLAGS.table_only:
+        FLAGS.peer_run_missing = False
       for row in peer_rows(name, cluster, c_pp, c_dp, os.path.join(FLAGS.out, 'peer_runs.jsonl')):
         rows.append(row)
         print(f"{name:16s} {row['method']:12s} seed {row['seed']}: DT-FM cost {row['dtfm_cost_s']:8.3f} s "
@@ -240,7 +258,7 @@ def print_table(rows, out):
   scens = list(dict.fromkeys(r['scenario'] for r in rows))
   methods = list(dict.fromkeys(r['method'] for r in rows))
   lines = [f'DT-FM cost (s, plan as it runs): mean over seeds [seeds reaching the best known / seeds] '
-           f'(mean search s). Files in {out}',
+           f'(mean search CPU s). Files in {out}',
            f"{'scenario':16s}{'best':>8s}" + ''.join(f'{m:>24s}' for m in methods)]
   for s in scens:
     line = f'{s:16s}{_group(rows, s, methods[0])[0]["best_known_s"] if _group(rows, s, methods[0]) else np.nan:8.2f}'
@@ -250,7 +268,7 @@ def print_table(rows, out):
         line += f'{"-":>24s}'
         continue
       cell = (f"{np.mean([r['dtfm_cost_s'] for r in g]):.2f} [{sum(r['reached_best'] for r in g)}/{len(g)}] "
-              f"({np.mean([r['search_s'] for r in g]):.1f})")
+              f"({np.mean([r['search_cpu_s'] for r in g]):.1f})")
       line += f'{cell:>24s}'
     lines.append(line)
   text = '\n'.join(lines)

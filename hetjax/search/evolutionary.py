@@ -4,9 +4,10 @@ Each step picks two distinct parents at random, breeds one child (crossover, rep
 whatever `breed` does), and the child replaces the worse parent if it is better. Fitness is minimised
 and cached by `key(genome)`. The best cost is recorded after every `population` evaluations.
 
-Restarts: when `restart_after` new candidates bring no improvement, the worse half of the population
-is replaced by `restart(best, rng)` (a perturbed, locally re-optimised copy of the best), so a
-population that has converged into one basin looks around it again. Long searches print their
+Early stop: after `stop_after` candidates without improvement (converged). Restarts: when
+`restart_after` new candidates bring no improvement, the worse half of the population is replaced by
+`restart(best, rng)` (a perturbed, locally re-optimised copy of the best), so a population that has
+converged into one basin looks around it again. Long searches print their
 progress (candidates, best cost, candidates per second) every `progress_s` seconds.
 """
 
@@ -25,6 +26,7 @@ class EvoConfig:
   evaluations: int = 5000            # distinct candidates evaluated, initial population included
   time_limit: Optional[float] = None  # seconds
   restart_after: int = 0             # candidates without improvement before a restart (0: never)
+  stop_after: int = 0                # candidates without improvement before stopping early (0: never)
   progress_s: float = 5.0            # print progress this often once a search runs longer (0: never)
   label: str = 'search'
 
@@ -71,9 +73,12 @@ def steady_state(init: Callable[[np.random.Generator], Any],
   history = [min(scores)]
   steps, last_gen, restarts = 0, 0, 0
   best_seen, improved_at, printed = min(scores), len(cache), t0
+  best_at = len(cache)   # candidates scored when the best cost last improved
   # `evaluations` counts distinct candidates scored (repeats hit the cache); steps are capped as well
   while len(cache) < cfg.evaluations and steps < 20 * cfg.evaluations and len(cache) > 1:
     if cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit:
+      break
+    if cfg.stop_after and len(cache) - best_at >= cfg.stop_after:
       break
     steps += 1
     i, j = rng.choice(len(pop), size=2, replace=False)
@@ -90,7 +95,7 @@ def steady_state(init: Callable[[np.random.Generator], Any],
       pop[worse], scores[worse], members[worse] = child, c, ck
     now = min(scores)
     if now < best_seen:
-      best_seen, improved_at = now, len(cache)
+      best_seen, improved_at, best_at = now, len(cache), len(cache)
     elif restart is not None and cfg.restart_after and len(cache) - improved_at >= cfg.restart_after:
       b = int(np.argmin(scores))
       for idx in np.argsort(scores)[::-1][:len(pop) // 2]:   # the worse half

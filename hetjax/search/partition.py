@@ -29,6 +29,7 @@ class GAConfig:
   time_limit: Optional[float] = None  # seconds
   matching: bool = True            # exact layer moves after each KL pass
   restart_after: int = 0           # candidates without improvement before a restart (0: never)
+  stop_after: int = 0              # candidates without improvement before stopping (0: never)
   progress_s: float = 5.0          # progress line this often during long searches (0: never)
   label: str = 'partition search'
 
@@ -175,13 +176,11 @@ def matching_pass(assign: np.ndarray, w: np.ndarray, k: int, rng: np.random.Gene
       rows, cols = linear_sum_assignment(cost)
       if cost[rows, cols].sum() < np.trace(cost) - 1e-12 * (1 + abs(np.trace(cost))):
         moved = rows[cols != rows]
-        for i in moved:
-          v, g_old, g_new = layer[i], i, cols[i]
-          h[:, g_old] -= w[:, v]
-          h[:, g_new] += w[:, v]
-          a[v] = g_new
+        h[:, moved] -= w[:, layer[moved]]
+        h[:, cols[moved]] += w[:, layer[moved]]
+        a[layer[moved]] = cols[moved]
+        members[cols, j] = layer[rows]
         improved = True
-        members = np.array([rng.permutation(np.flatnonzero(a == g)) for g in range(k)])
     if not improved:
       break
   return a
@@ -285,7 +284,8 @@ def genetic_partition(sizes: Sequence[int], fitness: Callable[[np.ndarray], floa
   def key(a):  # partitions equal up to relabelling share one fitness
     return tuple(sorted(tuple(g) for g in groups_of(a, k))) if equal else tuple(a)
 
-  evo = EvoConfig(cfg.population, cfg.evaluations, cfg.time_limit, cfg.restart_after, cfg.progress_s, cfg.label)
+  evo = EvoConfig(cfg.population, cfg.evaluations, cfg.time_limit, cfg.restart_after, cfg.stop_after,
+                  cfg.progress_s, cfg.label)
   res = steady_state(lambda rng: random_assign(sizes, rng), breed, fitness, evo, seed, key,
                      [np.asarray(x, dtype=int) for x in initial], perturb=mutate,
                      restart=restart if cfg.restart_after else None)

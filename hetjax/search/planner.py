@@ -47,6 +47,7 @@ class SearchConfig:
   uneven_layers: bool = True
   time_limit: Optional[float] = None  # seconds per GA run
   restart_after: int = 500      # candidates without improvement before the GA restarts half its population
+  stop_after: int = 1500        # candidates without improvement before the GA stops (0: run all evaluations)
   progress_s: float = 5.0       # progress line this often during long searches (0: never)
   seeds: bool = True            # dtfm: start from partitions read from the link matrices
 
@@ -248,7 +249,8 @@ def finish(plan: Plan, cluster: Cluster, model: ModelConfig, setup: cm.TrainSetu
 
 def _ga_config(search: SearchConfig, evaluations: int, population: int) -> GAConfig:
   return GAConfig(population=population, evaluations=evaluations, crossover_points=search.crossover_points,
-                  time_limit=search.time_limit, restart_after=search.restart_after, progress_s=search.progress_s)
+                  time_limit=search.time_limit, restart_after=search.restart_after,
+                  stop_after=search.stop_after, progress_s=search.progress_s)
 
 
 def dtfm_seeds(cluster: Cluster, pair: list[np.ndarray], c_pp: float, d_pp: int, d_dp: int,
