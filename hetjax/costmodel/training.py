@@ -43,6 +43,13 @@ class TrainSetup:
   c_pp_bytes: Optional[float] = None  # override DT-FM's c_pp (else derived)
   c_dp_bytes: Optional[float] = None  # override DT-FM's c_dp (else derived)
 
+  def __post_init__(self):
+    for name in ('c_pp_bytes', 'c_dp_bytes'):
+      v = getattr(self, name)
+      if v is not None and not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+        raise HetjaxError(f'train.{name} must be a positive number of bytes (0 derives it from the model), '
+                          f'got {v!r}')
+
   def micro_batches(self, dp: int) -> int:
     per = self.global_batch / dp / self.micro_batch_size
     if per < 1 or per != int(per):
