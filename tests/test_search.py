@@ -1,6 +1,7 @@
 """Search: matching and Held-Karp vs brute force, GA vs brute force, layers, determinism, planners."""
 import itertools
 import os
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +12,11 @@ from hetjax.errors import HetjaxError
 from hetjax.models.config import get_model_config
 from hetjax.search.layers import assign_layers
 from hetjax.search.ordering import bottleneck_matching, held_karp_path, heuristic_path
-from hetjax.search.partition import GAConfig, genetic_partition, groups_of, kl_pass, repair
+from hetjax.search.partition import (GAConfig, genetic_partition, groups_of, kl_pass, matching_pass, repair,
+                                     transversal, within_cost)
 from hetjax.search.planner import SearchConfig, kl_weights, plan_training
+
+PAPER = dict(c_pp_bytes=0.471 * 2 ** 30, c_dp_bytes=0.65e9)   # DT-FM scheduler's constants
 
 
 def test_bottleneck_matching_brute_force():
@@ -165,3 +169,116 @@ def test_search_reports_memory_infeasibility():
   cfg = SearchConfig(method='hetjax', population=6, evaluations=20, screen_evaluations=10)
   with pytest.raises(HetjaxError, match=r'no memory-feasible plan.*device \d+ \(V100.*needs .* GB'):
     plan_training(c, get_model_config('llama2_70b'), cm.TrainSetup(global_batch=8, seq_len=1024), cfg)
+
+
+def test_matching_pass_beats_every_permutation_of_its_first_layer():
+  rng = np.random.default_rng(6)
+  for _ in range(10):
+    w = rng.random((12, 12))
+    w = w + w.T
+    np.fill_diagonal(w, 0)
+    a = rng.permutation(np.repeat(np.arange(4), 3))
+    b = matching_pass(a, w, 4, np.random.default_rng(0), rounds=1)
+    assert np.bincount(b).tolist() == [3, 3, 3, 3] and within_cost(b, w) <= within_cost(a, w) + 1e-12
+    # the first layer matching_pass moves: the first of each group's members in its rng order
+    r = np.random.default_rng(0)
+    layer = [int(r.permutation(np.flatnonzero(a == g))[0]) for g in range(4)]
+    for perm in itertools.permutations(range(4)):
+      moved = a.copy()
+      moved[layer] = perm
+      assert within_cost(b, w) <= within_cost(moved, w) + 1e-12
+
+
+def test_transversal_lays_pipeline_segments_on_hosts():
+  # DT-FM case 2 at 16 devices: 2 hosts of 4 GPUs (fast) and 8 single GPUs; 4 groups of 4, segments of 2
+  c = dtfm_case(2, n=16).subset(np.random.default_rng(3).permutation(16).tolist())
+  link = c.transfer_time(1e8)
+  np.fill_diagonal(link, 0)
+  a = transversal(link, np.zeros((16, 16)), 4, 2, np.random.default_rng(0))
+  groups = groups_of(a, 4)
+  hosts = c.hosts()
+  fast = [g for g in groups if all(c.devices[d].host.startswith('spot') for d in g)]
+  assert len(fast) == 2 and all(np.bincount(a, minlength=4) == 4)
+  for ids in [ids for name, ids in hosts.items() if name.startswith('spot')]:
+    assert sorted(a[ids]) == [0, 0, 1, 1]   # fast segments: two GPUs of each host in each fast group
+
+
+def test_dtfm_reaches_brute_force_with_shuffled_ids():
+  m = get_model_config('gpt3_xl')
+  setup = cm.TrainSetup(global_batch=64, **PAPER)
+  for case in (2, 5):
+    c = dtfm_case(case, n=8).subset(np.random.default_rng(case).permutation(8).tolist())
+    obj = cm.DtfmObjective(c, PAPER['c_pp_bytes'], PAPER['c_dp_bytes'], 2)
+    brute = min(obj(p) for p in _all_partitions(list(range(8)), 2))
+    p = plan_training(c, m, setup, SearchConfig(method='dtfm', d_pp=4, population=10, evaluations=60), seed=1)
+    assert p.search['best'] == pytest.approx(brute) and p.prediction['dtfm_cost'] == pytest.approx(brute)
+
+
+def test_dtfm_cost_is_reported_in_run_order():
+  c, m = dtfm_case(5), get_model_config('gpt3_xl')
+  setup = cm.TrainSetup(**PAPER)
+  idx = plan_training(c, m, setup, SearchConfig(method='index'))
+  groups = [[d for g in grp for d in g] for grp in idx.stage_groups()]
+  reordered = cm.dtfm_cost(c, groups, PAPER['c_pp_bytes'], PAPER['c_dp_bytes'])['total']
+  run_order = cm.plan_link_cost(c, idx, PAPER['c_pp_bytes'], PAPER['c_dp_bytes'])['total']
+  assert idx.prediction['dtfm_cost'] == pytest.approx(run_order) and run_order > reordered * 1.05
+  strided = plan_training(c, m, setup, SearchConfig(method='strided'))
+  assert [sorted(d[0] for d in g) for g in strided.stage_groups()] == [list(range(s, 64, 8)) for s in range(8)]
+  assert strided.prediction['dtfm_cost'] < run_order
+
+
+def test_search_prints_progress(capsys):
+  c = _random_cluster(16, np.random.default_rng(9))
+  obj = cm.DtfmObjective(c, 0.5e9, 1e9, 4)
+  slow = lambda a: (time.sleep(0.002), obj(groups_of(a, 4)))[1]
+  genetic_partition([4] * 4, slow, GAConfig(population=8, evaluations=60, progress_s=0.02, label='probe'), seed=0)
+  out = capsys.readouterr().out
+  assert 'probe:' in out and 'candidates/s' in out and 'best' in out
+
+
+@pytest.mark.slow
+def test_dtfm_shuffled_case5_reaches_best_known_in_9_of_10_seeds():
+  # best known: the strided plan of the unshuffled case 5 (one region per pipeline), in its run order
+  c, m = dtfm_case(5), get_model_config('gpt3_xl')
+  setup = cm.TrainSetup(**PAPER)
+  best = plan_training(c, m, setup, SearchConfig(method='strided')).prediction['dtfm_cost']
+  shuffled = c.subset(np.random.default_rng(2022).permutation(64).tolist())
+  hits = 0
+  for seed in range(10):
+    p = plan_training(shuffled, m, setup, SearchConfig(method='dtfm', progress_s=0), seed=seed)
+    assert p.prediction['dtfm_cost'] >= best * (1 - 1e-9)
+    hits += p.prediction['dtfm_cost'] <= best * (1 + 1e-9)
+  assert hits >= 9
+
+
+def test_cli_sets_dtfm_constants(tmp_path):
+  from configs import plan as plan_cfg
+  from hetjax.modes import plan as plan_mode
+  from hetjax.plan import Plan
+  cfg = plan_cfg.get_config()
+  cfg.cluster, cfg.num_devices, cfg.draw = 'dtfm_case3', 8, False
+  cfg.train.global_batch = 16
+  cfg.search.method, cfg.search.evaluations, cfg.search.population, cfg.search.d_pp = 'dtfm', 60, 10, 4
+  cfg.train.c_pp_bytes, cfg.train.c_dp_bytes = 3e8, 7e8
+  plan_mode.run(cfg, str(tmp_path))
+  plan = Plan.load(str(tmp_path / 'plan.json'))
+  c = get_cluster('dtfm_case3', 8)
+  assert plan.prediction['dtfm_cost'] == pytest.approx(cm.plan_link_cost(c, plan, 3e8, 7e8)['total'])
+  derived = cm.dtfm_workload(get_model_config(cfg.model), plan_mode.setup_from(cfg, get_model_config(cfg.model)), 4, 2)
+  assert derived == (3e8, 7e8)
+  for bad in (-1.0, float('nan'), float('inf')):
+    cfg.train.c_pp_bytes = bad
+    with pytest.raises(HetjaxError, match='train.c_pp_bytes must be a positive number'):
+      plan_mode.run(cfg, str(tmp_path))
+
+
+def test_bad_dtfm_constant_gets_one_error_line(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  r = subprocess.run([sys.executable, os.path.join(root, 'run.py'), '--config=configs/plan.py',
+                      '--config.train.c_dp_bytes=-5', f'--config.workdir={tmp_path}'],
+                     cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: train.c_dp_bytes'), r.stderr

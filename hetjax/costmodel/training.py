@@ -21,7 +21,7 @@ from hetjax.cluster import Cluster
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
 from hetjax.plan import Plan
-from hetjax.search.ordering import order_groups
+from hetjax.search.ordering import bottleneck_value, open_path, order_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,13 @@ class TrainSetup:
   memory_fraction: float = 0.9    # usable share of device memory
   c_pp_bytes: Optional[float] = None  # override DT-FM's c_pp (else derived)
   c_dp_bytes: Optional[float] = None  # override DT-FM's c_dp (else derived)
+
+  def __post_init__(self):
+    for name in ('c_pp_bytes', 'c_dp_bytes'):
+      v = getattr(self, name)
+      if v is not None and not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+        raise HetjaxError(f'train.{name} must be a positive number of bytes (0 derives it from the model), '
+                          f'got {v!r}')
 
   def micro_batches(self, dp: int) -> int:
     per = self.global_batch / dp / self.micro_batch_size
@@ -122,6 +129,60 @@ def dtfm_cost(cluster: Cluster, groups: Sequence[Sequence[int]], c_pp: float, c_
   dp = dtfm_dp_cost(cluster, groups, c_dp)
   pp, path, replicas = order_groups(cluster.transfer_time(c_pp), [list(g) for g in groups], cache)
   return {'total': dp + 2 * pp, 'dp': dp, 'pp': 2 * pp, 'path': path, 'replicas': replicas}
+
+
+class DtfmObjective:
+  """DT-FM's total cost of many partitions of one cluster into groups of one size, fast: the link
+  matrices are computed once and pair bottlenecks are cached by group pair. Equals
+  dtfm_cost(...)['total'] (the search's fitness; dtfm_cost also returns the path and replicas)."""
+
+  def __init__(self, cluster: Cluster, c_pp: float, c_dp: float, group_size: int):
+    self.pp_link = cluster.transfer_time(c_pp)
+    self.dp_pair = dp_pair_cost(cluster, c_dp, group_size)
+    self.cache: dict = {}
+
+  def dp(self, groups: np.ndarray) -> float:
+    g = np.asarray(groups)
+    return float(self.dp_pair[g[:, :, None], g[:, None, :]].sum(axis=-1).max())
+
+  def pp_edges(self, groups: np.ndarray) -> np.ndarray:
+    """k x k bottleneck-matching cost between groups (rows sorted; one direction, one tasklet)."""
+    k = len(groups)
+    keys = [g.tobytes() for g in groups]
+    e = np.zeros((k, k))
+    todo = []
+    for a in range(k):
+      for b in range(a + 1, k):
+        v = self.cache.get((keys[a], keys[b]))
+        if v is None:
+          todo.append((a, b))
+        else:
+          e[a, b] = e[b, a] = v
+    if todo:
+      sub = self.pp_link[groups[:, None, :, None], groups[None, :, None, :]]   # [a, b] block
+      for a, b in todo:
+        v = self.cache[(keys[a], keys[b])] = bottleneck_value(sub[a, b])
+        e[a, b] = e[b, a] = v
+    return e
+
+  def __call__(self, groups) -> float:
+    g = np.asarray(groups)
+    g = np.sort(g, axis=1)
+    return self.dp(g) + 2 * open_path(self.pp_edges(g))[0]
+
+
+def plan_link_cost(cluster: Cluster, plan: Plan, c_pp: float, c_dp: float) -> dict:
+  """DT-FM's cost of a plan in the order it runs: dp over each stage's devices, pp summed over the
+  plan's stage boundaries, each the slowest of its replicas' links (no re-ordering, no re-matching)."""
+  groups = [[d for g in grp for d in g] for grp in plan.stage_groups()]
+  if len({len(g) for g in groups}) != 1:
+    raise HetjaxError('DT-FM cost needs the same number of devices in every stage')
+  dp = dtfm_dp_cost(cluster, groups, c_dp)
+  link = cluster.transfer_time(c_pp)
+  pp = 0.0
+  for s in range(plan.num_stages - 1):
+    pp += max(float(link[r.stages[s].devices[0], r.stages[s + 1].devices[0]]) for r in plan.replicas)
+  return {'total': dp + 2 * pp, 'dp': dp, 'pp': 2 * pp}
 
 
 # ------------------------------------------------------------------ step-time pieces

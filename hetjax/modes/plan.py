@@ -17,7 +17,8 @@ def setup_from(cfg, model) -> TrainSetup:
     raise HetjaxError(f'train.seq_len={seq} exceeds the model max_len={model.max_len}')
   return TrainSetup(global_batch=t.global_batch, seq_len=seq, micro_batch_size=t.micro_batch_size,
                     schedule=t.schedule, efficiency=t.efficiency, activation_bits=t.activation_bits,
-                    recompute=t.recompute)
+                    recompute=t.recompute, c_pp_bytes=t.get('c_pp_bytes', 0.0) or None,
+                    c_dp_bytes=t.get('c_dp_bytes', 0.0) or None)
 
 
 def search_from(cfg):

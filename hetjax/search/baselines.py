@@ -1,6 +1,7 @@
-"""Baseline placements at DT-FM's fixed shape (TP 1, equal layers): random, and devices in index
-order (Megatron's rank order: stage s, replica j -> device s * D_DP + j). DT-FM's "hybrid" gain is
-the GA in planner.plan_dtfm with gain='hybrid'."""
+"""Baseline placements at DT-FM's fixed shape (TP 1, equal layers), in fixed device-id orders:
+random; index (pipeline outermost: stage s, replica j -> device s * D_DP + j); strided (data outermost:
+replica j, stage s -> device j * D_PP + s, so stage group s = {s, s + D_PP, ...}). DT-FM's "hybrid"
+gain is the GA in planner.plan_dtfm with gain='hybrid'."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from hetjax.search.layers import equal_layers
 
 
 def _grid_plan(order: list[int], d_pp: int, d_dp: int, cluster: Cluster, model: ModelConfig,
-               setup: cm.TrainSetup) -> Plan:
+               setup: cm.TrainSetup, data_outer: bool = False) -> Plan:
   bounds = np.concatenate([[0], np.cumsum(equal_layers(model.num_layers, d_pp))]).astype(int)
-  reps = [Replica([Stage(int(bounds[s]), int(bounds[s + 1]), [int(order[s * d_dp + j])]) for s in range(d_pp)])
+  pos = (lambda s, j: j * d_pp + s) if data_outer else (lambda s, j: s * d_dp + j)
+  reps = [Replica([Stage(int(bounds[s]), int(bounds[s + 1]), [int(order[pos(s, j)])]) for s in range(d_pp)])
           for j in range(d_dp)]
   return Plan(replicas=reps, num_layers=model.num_layers, cluster=cluster.name, schedule=setup.schedule,
               micro_batches=setup.micro_batches(d_dp), micro_batch_size=setup.micro_batch_size,
@@ -42,4 +44,13 @@ def index_plan(cluster, model, setup, search, model_name: str = '') -> Plan:
   _, d_pp, d_dp = default_shape(cluster, model, search)
   plan = _grid_plan(list(range(cluster.n)), d_pp, d_dp, cluster, model, setup)
   return finish(plan, cluster, model, setup, {'method': 'index', 'shape': [1, d_pp, d_dp], 'seconds': 0.0},
+                model_name)
+
+
+def strided_plan(cluster, model, setup, search, model_name: str = '') -> Plan:
+  """Devices in index order with data parallelism outermost: replica j = devices j*D_PP .. j*D_PP+D_PP-1."""
+  from hetjax.search.planner import default_shape, finish
+  _, d_pp, d_dp = default_shape(cluster, model, search)
+  plan = _grid_plan(list(range(cluster.n)), d_pp, d_dp, cluster, model, setup, data_outer=True)
+  return finish(plan, cluster, model, setup, {'method': 'strided', 'shape': [1, d_pp, d_dp], 'seconds': 0.0},
                 model_name)

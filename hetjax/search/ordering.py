@@ -42,24 +42,57 @@ def bottleneck_matching(w: np.ndarray) -> tuple[float, np.ndarray]:
   return float(values[lo]), matching(values[lo])
 
 
+def bottleneck_value(w: np.ndarray) -> float:
+  """The bottleneck of `bottleneck_matching` without the matching (cheaper: no min-sum tie-break).
+
+  Feasibility of threshold t: a perfect matching exists using edges <= t, i.e. the 0/1 "too long"
+  matrix has a zero-cost assignment."""
+  w = np.asarray(w, dtype=np.float64)
+  if w.shape[0] == 1:
+    return float(w[0, 0])
+  lower = max(w.min(axis=1).max(), w.min(axis=0).max())
+
+  def feasible(t):
+    too_long = w > t
+    r, c = linear_sum_assignment(too_long)
+    return not too_long[r, c].any()
+
+  if feasible(lower):
+    return float(lower)
+  values = np.unique(w)
+  lo, hi = int(np.searchsorted(values, lower)) + 1, len(values) - 1
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if feasible(values[mid]):
+      hi = mid
+    else:
+      lo = mid + 1
+  return float(values[lo])
+
+
 @functools.lru_cache(maxsize=None)
-def _held_karp_steps(k: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-  """(j, masks containing j, same masks without j), by increasing mask size."""
+def _held_karp_levels(k: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Per subset size 2..k: every (mask, j in mask) as arrays (masks, js, masks without j)."""
   masks = np.arange(1 << k)
   pop = np.zeros(1 << k, dtype=np.int64)
   for b in range(k):
     pop += (masks >> b) & 1
-  steps = []
+  levels = []
   for size in range(2, k + 1):
     level = masks[pop == size]
+    sel, js = [], []
     for j in range(k):
-      sel = level[(level >> j) & 1 == 1]
-      steps.append((j, sel, sel ^ (1 << j)))
-  return steps
+      m = level[(level >> j) & 1 == 1]
+      sel.append(m)
+      js.append(np.full(len(m), j))
+    sel, js = np.concatenate(sel), np.concatenate(js)
+    levels.append((sel, js, sel ^ (1 << js)))
+  return levels
 
 
 def held_karp_path(d: np.ndarray) -> tuple[float, list[int]]:
-  """Exact shortest open path visiting every node once (free start and end). O(2^k k^2), vectorised."""
+  """Exact shortest open path visiting every node once (free start and end). O(2^k k^2), vectorised
+  over all (subset, last node) pairs of one subset size at a time."""
   d = np.asarray(d, dtype=np.float64)
   k = d.shape[0]
   if k == 1:
@@ -67,13 +100,12 @@ def held_karp_path(d: np.ndarray) -> tuple[float, list[int]]:
   full = 1 << k
   dp = np.full((full, k), np.inf)
   parent = np.full((full, k), -1, dtype=np.int64)
-  for j in range(k):
-    dp[1 << j, j] = 0.0
-  for j, sel, prev in _held_karp_steps(k):
-    cand = dp[prev] + d[:, j][None, :]
+  dp[1 << np.arange(k), np.arange(k)] = 0.0
+  for sel, js, prev in _held_karp_levels(k):
+    cand = dp[prev] + d[:, js].T              # [pair, i]: reach j from i
     best = np.argmin(cand, axis=1)
-    dp[sel, j] = cand[np.arange(len(sel)), best]
-    parent[sel, j] = best
+    dp[sel, js] = cand[np.arange(len(sel)), best]
+    parent[sel, js] = best
   end = int(np.argmin(dp[full - 1]))
   cost = float(dp[full - 1, end])
   path, mask, j = [], full - 1, end

@@ -27,6 +27,11 @@ class GAConfig:
   local_search: bool = True
   kl_steps: Optional[int] = None   # swaps tried per KL pass (None: half the items, at most 32)
   time_limit: Optional[float] = None  # seconds
+  matching: bool = True            # exact layer moves after each KL pass
+  restart_after: int = 0           # candidates without improvement before a restart (0: never)
+  stop_after: int = 0              # candidates without improvement before stopping (0: never)
+  progress_s: float = 5.0          # progress line this often during long searches (0: never)
+  label: str = 'partition search'
 
 
 @dataclasses.dataclass
@@ -36,6 +41,7 @@ class GAResult:
   history: list[float]     # best cost after each generation (= `population` evaluations)
   evaluations: int
   seconds: float
+  restarts: int = 0
 
 
 def groups_of(assign: np.ndarray, k: int) -> list[list[int]]:
@@ -141,12 +147,108 @@ def kl_pass(assign: np.ndarray, w: np.ndarray, k: int, steps: int) -> np.ndarray
   return a
 
 
+def within_cost(assign: np.ndarray, w: np.ndarray) -> float:
+  """Sum of w[u, v] over unordered pairs u != v in the same group."""
+  same = assign[:, None] == assign[None, :]
+  return float((w * same).sum() - np.trace(w)) / 2
+
+
+def matching_pass(assign: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator,
+                  rounds: int = 3) -> np.ndarray:
+  """Exact layer moves (equal group sizes): split the items into layers of one item per group and
+  give each layer's items to the groups by an optimal assignment (linear_sum_assignment), the cost
+  of item i in group g being its w to g's other members. One move is the best of all k! permutations
+  of the layer; DT-FM's cyclic moves (one vertex out of each group on the cycle) are among them."""
+  a = assign.copy()
+  n = len(a)
+  size = n // k
+  if size * k != n or np.any(np.bincount(a, minlength=k) != size):
+    return a
+  onehot = np.zeros((n, k))
+  onehot[np.arange(n), a] = 1.0
+  h = w @ onehot
+  for _ in range(rounds):
+    improved = False
+    members = np.array([rng.permutation(np.flatnonzero(a == g)) for g in range(k)])  # k x size
+    for j in range(size):
+      layer = members[:, j]                                  # layer[g] is in group g
+      cost = h[layer] - w[np.ix_(layer, layer)]              # [i, g]: item of group i moved to g
+      rows, cols = linear_sum_assignment(cost)
+      if cost[rows, cols].sum() < np.trace(cost) - 1e-12 * (1 + abs(np.trace(cost))):
+        moved = rows[cols != rows]
+        h[:, moved] -= w[:, layer[moved]]
+        h[:, cols[moved]] += w[:, layer[moved]]
+        a[layer[moved]] = cols[moved]
+        members[cols, j] = layer[rows]
+        improved = True
+    if not improved:
+      break
+  return a
+
+
+def local_search(assign: np.ndarray, w: np.ndarray, k: int, steps: int, rng: np.random.Generator,
+                 max_rounds: int = 6) -> np.ndarray:
+  """KL passes and exact layer moves in turn until neither lowers the within-group cost of w."""
+  a, best = assign, within_cost(assign, w)
+  for _ in range(max_rounds):
+    b = matching_pass(kl_pass(a, w, k, steps), w, k, rng)
+    c = within_cost(b, w)
+    if c >= best - 1e-12 * (1 + abs(best)):
+      break
+    a, best = b, c
+  return a
+
+
+def clustered(w: np.ndarray, sizes: Sequence[int], rng: np.random.Generator, tries: int = 3) -> np.ndarray:
+  """Balanced clustering: groups of the given sizes with a small within-group sum of w (best of
+  `tries` random starts, each refined by local_search)."""
+  k = len(sizes)
+  steps = min(32, max(1, len(w) // 2))
+  best = None
+  for _ in range(tries):
+    a = local_search(random_assign(sizes, rng), w, k, steps, rng)
+    c = within_cost(a, w)
+    if best is None or c < best[0]:
+      best = (c, a)
+  return best[1]
+
+
+def transversal(w_line: np.ndarray, w_group: np.ndarray, k: int, line_len: int, rng: np.random.Generator,
+                tries: int = 3) -> np.ndarray:
+  """k groups that cut across lines (pipeline segments over fast links).
+
+  Cluster the items into lines of `line_len` items with a small within-line sum of w_line; bundle
+  the lines, most tightly linked first, into k / line_len bundles of n / k lines; each bundle gives
+  line_len groups, one item of each of its lines per group, line by line by an optimal assignment
+  that keeps each group's within sum of w_group small. line_len = k lays whole pipelines over fast
+  links; a shorter line lays pipeline segments (e.g. over 4-GPU hosts when there are 8 stages).
+  """
+  n = len(w_line)
+  if k % line_len or n % k:
+    raise HetjaxError(f'transversal: {line_len} does not divide {k} groups, or {k} does not divide {n} items')
+  n_lines, per_bundle = n // line_len, n // k
+  lines = groups_of(clustered(w_line, [line_len] * n_lines, rng, tries), n_lines)
+  lines.sort(key=lambda line: w_line[np.ix_(line, line)].sum())
+  assign = np.full(n, -1)
+  for b in range(k // line_len):
+    bundle = lines[b * per_bundle:(b + 1) * per_bundle]
+    labels = b * line_len + np.arange(line_len)
+    assign[bundle[0]] = rng.permutation(labels)
+    for line in bundle[1:]:
+      cost = np.array([[w_group[v, assign == g].sum() for g in labels] for v in line])
+      rows, cols = linear_sum_assignment(cost)
+      assign[np.asarray(line)[rows]] = labels[cols]
+  return assign
+
+
 def genetic_partition(sizes: Sequence[int], fitness: Callable[[np.ndarray], float], cfg: GAConfig,
                       seed: int = 0, pair_weight=None, initial: Sequence[np.ndarray] = ()) -> GAResult:
   """Minimise fitness over assignments of sum(sizes) items into groups of the given sizes.
 
-  pair_weight: one n x n matrix (the KL gain) or a list of them; with a list, each offspring's KL
-  pass uses one picked at random, so the search can leave the local optimum of any single gain.
+  pair_weight: one n x n matrix (the local-search gain) or a list of them; with a list, each
+  offspring's local search uses one picked at random, so the search can leave the local optimum of
+  any single gain. The local search is one KL pass plus exact layer moves (cfg.matching); restarts
+  re-optimise perturbed copies of the best after cfg.restart_after candidates without progress.
   """
   sizes = [int(s) for s in sizes]
   if not sizes or any(s <= 0 for s in sizes):
@@ -158,20 +260,33 @@ def genetic_partition(sizes: Sequence[int], fitness: Callable[[np.ndarray], floa
       list(pair_weight) if isinstance(pair_weight, (list, tuple)) else [pair_weight])
   use_kl = cfg.local_search and bool(weights) and k > 1
 
+  def improve(a, rng):
+    w = weights[rng.integers(len(weights))]
+    a = kl_pass(a, w, k, steps)
+    return matching_pass(a, w, k, rng) if cfg.matching else a
+
   def breed(p1, p2, rng):
     if equal:  # group labels are interchangeable: align p2 to p1 before crossing
       p2 = align_labels(p1, p2, k)
     child = crossover(p1, p2, sizes, cfg.crossover_points, rng)
     if use_kl:
-      child = kl_pass(child, weights[rng.integers(len(weights))], k, steps)
-    if rng.random() < cfg.mutation:  # after KL, so the local search cannot undo it
+      child = improve(child, rng)
+    if rng.random() < cfg.mutation:  # after the local search, so it cannot undo it
       child = mutate(child, rng)
     return child
+
+  def restart(best, rng):  # a random kick of n/8 swaps, then the local search
+    a = best
+    for _ in range(max(1, n // 8)):
+      a = mutate(a, rng)
+    return improve(a, rng) if use_kl else a
 
   def key(a):  # partitions equal up to relabelling share one fitness
     return tuple(sorted(tuple(g) for g in groups_of(a, k))) if equal else tuple(a)
 
-  res = steady_state(lambda rng: random_assign(sizes, rng), breed, fitness,
-                     EvoConfig(cfg.population, cfg.evaluations, cfg.time_limit), seed, key,
-                     [np.asarray(x, dtype=int) for x in initial], perturb=mutate)
-  return GAResult(res.best, res.cost, res.history, res.evaluations, res.seconds)
+  evo = EvoConfig(cfg.population, cfg.evaluations, cfg.time_limit, cfg.restart_after, cfg.stop_after,
+                  cfg.progress_s, cfg.label)
+  res = steady_state(lambda rng: random_assign(sizes, rng), breed, fitness, evo, seed, key,
+                     [np.asarray(x, dtype=int) for x in initial], perturb=mutate,
+                     restart=restart if cfg.restart_after else None)
+  return GAResult(res.best, res.cost, res.history, res.evaluations, res.seconds, res.restarts)

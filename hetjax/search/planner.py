@@ -2,10 +2,12 @@
 
 Methods:
   'dtfm'    DT-FM's bi-level search at a fixed shape (D_PP x D_DP, TP 1, equal layers): GA partition
-            minimising DT-FM's cost (dp + 2 pp), KL gain = DT-FM's DP pair cost.
+            minimising DT-FM's cost (dp + 2 pp), started from partitions read from the link matrices,
+            local search by KL passes and exact layer matchings, restarts when it stalls.
   'hetjax'  DT-FM's machinery plus: choose TP (devices of one host), D_PP and D_DP; uneven layer counts
             from each group's compute under memory caps; fitness = the full step-time model.
-  baselines in baselines.py ('random', 'index', 'hybrid').
+  'hybrid'  DT-FM's hybrid baseline: the same GA with DT-FM's hybrid gain only.
+  baselines in baselines.py ('random', 'index', 'strided').
 
 Devices are first grouped into TP units (t devices of one host); partitioning works over units.
 """
@@ -25,9 +27,9 @@ from hetjax.models.config import ModelConfig
 from hetjax.plan import Plan, Replica, Stage
 from hetjax.search.layers import assign_layers, equal_layers
 from hetjax.search.ordering import order_groups
-from hetjax.search.partition import GAConfig, genetic_partition, groups_of
+from hetjax.search.partition import GAConfig, clustered, genetic_partition, groups_of, transversal
 
-METHODS = ('hetjax', 'dtfm', 'hybrid', 'random', 'index')
+METHODS = ('hetjax', 'dtfm', 'hybrid', 'random', 'index', 'strided')
 INFEASIBLE = 1e6  # fitness offset for plans that do not fit in memory
 SEARCH_EXACT_TSP = 10  # inside the GA loop Held-Karp runs up to 10 groups (heuristic beyond); final plans: 16
 
@@ -44,6 +46,10 @@ class SearchConfig:
   crossover_points: int = 5
   uneven_layers: bool = True
   time_limit: Optional[float] = None  # seconds per GA run
+  restart_after: int = 500      # candidates without improvement before the GA restarts half its population
+  stop_after: int = 1500        # candidates without improvement before the GA stops (0: run all evaluations)
+  progress_s: float = 5.0       # progress line this often during long searches (0: never)
+  seeds: bool = True            # dtfm: start from partitions read from the link matrices
 
 
 # ------------------------------------------------------------------ TP units
@@ -235,40 +241,64 @@ def finish(plan: Plan, cluster: Cluster, model: ModelConfig, setup: cm.TrainSetu
       plan.prediction['memory_ok'] = 0.0
       info['memory_error'] = str(e)
     if plan.dp >= 1 and all(s.tp == 1 for r in plan.replicas for s in r.stages):
-      groups = [[d for g in grp for d in g] for grp in plan.stage_groups()]
       c_pp, c_dp = cm.dtfm_workload(model, setup, plan.num_stages, plan.dp)
-      plan.prediction['dtfm_cost'] = cm.dtfm_cost(cluster, groups, c_pp, c_dp)['total']
+      plan.prediction['dtfm_cost'] = cm.plan_link_cost(cluster, plan, c_pp, c_dp)['total']  # as it runs
     plan.search = {**plan.search, **info}
     return plan
 
 
 def _ga_config(search: SearchConfig, evaluations: int, population: int) -> GAConfig:
   return GAConfig(population=population, evaluations=evaluations, crossover_points=search.crossover_points,
-                  time_limit=search.time_limit)
+                  time_limit=search.time_limit, restart_after=search.restart_after,
+                  stop_after=search.stop_after, progress_s=search.progress_s)
+
+
+def dtfm_seeds(cluster: Cluster, pair: list[np.ndarray], c_pp: float, d_pp: int, d_dp: int,
+               rng: np.random.Generator) -> list[np.ndarray]:
+  """Starting partitions that read the structure from the link matrices, whatever the device
+  numbering: groups over fast DP links (clustered by each gain), and groups that cut across
+  pipelines, or pipeline segments of every length that divides d_pp, laid over fast PP links
+  (transversal)."""
+  seeds = [clustered(w, [d_dp] * d_pp, rng) for w in pair]
+  pp_link = cluster.transfer_time(c_pp)
+  np.fill_diagonal(pp_link, 0.0)
+  if d_dp > 1:
+    seeds += [transversal(pp_link, pair[0], d_pp, line, rng) for line in range(2, d_pp + 1) if d_pp % line == 0]
+  return seeds
 
 
 def plan_dtfm(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search: SearchConfig,
               seed: int = 0, gain: str = 'dtfm', model_name: str = '') -> Plan:
-  """DT-FM's scheduler at a fixed shape; gain 'dtfm' (DP pair cost) or 'hybrid' (DT-FM's baseline gain)."""
+  """DT-FM's bi-level search at a fixed shape, minimising DT-FM's cost (dp + 2 pp).
+
+  gain 'dtfm': hetjax's search: seeds read from the link matrices, local search by KL passes and
+  exact layer moves under two gains (DP pair cost; fast links between groups), restarts on stalls.
+  gain 'hybrid': DT-FM's hybrid baseline: the same GA with only DT-FM's hybrid gain (within-group
+  sum of pp - dp link cost), random start, no seeds or restarts.
+  """
   t0 = time.perf_counter()
   tp, d_pp, d_dp = default_shape(cluster, model, search)
   ev = Evaluator(cluster, model, setup, make_units(cluster, 1), d_pp, d_dp, uneven=False)
   c_pp, c_dp = cm.dtfm_workload(model, setup, d_pp, d_dp)
-  if gain == 'hybrid':  # DT-FM baseline: minimise sum over group pairs of (dp - pp) link cost
+  objective = cm.DtfmObjective(cluster, c_pp, c_dp, d_dp)
+  fit = lambda a: objective(groups_of(a, d_pp))
+  cfg = _ga_config(search, search.evaluations, search.population)
+  if gain == 'hybrid':
     pair = cluster.transfer_time(c_dp) - cluster.transfer_time(c_pp)
+    np.fill_diagonal(pair, 0.0)
+    cfg = dataclasses.replace(cfg, matching=False, restart_after=0, label='hybrid search')
+    seeds = []
   else:
     pair = kl_weights(cm.dp_pair_cost(cluster, c_dp, d_dp), cluster.transfer_time(c_pp))
-  if gain == 'hybrid':
-    np.fill_diagonal(pair, 0.0)
-  fit = lambda a: cm.dtfm_cost(cluster, groups_of(a, d_pp), c_pp, c_dp, ev.cache)['total']
-  res = genetic_partition([d_dp] * d_pp, fit, _ga_config(search, search.evaluations, search.population),
-                          seed, pair)
+    cfg = dataclasses.replace(cfg, label='dtfm search', kl_steps=min(16, max(1, cluster.n // 2)))
+    seeds = dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, np.random.default_rng(seed + 7919)) if search.seeds else []
+  res = genetic_partition([d_dp] * d_pp, fit, cfg, seed, pair, initial=seeds)
   groups = groups_of(res.assign, d_pp)
   d = cm.dtfm_cost(cluster, groups, c_pp, c_dp, ev.cache)
   plan = ev.to_plan(groups, equal_layers(model.num_layers, d_pp), d['replicas'])
   info = {'method': 'hybrid' if gain == 'hybrid' else 'dtfm', 'seed': seed, 'shape': [tp, d_pp, d_dp],
           'objective': 'dtfm_cost', 'best': res.cost, 'history': res.history, 'evaluations': res.evaluations,
-          'seconds': time.perf_counter() - t0}
+          'restarts': res.restarts, 'seconds': time.perf_counter() - t0}
   return finish(plan, cluster, model, setup, info, model_name)
 
 
@@ -342,4 +372,6 @@ def plan_training(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup,
     return baselines.random_plan(cluster, model, setup, search, seed, model_name)
   if search.method == 'index':
     return baselines.index_plan(cluster, model, setup, search, model_name)
+  if search.method == 'strided':
+    return baselines.strided_plan(cluster, model, setup, search, model_name)
   raise HetjaxError(f'unknown search method {search.method!r}; choose one of {METHODS}')
