@@ -58,8 +58,19 @@ class Quantize:
     return qapi.dequantize(wire).astype(dtype), state
 
 
-def make_codec(spec) -> Identity | Quantize:
-  """'fp32', 'bf16', or an int bit width (2, 3, 4, 8; 16 means bf16, 32 means fp32)."""
+def make_codec(spec, aqsgd=None):
+  """'fp32', 'bf16', an int bit width (2, 3, 4, 8; 16 means bf16, 32 means fp32), or 'aqsgd<bits>'
+  (the AQ-SGD delta codec; `aqsgd` is the config's aqsgd block: rounding, group_size, buffer_dtype)."""
+  if isinstance(spec, str) and spec.startswith('aqsgd'):
+    from hetjax.compression.aqsgd import AQSGD
+    try:
+      bits = int(spec[5:])
+    except ValueError:
+      raise HetjaxError(f"unknown codec {spec!r}; AQ-SGD is 'aqsgd2', 'aqsgd3', 'aqsgd4' or 'aqsgd8'") from None
+    opts = {} if aqsgd is None else dict(
+        rounding=aqsgd.get('rounding', 'nearest'), group_size=aqsgd.get('group_size', 0) or None,
+        buffer_dtype=aqsgd.get('buffer_dtype', 'float16'))
+    return AQSGD(bits, **opts)
   if spec in ('fp32', 32, '32', None, ''):
     return Identity('float32')
   if spec in ('bf16', 16, '16'):
@@ -70,4 +81,4 @@ def make_codec(spec) -> Identity | Quantize:
     bits = None
   if bits in (2, 3, 4, 8):
     return Quantize(bits)
-  raise HetjaxError(f"unknown codec {spec!r}; use 'fp32', 'bf16' or a bit width 2, 3, 4, 8")
+  raise HetjaxError(f"unknown codec {spec!r}; use 'fp32', 'bf16', a bit width 2, 3, 4, 8 or aqsgd<bits>")

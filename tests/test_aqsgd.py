@@ -1,0 +1,163 @@
+"""AQ-SGD codec with per-sample buffer stores (sender and receiver), and DP gradient compression."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hetjax import data as data_lib
+from hetjax.compression.aqsgd import AQSGD
+from hetjax.compression.buffers import BufferStore
+from hetjax.compression.codecs import Identity, make_codec
+from hetjax.errors import HetjaxError
+
+KEY = ('b0', 'fwd', 0)
+SEQ, HID = 8, 64
+
+
+@functools.lru_cache(maxsize=None)
+def _coders(codec):
+  return jax.jit(codec.encode), jax.jit(codec.decode, static_argnames='dtype')
+
+
+def _send(codec, sender, receiver, ids, a, prefetch_next=None):
+  """One exchange as the runtime does it: each end gathers, codes, and scatters its own rows."""
+  encode, decode = _coders(codec)
+  s = sender.gather(KEY, ids)
+  wire, s_new = encode(a, s)
+  sender.scatter(KEY, ids, s_new)
+  r = receiver.gather(KEY, ids)
+  x, r_new = decode(wire, r, dtype=jnp.float32)
+  receiver.scatter(KEY, ids, r_new)
+  if prefetch_next is not None:
+    sender.prefetch(KEY, prefetch_next)
+    receiver.prefetch(KEY, prefetch_next)
+  return wire, x
+
+
+def _activations(ids, step):
+  """Per-sample activations that drift slowly with the step, as during fine-tuning."""
+  rng = np.random.default_rng
+  base = np.stack([rng(int(i)).normal(size=(SEQ, HID)) for i in ids]).astype(np.float32)
+  noise = rng(10_000 + step).normal(size=base.shape).astype(np.float32)
+  return jnp.asarray(base * (1 + 0.01 * step) + 0.05 * noise)
+
+
+@pytest.mark.parametrize('placement,codec', [
+    ('host', AQSGD(4)),
+    ('disk', AQSGD(2, group_size=64, rounding='stochastic', buffer_dtype='bfloat16')),
+    ('device', AQSGD(3, buffer_dtype='float32', symmetric=True))])
+def test_sender_and_receiver_buffers_stay_bitwise_identical(tmp_path, placement, codec):
+  it = data_lib.BatchIterator(np.arange(20 * SEQ + 1), 4, SEQ, seed=0)  # 20 samples, 5 steps/epoch
+  mk = lambda side: BufferStore(20, placement, codec.buffer_dtype, folder=str(tmp_path / side),
+                                say=lambda *a: None)
+  sender, receiver = mk('send'), mk('recv')
+  batches = [next(it) for _ in range(31)]
+  piece = (4, SEQ, HID)
+  warm_bytes, cold_bytes = codec.wire_bytes(piece), codec.wire_bytes(piece, warm=False)
+  for step, b in enumerate(batches[:-1]):
+    a = _activations(b['ids'], step)
+    wire, x = _send(codec, sender, receiver, b['ids'], a, prefetch_next=batches[step + 1]['ids'])
+    nbytes = sum(l.nbytes for l in jax.tree.leaves(wire))
+    if step < 5:  # first epoch: full precision, exactly the activation
+      assert nbytes == cold_bytes == 4 * a.size
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(a))
+    else:  # after warm-up: exactly the codec's formula, and close to a
+      assert nbytes == warm_bytes
+      rel = float(jnp.linalg.norm(x - a) / jnp.linalg.norm(a))
+      assert rel < {2: 0.5, 3: 0.2, 4: 0.1}[codec.bits], rel
+    np.testing.assert_array_equal(np.asarray(sender.gather(KEY, b['ids'])),
+                                  np.asarray(receiver.gather(KEY, b['ids'])))
+  s, r = sender.state_dict()['b0.fwd.0'], receiver.state_dict()['b0.fwd.0']
+  assert s['filled'].all() and r['filled'].all()
+  assert s['leaves'][0].dtype == jnp.dtype(codec.buffer_dtype)
+  np.testing.assert_array_equal(s['leaves'][0].view(np.uint8), r['leaves'][0].view(np.uint8))
+
+
+def test_wire_bytes_formula():
+  # 4-bit per channel, asymmetric: payload n*d/2 + (scale + zero) 2 bytes each per channel
+  n, d = 4 * SEQ, HID
+  assert AQSGD(4).wire_bytes((4, SEQ, HID)) == n * d // 2 + 2 * 2 * d
+  assert AQSGD(2, group_size=32, symmetric=True).wire_bytes((4, SEQ, HID)) == n * d // 4 + 2 * n * d // 32
+  assert AQSGD(8).wire_bytes((4, SEQ, HID), warm=False) == 4 * n * d
+
+
+def test_identity_codec_through_the_same_path_is_exact(tmp_path):
+  sender, receiver = (BufferStore(8, 'host', say=lambda *a: None) for _ in range(2))
+  for step in range(3):
+    a = _activations([1, 2], step)
+    _, x = _send(Identity('float32'), sender, receiver, [1, 2], a)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(a))
+
+
+def test_warm_up_flag_sends_full_precision_even_with_buffers():
+  codec = AQSGD(4)
+  sender, receiver = (BufferStore(4, 'host', say=lambda *a: None) for _ in range(2))
+  _send(codec, sender, receiver, [0, 1], _activations([0, 1], 0))
+  sender.warming_up = receiver.warming_up = True
+  a = _activations([0, 1], 1)
+  wire, x = _send(codec, sender, receiver, [0, 1], a)
+  np.testing.assert_array_equal(np.asarray(x), np.asarray(a))
+  sender.warming_up = receiver.warming_up = False
+  wire, _ = _send(codec, sender, receiver, [0, 1], a)
+  assert not isinstance(wire, jax.Array)  # a QTensor now
+
+
+def test_make_codec_aqsgd():
+  c = make_codec('aqsgd3', {'rounding': 'stochastic', 'group_size': 0, 'buffer_dtype': 'float32'})
+  assert c == AQSGD(3, None, 'stochastic', False, 'float32') and c.stateful and c.name == 'aqsgd3'
+  assert hash(c) == hash(AQSGD(3, None, 'stochastic', False, 'float32'))
+  assert c.state_spec((4, SEQ, HID)) == jax.ShapeDtypeStruct((SEQ, HID), jnp.float32)
+  for bad in ('aqsgd5', 'aqsgdx'):
+    with pytest.raises(HetjaxError):
+      make_codec(bad)
+  with pytest.raises(HetjaxError, match='rounding'):
+    make_codec('aqsgd4', {'rounding': 'up'})
+
+
+@pytest.mark.parametrize('placement', ['device', 'host', 'disk'])
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16', 'float32'])
+def test_store_round_trip_checkpoint_and_reset(tmp_path, placement, dtype):
+  store = BufferStore(10, placement, dtype, folder=str(tmp_path / 'a'), say=lambda *a: None)
+  assert store.gather(KEY, [1, 2]) is None
+  rows = np.random.default_rng(0).normal(size=(3, 2, 5)).astype(np.float32)
+  store.scatter(KEY, [7, 1, 7], rows)  # repeated id: the last row wins
+  got = np.asarray(store.gather(KEY, [1, 7]))
+  assert got.dtype == jnp.dtype(dtype)
+  np.testing.assert_array_equal(got, rows[[1, 2]].astype(dtype))
+  assert store.gather(KEY, [1, 3]) is None  # 3 has no buffer yet
+  store.prefetch(KEY, [7, 1])
+  np.testing.assert_array_equal(np.asarray(store.gather(KEY, [7, 1])), rows[[2, 1]].astype(dtype))
+  store.prefetch(KEY, [1])  # a write after a prefetch must not be hidden by it
+  store.scatter(KEY, [1], rows[:1] + 1)
+  np.testing.assert_array_equal(np.asarray(store.gather(KEY, [1])), (rows[:1] + 1).astype(dtype))
+  assert store.nbytes == 10 * 2 * 5 * jnp.dtype(dtype).itemsize
+  saved = store.state_dict()
+  other = BufferStore(10, placement, dtype, folder=str(tmp_path / 'b'), say=lambda *a: None)
+  spec = jax.ShapeDtypeStruct((2, 5), jnp.float32)
+  moved = ('b1', 'fwd', 0)
+  fresh = other.load_state_dict(saved, {KEY: spec, moved: spec})
+  assert fresh == ['b1.fwd.0']
+  np.testing.assert_array_equal(np.asarray(other.gather(KEY, [1, 7])), np.asarray(store.gather(KEY, [1, 7])))
+  assert other.gather(moved, [1]) is None
+  other.reset(KEY)
+  assert other.gather(KEY, [1]) is None and not other.filled(KEY).any()
+  with pytest.raises(HetjaxError, match='sample ids'):
+    other.gather(KEY, [10])
+
+
+def test_store_refuses_what_does_not_fit(tmp_path):
+  with pytest.raises(HetjaxError, match='placement'):
+    BufferStore(10, 'gpu')
+  with pytest.raises(HetjaxError, match='dtype'):
+    BufferStore(10, 'host', 'int8')
+  lines = []
+  store = BufferStore(1000, 'host', 'float16', budget_bytes=2**20, say=lines.append)
+  store.reserve(KEY, jax.ShapeDtypeStruct((8, 64), jnp.float32))  # 1000*8*64*2 = 1 MB - fits
+  assert '0.001 GiB' in lines[0] and 'float16[8, 64]' in lines[0]
+  with pytest.raises(HetjaxError, match=r'need 0\.001 GiB .*1000 samples x float16\[8, 64\].*budget'):
+    store.reserve(('b1', 'fwd', 0), jax.ShapeDtypeStruct((8, 64), jnp.float32))
+  with pytest.raises(HetjaxError, match='free host'):
+    BufferStore(2**40, 'host', say=lambda *a: None).reserve(KEY, jax.ShapeDtypeStruct((1024,), jnp.float32))
