@@ -13,6 +13,7 @@ through a parameter server) this compresses the gradient itself with one error m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -79,8 +80,7 @@ def compressed_mean(grads, error, axis_name: str, bits: int, bucket: int, symmet
   q, new_error, _ = compress_with_feedback(grads, error, bits, bucket, symmetric)
   gathered = jax.tree.map(lambda a: _all_gather_bits(a, axis_name), q)
   workers = gathered.payload.shape[0] // q.payload.shape[0]
-  all_q = QTensor(gathered.payload, gathered.scale, gathered.zero,
-                  (workers * q.shape[0],) + q.shape[1:], q.dtype, q.bits, q.group_size)
+  all_q = dataclasses.replace(gathered, shape=(workers * q.shape[0],) + q.shape[1:])
   flat, unravel = ravel_pytree(grads)
   values = qapi.dequantize(all_q).reshape(workers, -1)[:, :flat.shape[0]]
   mean = unravel(values.mean(axis=0))
