@@ -205,10 +205,14 @@ def test_compressed_mean_over_8_devices(bits):
   (mean, new_err), (exact, _) = compressed(g, err), plain(g, err)
   for name in g:
     np.testing.assert_array_equal(np.asarray(mean[name]), np.asarray(mean[name][:1]).repeat(8, 0))
-  # bound: each worker's decoded value is within half its bucket's scale (asymmetric: range/(2^b-1))
+  # bound: each worker's decoded value is within half its bucket's scale: range/(2^b-1) when
+  # asymmetric (4, 8 bits), max|g|/(2^(b-1)-1) when symmetric (the 2-bit default)
+  sym = gradc.scheme(bits, None)
   flat = np.concatenate([np.asarray(g['b']), np.asarray(g['w'])], axis=1)  # ravel order: sorted keys
   pad = np.pad(flat, ((0, 0), (0, -flat.shape[1] % 256))).reshape(8, -1, 256)
-  half = ((pad.max(-1) - pad.min(-1)) / (2**bits - 1) / 2).mean(0)  # mean over workers, per bucket
+  scale = (np.abs(pad).max(-1) / (2**(bits - 1) - 1) if sym
+           else (pad.max(-1) - pad.min(-1)) / (2**bits - 1))
+  half = (scale / 2).mean(0)  # mean over workers, per bucket
   bound = np.repeat(half, 256)[:flat.shape[1]] * 1.02  # scales are rounded up to bf16
   diff = np.concatenate([np.asarray(mean['b'] - exact['b']), np.asarray(mean['w'] - exact['w'])], 1)
   assert np.all(np.abs(diff) <= bound), np.max(np.abs(diff) / bound)
@@ -223,7 +227,7 @@ def test_compressed_mean_over_8_devices(bits):
   assert sent == {'all-gather': gradc.payload_bytes(n, bits, 256), 'all-reduce': 0}
   assert q.nbytes == gradc.payload_bytes(n, bits, 256)
   assert fp32['all-reduce'] == 4 * n
-  expected = 4 / (bits / 8 + 4 / 256)  # codes + bf16 scale and zero per 256 values (+ padding)
+  expected = 4 / (bits / 8 + (2 if sym else 4) / 256)  # codes + bf16 scale (+ zero) per 256 values
   assert expected * 0.93 < fp32['all-reduce'] / sent['all-gather'] <= expected
 
 
@@ -247,3 +251,18 @@ def test_error_feedback_is_carried_over():
   assert steps * one_step > 10 * drift  # without feedback the same bias would add up every step
   with pytest.raises(HetjaxError, match='grad_bits'):
     gradc.error_feedback(bits=3)
+
+
+def test_store_from_config(tmp_path):
+  from configs import base
+  from hetjax.compression import buffers
+  acfg = base.aqsgd_fields()
+  acfg.buffers, acfg.buffer_budget_gb = 'disk', 1e-6
+  store = buffers.from_config(acfg, 100, str(tmp_path), say=lambda *a: None)
+  assert store.placement == 'disk' and store.dtype == jnp.float16
+  with pytest.raises(HetjaxError, match='budget'):
+    store.reserve(KEY, jax.ShapeDtypeStruct((SEQ, HID), jnp.float32))
+  acfg.buffers = 'ssd'
+  with pytest.raises(HetjaxError, match="unknown buffer placement 'ssd'"):
+    buffers.from_config(acfg, 100, str(tmp_path))
+  assert buffers.warming_up(0.99, 1) and not buffers.warming_up(1.0, 1)

@@ -233,3 +233,18 @@ class BufferStore:
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
+
+
+def from_config(acfg, num_samples: int, workdir: str, say=print) -> BufferStore:
+  """The store that --config.aqsgd describes (buffers, buffer_dtype, buffer_budget_gb); disk
+  buffers go to <workdir>/aqsgd_buffers."""
+  if acfg.warmup_epochs < 0:
+    raise HetjaxError(f'aqsgd.warmup_epochs must be >= 0, got {acfg.warmup_epochs}')
+  budget = int(acfg.buffer_budget_gb * 2**30) if acfg.buffer_budget_gb > 0 else None
+  return BufferStore(num_samples, acfg.buffers, acfg.buffer_dtype,
+                     folder=os.path.join(workdir, 'aqsgd_buffers'), budget_bytes=budget, say=say)
+
+
+def warming_up(epochs_done: float, warmup_epochs: int) -> bool:
+  """True while the run is in its first `warmup_epochs` epochs (full precision, buffers fill)."""
+  return epochs_done < warmup_epochs

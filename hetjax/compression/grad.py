@@ -36,28 +36,36 @@ def check(bits: int, bucket: int) -> None:
     raise HetjaxError(f'gradient bucket must be a power of two >= 8, got {bucket}')
 
 
+def scheme(bits: int, symmetric: bool | None) -> bool:
+  """None picks the default from kernels/README.md's study: buckets of flattened gradients mix
+  tensors and channels of different magnitude; at 2 bits a zero level then matters more than the
+  fourth code (symmetric), at 4 and 8 bits the zero point's full range wins (asymmetric)."""
+  return bits == 2 if symmetric is None else symmetric
+
+
 def _buckets(flat, bucket):
   """1-D fp32 -> (num_buckets, bucket), zero padded."""
   pad = -flat.shape[0] % bucket
   return jnp.pad(flat, (0, pad)).reshape(-1, bucket)
 
 
-def compress(flat, bits: int, bucket: int, symmetric: bool = False) -> QTensor:
+def compress(flat, bits: int, bucket: int, symmetric: bool | None = None) -> QTensor:
   """Q(flat) in buckets: the payload a worker sends."""
-  return qapi.quantize(_buckets(flat.astype(jnp.float32), bucket), bits, bucket, symmetric=symmetric)
+  return qapi.quantize(_buckets(flat.astype(jnp.float32), bucket), bits, bucket,
+                       symmetric=scheme(bits, symmetric))
 
 
 def decompress(q: QTensor, size: int):
   return qapi.dequantize(q).reshape(-1)[:size]
 
 
-def payload_bytes(num_values: int, bits: int, bucket: int, symmetric: bool = False) -> int:
+def payload_bytes(num_values: int, bits: int, bucket: int, symmetric: bool | None = None) -> int:
   """Exact bytes one worker sends: codes + bf16 scales (+ zero points)."""
   nb = math.ceil(num_values / bucket)
-  return nb * bucket * bits // 8 + nb * 2 * (1 if symmetric else 2)
+  return nb * bucket * bits // 8 + nb * 2 * (1 if scheme(bits, symmetric) else 2)
 
 
-def compress_with_feedback(grads, error, bits: int, bucket: int, symmetric: bool = False):
+def compress_with_feedback(grads, error, bits: int, bucket: int, symmetric: bool | None = None):
   """(payload QTensor, new error tree, the decoded local gradient) for one worker; pure."""
   check(bits, bucket)
   v, unravel = ravel_pytree(jax.tree.map(lambda g, e: g.astype(jnp.float32) + e, grads, error))
@@ -74,7 +82,7 @@ def _all_gather_bits(a, axis_name):
   return jax.lax.all_gather(a, axis_name, tiled=True)
 
 
-def compressed_mean(grads, error, axis_name: str, bits: int, bucket: int, symmetric: bool = False):
+def compressed_mean(grads, error, axis_name: str, bits: int, bucket: int, symmetric: bool | None = None):
   """Inside shard_map / pmap over `axis_name`: the mean over workers of their compressed gradients
   (all-gather of the payloads, decoded by every worker) and this worker's new error memory."""
   q, new_error, _ = compress_with_feedback(grads, error, bits, bucket, symmetric)
@@ -92,7 +100,7 @@ class ErrorFeedbackState(NamedTuple):
 
 
 def error_feedback(bits: int, bucket: int = 512, axis_name: str | None = None,
-                   symmetric: bool = False) -> optax.GradientTransformation:
+                   symmetric: bool | None = None) -> optax.GradientTransformation:
   """optax transform: updates -> compressed (and, with axis_name, averaged across workers)
   updates, carrying each worker's error memory in the optimizer state. Chain it first."""
   check(bits, bucket)

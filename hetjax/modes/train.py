@@ -34,7 +34,7 @@ def pipeline_state_factory(cfg, mcfg, workdir):
       'pair' if jax.process_count() > 1 else 'device_put')
   if kind not in transports:
     raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put' or 'pair', got {pcfg.transport!r}")
-  codec, grad_codec = make_codec(pcfg.codec), make_codec(pcfg.grad_codec)
+  codec, grad_codec = make_codec(pcfg.codec, cfg.get('aqsgd')), make_codec(pcfg.grad_codec)
 
   def make_state(model, data, seed):
     pipe = Pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
