@@ -19,7 +19,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.model_overrides = model_overrides()
   c.workdir = ''                  # default: a fresh folder under runs/
   c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(path=''))  # '': shipped corpus; a text file, folder or .npy
+  c.init_from = ''                # fine-tune from a converted HF checkpoint or a training workdir
+  c.aqsgd = aqsgd_fields()
+  c.dp = ml_collections.ConfigDict(dict(grad_bits=0))  # 0: fp32 DP all-reduce; 2/4/8: compressed
   return c
+
+
+def aqsgd_fields() -> ml_collections.ConfigDict:
+  """AQ-SGD (--config.pipeline.codec=aqsgd<fw bits>): full precision for `warmup_epochs`, buffers
+  on device|host|disk in buffer_dtype, rounding nearest|stochastic, scales per channel or in groups
+  of group_size (0: per channel), buffer_budget_gb: refuse stores larger than this (0: no limit)."""
+  return ml_collections.ConfigDict(dict(
+      warmup_epochs=1, buffers='host', buffer_dtype='float16', rounding='nearest', group_size=0,
+      buffer_budget_gb=0.0))
 
 
 def train_fields() -> ml_collections.ConfigDict:

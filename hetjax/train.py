@@ -126,13 +126,15 @@ def drop_metrics_after(log: MetricsLog, step: int) -> None:
 
 
 def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | None = None,
-          print_fn=print, ckpt_cfg=None, resume: bool | None = None, make_state=None) -> TrainState:
+          print_fn=print, ckpt_cfg=None, resume: bool | None = None, make_state=None,
+          init_model: Stage | None = None) -> TrainState:
   """Train on the corpus; logs to <workdir>/metrics.jsonl.
 
   `make_state(model, data, seed)` builds what runs the steps: by default a single-device
   TrainState; the pipeline runtime passes one that executes a Plan (hetjax/parallel/trainer.py).
   With `ckpt_cfg` (every, keep, async_save) it saves to <workdir>/checkpoints every N steps and at
-  the end, and resumes from the latest checkpoint there (see `open_checkpoints`)."""
+  the end, and resumes from the latest checkpoint there (see `open_checkpoints`). `init_model`
+  (e.g. a converted HF checkpoint) replaces the random initialisation; a resume overrides it."""
   check_train_config(mcfg, tcfg)
   tokens = data_lib.load_corpus(corpus or data_lib.DEFAULT_CORPUS)
   if int(tokens.max()) >= mcfg.vocab_size:
@@ -140,10 +142,11 @@ def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | No
   train_tokens, val_tokens = data_lib.train_val_split(tokens)
   val = data_lib.eval_batches(val_tokens, tcfg.batch_size, tcfg.seq_len, tcfg.eval_batches)
   data = data_lib.BatchIterator(train_tokens, tcfg.batch_size, tcfg.seq_len, seed)
+  model = init_model if init_model is not None else build_model(mcfg, seed)
   if make_state is None:
-    state = TrainState(build_model(mcfg, seed), make_optimizer(tcfg), data, seed)
+    state = TrainState(model, make_optimizer(tcfg), data, seed)
   else:
-    state = make_state(build_model(mcfg, seed), data, seed)
+    state = make_state(model, data, seed)
   log = MetricsLog(workdir) if is_leader() else None
   if log is None:  # other processes of a multi-controller run stay quiet
     print_fn = lambda *args, **kwargs: None

@@ -58,7 +58,7 @@ def _encode(x, m, seed, *, bits, group_size, symmetric, scale_dtype, impl):
     s = s.reshape(lead + s.shape[-1:])
     z = None if z is None else z.reshape(s.shape)
   q = QTensor(payload.reshape(lead + payload.shape[-1:]), s, z, x.shape, jnp.dtype(x.dtype),
-              bits, group_size)
+              bits, group_size, symmetric == 'midrise')
   if m_new is not None:
     m_new = m_new[:, :x.shape[-1]].reshape(x.shape)
   return q, m_new
@@ -73,7 +73,7 @@ def _decode(q, m, *, impl):
     s = s.reshape(n, -1)
     z = None if z is None else z.reshape(n, -1)
   m2 = None if m is None else _to_2d(m, q.padded_dim, q.group_size)
-  kw = dict(bits=q.bits, group_size=q.group_size, out_dtype=q.dtype)
+  kw = dict(bits=q.bits, group_size=q.group_size, out_dtype=q.dtype, symmetric=q.symmetric)
   if impl == 'pallas':
     out = pallas_kernels.decode(payload, s, z, m2, interpret=_interpret(), **kw)
   else:
@@ -89,9 +89,12 @@ def quantize(x, bits=4, group_size=128, rounding='nearest', key=None, *, symmetr
     group_size values along the last axis; D is padded to a multiple by repeating the last value.
     None: per-channel mode, one scale per last-axis channel over all leading axes (one
     micro-batch), as in AQ-SGD.
+  symmetric: True: levels c*scale, c in [-(2^(b-1)-1), 2^(b-1)-1] (one code unused); False: a
+    zero point per group/channel and all 2^b levels; 'midrise': levels (c + 1/2)*scale, all 2^b
+    codes, no zero level and no zero point (see kernels/README.md for the error of each).
   rounding: 'nearest' or 'stochastic' (unbiased; reproducible from `key`).
   """
-  layout.check_args(x, bits, group_size, rounding, key, scale_dtype)
+  layout.check_args(x, bits, group_size, rounding, key, scale_dtype, symmetric)
   seed = _seed(key) if rounding == 'stochastic' else None
   q, _ = _encode(x, None, seed, bits=bits, group_size=group_size, symmetric=symmetric,
                  scale_dtype=jnp.dtype(scale_dtype), impl=resolve_impl(impl))
@@ -118,7 +121,7 @@ def delta_encode(a, m, bits=4, group_size=128, rounding='nearest', key=None, *, 
 
   m' has m's dtype and is bitwise equal to delta_decode(Q(a - m), m) on the receiver.
   """
-  layout.check_args(a, bits, group_size, rounding, key, scale_dtype)
+  layout.check_args(a, bits, group_size, rounding, key, scale_dtype, symmetric)
   _check_buffer(m, a.shape)
   seed = _seed(key) if rounding == 'stochastic' else None
   return _encode(a, m, seed, bits=bits, group_size=group_size, symmetric=symmetric,

@@ -38,7 +38,7 @@ class QTensor:
   payload: uint8, shape lead + (Dp*bits/8,), lead = x.shape[:-1], Dp = padded last dim.
   scale:   lead + (Dp/group_size,) in group mode; (Dp,) in per-channel mode (group_size=None).
   zero:    like scale (asymmetric) or None (symmetric).
-  shape/dtype/bits/group_size are static metadata, known to both ends from the plan.
+  shape/dtype/bits/group_size/midrise are static metadata, known to both ends from the plan.
   """
   payload: jax.Array
   scale: jax.Array
@@ -47,9 +47,13 @@ class QTensor:
   dtype: jnp.dtype
   bits: int
   group_size: int | None
+  midrise: bool = False
 
   @property
   def symmetric(self):
+    """False (zero point), True or 'midrise' (see qmath.code_range)."""
+    if self.midrise:
+      return qmath.MIDRISE
     return self.zero is None
 
   @property
@@ -64,10 +68,12 @@ class QTensor:
 
 jax.tree_util.register_dataclass(
     QTensor, data_fields=['payload', 'scale', 'zero'],
-    meta_fields=['shape', 'dtype', 'bits', 'group_size'])
+    meta_fields=['shape', 'dtype', 'bits', 'group_size', 'midrise'])
 
 
-def check_args(x, bits, group_size, rounding, key, scale_dtype):
+def check_args(x, bits, group_size, rounding, key, scale_dtype, symmetric=True):
+  if symmetric not in (True, False, qmath.MIDRISE):
+    raise HetjaxError(f"symmetric must be True, False or 'midrise', got {symmetric!r}")
   if bits not in BITS:
     raise HetjaxError(f'bits must be one of {BITS}, got {bits!r}')
   if rounding not in ROUNDINGS:

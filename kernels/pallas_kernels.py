@@ -185,12 +185,11 @@ def encode(x, m, seed, *, bits, group_size, symmetric, scale_dtype, interpret):
   return payload, s, z, m_new
 
 
-def decode(payload, scale, zero, m, *, bits, group_size, out_dtype, interpret):
+def decode(payload, scale, zero, m, *, bits, group_size, out_dtype, symmetric, interpret):
   """Same contract as reference.decode."""
   n = payload.shape[0]
   d = payload.shape[1] * 8 // bits
   group = group_size is not None
-  symmetric = zero is None
   p, nb = layout.planes(bits)
   row_len = group_size if group else d
   r, w = n * d // row_len, row_len // p

@@ -35,8 +35,16 @@ def scale_limits(dtype):
   return _SCALE_INFO[jnp.dtype(dtype)][1:]
 
 
+MIDRISE = 'midrise'
+
+
 def code_range(bits, symmetric):
-  """(lowest, highest) signed code value; stored codes are value - lowest, in [0, 2**bits)."""
+  """(lowest, highest) signed code value; stored codes are value - lowest, in [0, 2**bits).
+
+  symmetric: False (code c means z + c*s), True (c*s, c in [-q, q]: one code unused), or
+  'midrise' (all 2**bits codes, c in [-2^(b-1), 2^(b-1)-1] means (c + 1/2)*s: no zero level)."""
+  if symmetric == MIDRISE:
+    return -2 ** (bits - 1), 2 ** (bits - 1) - 1
   if symmetric:
     q = 2 ** (bits - 1) - 1
     return -q, q
@@ -105,6 +113,9 @@ def group_params(amax, lo, hi, bad, bits, symmetric, dtype, div=true_div):
   """
   qlo, qhi = code_range(bits, symmetric)
   nan = jnp.array(jnp.nan, dtype)
+  if symmetric == MIDRISE:  # levels +-(k + 1/2)*s up to (2^b - 1)/2 * s >= amax
+    s = scale_for(amax * F32(2), qhi - qlo, dtype, div)
+    return jnp.where(bad, nan, s), None
   if symmetric:
     s = scale_for(amax, qhi, dtype, div)
     return jnp.where(bad, nan, s), None
@@ -145,7 +156,14 @@ def encode_codes(x, s, z, offset, bits, symmetric, div=true_div):
   if not symmetric:
     x = x - jnp.where(bad, F32(0), z.astype(F32))
   v = div(x, s)
-  if offset is None:
+  if symmetric == MIDRISE:  # level (q + 1/2)*s is nearest iff q*s <= x < (q+1)*s (exact products)
+    if offset is None:
+      q = jnp.floor(v)
+      q = jnp.where(x >= (q + 1) * s, q + 1, q)
+      q = jnp.where(x < q * s, q - 1, q)
+    else:
+      q = jnp.floor(v - F32(0.5) + offset)
+  elif offset is None:
     q = jnp.floor(v + F32(0.5))
     q = jnp.where(x >= (q + F32(0.5)) * s, q + 1, q)
     q = jnp.where(x < (q - F32(0.5)) * s, q - 1, q)
@@ -158,5 +176,7 @@ def encode_codes(x, s, z, offset, bits, symmetric, div=true_div):
 def decode_codes(c, s, z, bits, symmetric):
   """fp32 values for stored int32 codes; exact product, at most one rounding (the + zero)."""
   qlo, _ = code_range(bits, symmetric)
+  if symmetric == MIDRISE:  # (2c + 1) is odd and <= 255 in magnitude: the product stays exact
+    return (2 * (c + qlo) + 1).astype(F32) * s.astype(F32) * F32(0.5)
   v = (c + qlo).astype(F32) * s.astype(F32)
   return v if symmetric else v + z.astype(F32)

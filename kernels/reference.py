@@ -57,10 +57,9 @@ def encode(x, m, seed, *, bits, group_size, symmetric, scale_dtype):
   return payload, s, z, m_new
 
 
-def decode(payload, scale, zero, m, *, bits, group_size, out_dtype):
+def decode(payload, scale, zero, m, *, bits, group_size, out_dtype, symmetric):
   """(N, Dp) values: deQ(payload), or m + deQ(payload) in m's dtype when m is given."""
   n = payload.shape[0]
-  symmetric = zero is None
   if group_size is None:
     codes = layout.unpack(payload, bits).astype(jnp.int32)
     sb, zb = scale[None], None if symmetric else zero[None]

@@ -22,7 +22,7 @@ def _same_q(qa, qb):
 
 
 # (bits, group_size, symmetric, rounding, dtype, shape): every width, both modes, both roundings,
-# both symmetries, fp32/bf16, divisible and padded last axes.
+# all three schemes (asymmetric, symmetric, midrise), fp32/bf16, divisible and padded last axes.
 CASES = [
     (2, 32, True, 'nearest', jnp.float32, (4, 96)),
     (2, None, False, 'stochastic', jnp.bfloat16, (3, 5, 36)),
@@ -32,6 +32,10 @@ CASES = [
     (4, None, True, 'nearest', jnp.float32, (8, 30)),
     (8, 8, False, 'stochastic', jnp.float32, (7, 24)),
     (8, None, False, 'nearest', jnp.bfloat16, (4, 16)),
+    (2, 16, 'midrise', 'nearest', jnp.float32, (4, 80)),
+    (3, None, 'midrise', 'stochastic', jnp.bfloat16, (3, 5, 24)),
+    (4, 64, 'midrise', 'stochastic', jnp.float32, (5, 100)),
+    (8, None, 'midrise', 'nearest', jnp.float32, (6, 40)),
 ]
 
 
@@ -93,7 +97,8 @@ def test_pack_matches_documented_layout(bits):
 
 
 @pytest.mark.parametrize('bits', layout.BITS)
-@pytest.mark.parametrize('gs,sym', [(32, True), (32, False), (None, True), (None, False)])
+@pytest.mark.parametrize('gs,sym', [(32, True), (32, False), (None, True), (None, False),
+                                    (32, 'midrise'), (None, 'midrise')])
 def test_nbytes_formula(bits, gs, sym):
   x = jnp.ones((3, 5, 72), jnp.float32)
   q = K.quantize(x, bits, gs, symmetric=sym, impl='reference')

@@ -20,9 +20,11 @@ def _per_value_scale(q):
 @pytest.mark.parametrize('bits', [2, 3, 4, 8])
 @pytest.mark.parametrize('gs,sym,scale_dtype', [(16, True, jnp.bfloat16), (64, False, jnp.float16),
                                                 (None, True, jnp.float16),
-                                                (None, False, jnp.bfloat16)])
+                                                (None, False, jnp.bfloat16),
+                                                (32, 'midrise', jnp.bfloat16),
+                                                (None, 'midrise', jnp.float16)])
 def test_nearest_error_within_half_scale(bits, gs, sym, scale_dtype):
-  x = 2 * jax.random.normal(jax.random.key(bits), (6, 100)) + 0.5 * sym
+  x = 2 * jax.random.normal(jax.random.key(bits), (6, 100)) + 0.5 * (sym is True)
   q = K.quantize(x, bits, gs, symmetric=sym, scale_dtype=scale_dtype, impl='reference')
   err = np.abs(np.asarray(K.dequantize(q)) - np.asarray(x))
   half = _per_value_scale(q)[:, :100] / 2
@@ -31,12 +33,15 @@ def test_nearest_error_within_half_scale(bits, gs, sym, scale_dtype):
   assert np.all(np.isfinite(half)) and np.all(half > 0)
 
 
-@pytest.mark.parametrize('bits,gs,sym', [(2, 32, True), (3, None, False), (4, 16, False)])
+@pytest.mark.parametrize('bits,gs,sym', [(2, 32, True), (3, None, False), (4, 16, False),
+                                         (2, 16, 'midrise'), (3, None, 'midrise')])
 def test_stochastic_rounding_is_unbiased(bits, gs, sym):
-  # Values 30% of the way between two levels of a known grid (step 1/8, zero -1 if asymmetric),
-  # with each group's/channel's extremes pinned so the grid is exactly what quantize picks.
-  # Nearest rounding is then biased by -0.3 steps, which the same statistic must detect.
-  step, z0 = 0.125, (0.0 if sym else -1.0)
+  # Values 30% of the way between two levels of a known grid (step 1/8, zero -1 if asymmetric,
+  # levels at half steps if midrise), with each group's/channel's extremes pinned so the grid is
+  # exactly what quantize picks. Nearest rounding is then biased by -0.3 steps, which the same
+  # statistic must detect.
+  step = 0.125
+  z0 = -1.0 if sym is False else 0.5 * step if sym == 'midrise' else 0.0
   qlo, qhi = qmath.code_range(bits, sym)
   k = np.random.default_rng(bits).integers(qlo, qhi, (8, 64))
   x = z0 + (k + 0.3) * step

@@ -98,7 +98,7 @@ def test_quantized_exchange_counts_fewer_bytes():
   act = 2 * 32 * 128
   table = 2 * 256 * 128 * 4
   assert fp32['bytes_sent'] == 2 * 2 * act * 4 + table
-  scales = act // 64 * 2  # one bf16 scale per group of 64
+  scales = 128 * 2 * 2  # a bf16 scale and zero point per hidden channel (of 128) per micro-batch
   assert int4['bytes_sent'] == 2 * (act // 2 + scales + act + scales) + table
   assert abs(int4['loss'] - fp32['loss']) < 0.05  # the forward loss sees 4-bit activations
 

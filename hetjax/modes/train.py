@@ -6,6 +6,7 @@ import os
 import jax
 from flax import nnx
 
+from hetjax.checkpoint.manager import load_model
 from hetjax.compression.codecs import make_codec
 from hetjax.data import ByteTokenizer
 from hetjax.distributed import is_leader
@@ -33,7 +34,7 @@ def pipeline_state_factory(cfg, mcfg, workdir):
       'pair' if jax.process_count() > 1 else 'device_put')
   if kind not in transports:
     raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put' or 'pair', got {pcfg.transport!r}")
-  codec, grad_codec = make_codec(pcfg.codec), make_codec(pcfg.grad_codec)
+  codec, grad_codec = make_codec(pcfg.codec, cfg.get('aqsgd')), make_codec(pcfg.grad_codec)
 
   def make_state(model, data, seed):
     pipe = Pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
@@ -44,11 +45,16 @@ def pipeline_state_factory(cfg, mcfg, workdir):
 
 def run(cfg, workdir: str) -> None:
   mcfg = model_config_from(cfg)
+  init_model = None
+  if cfg.get('init_from'):  # fine-tuning: the checkpoint's architecture replaces the preset
+    init_model, _ = load_model(cfg.init_from)
+    mcfg = init_model.cfg
   gcfg = cfg.get('generate')
   if gcfg is not None and gcfg.max_new_tokens > 0:
     parse_prompt(gcfg)  # a bad prompt fails now, not after training
   if is_leader():
-    print(f'model {cfg.model}: {mcfg.num_params():,} parameters; workdir {workdir}')
+    source = f'from {cfg.init_from}' if init_model is not None else cfg.model
+    print(f'model {source}: {mcfg.num_params():,} parameters; workdir {workdir}')
   make_state = pipeline_state_factory(cfg, mcfg, workdir)
   ckpt_cfg = cfg.get('ckpt')
   if ckpt_cfg is not None and jax.process_count() > 1:
@@ -56,7 +62,8 @@ def run(cfg, workdir: str) -> None:
     if is_leader():
       print('note: multi-controller runs do not write checkpoints yet')
   state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=ckpt_cfg,
-                resume=cfg.get('resume'), make_state=make_state)
+                resume=cfg.get('resume'), make_state=make_state,
+                corpus=cfg.data.path if 'data' in cfg else None, init_model=init_model)
   if make_state is not None:
     state.write_timeline(workdir)
   if gcfg is not None and gcfg.max_new_tokens > 0 and jax.process_count() == 1:
