@@ -1,7 +1,15 @@
 """Generation from a text prompt or raw token ids; prints the new ids as one JSON line.
 python run.py --config=configs/generate.py --config.prompt_ids=1,2,3 --config.generate.max_new_tokens=8
 With --config.checkpoint=PATH (a training workdir or a converted checkpoint) the weights and the
-model config come from the checkpoint; otherwise the model is --config.model, randomly initialised."""
+model config come from the checkpoint; otherwise the model is --config.model, randomly initialised.
+
+Offloaded (FlexGen) generation: --config.offload.policy=search (LP policy for this machine within the
+offload.device_gb / host_gb budgets) or =POLICY.json (e.g. policy.json of mode=offload_policy).
+offload.disk_dir: the disk tier's folder (default: the workdir); offload.compress: 4-bit weights and KV;
+offload.cpu_attention: decode attention where the cache lives; offload.max_block: largest block
+(gpu_batch_size x num_gpu_batches) the search considers; writes offload_metrics.json."""
+
+import ml_collections
 
 from configs import base
 
@@ -12,4 +20,6 @@ def get_config():
   c.generate = base.generate_fields()
   c.prompt_ids = ''    # shorthand for generate.prompt_ids
   c.checkpoint = ''    # a checkpoint to load (its latest step)
+  c.offload = ml_collections.ConfigDict(dict(
+      policy='', device_gb=1.0, host_gb=4.0, disk_dir='', compress=False, cpu_attention=False, max_block=8))
   return c

@@ -208,18 +208,23 @@ def _head(graphdef, state, x):
 
 # ---------------------------------------------------------------- engine
 
+def check_disk_dir(disk_dir: str) -> None:
+  if not os.path.isdir(disk_dir) or not os.access(disk_dir, os.W_OK | os.X_OK):
+    raise HetjaxError(f'offload.disk_dir {disk_dir!r} is not a writable folder')
+
+
 def random_layers(cfg: ModelConfig, seed: int = 0) -> Callable[[int], nnx.Module]:
-  """Layer j of a randomly initialised model, built on the host CPU (benchmarks of any size)."""
+  """Layer j of a randomly initialised model, one layer at a time (the model is never whole: any size)."""
   def layer(j):
-    with jax.default_device(jax.devices('cpu')[0]), sharding_scope():
+    with sharding_scope():
       return Block(cfg, nnx.Rngs(seed * 100003 + j + 1))
   return layer
 
 
 def random_ends(cfg: ModelConfig, seed: int = 0) -> tuple[Stage, Stage]:
-  with jax.default_device(jax.devices('cpu')[0]):
-    return (Stage(cfg, 0, 0, has_embed=True, has_head=False, rngs=nnx.Rngs(seed)),
-            Stage(cfg, cfg.num_layers, cfg.num_layers, has_embed=False, has_head=True, rngs=nnx.Rngs(seed + 1)))
+  """Embedding and head stages of a randomly initialised model."""
+  return (Stage(cfg, 0, 0, has_embed=True, has_head=False, rngs=nnx.Rngs(seed)),
+          Stage(cfg, cfg.num_layers, cfg.num_layers, has_embed=False, has_head=True, rngs=nnx.Rngs(seed + 1)))
 
 
 def model_parts(model: Stage) -> tuple[Callable[[int], nnx.Module], tuple[Stage, Stage]]:
@@ -346,11 +351,11 @@ class OffloadEngine:
             f'policy needs {plan[tier] / GB:.4g} GB on the {tier} ({self._breakdown(tier)}) but offload.'
             f'{tier}_gb is {self.budget[tier] / GB:.4g} GB; lower the {tier} fractions or the block size')
     self.disk_folder = ''
+    if disk_dir:
+      check_disk_dir(disk_dir)
     if plan['disk'] > 0:
       if not disk_dir:
         raise HetjaxError(f'the policy puts {plan["disk"] / GB:.4g} GB on disk: set offload.disk_dir')
-      if not os.path.isdir(disk_dir) or not os.access(disk_dir, os.W_OK | os.X_OK):
-        raise HetjaxError(f'offload.disk_dir {disk_dir!r} is not a writable folder')
       free = shutil.disk_usage(disk_dir).free
       if plan['disk'] > free:
         raise HetjaxError(f'the policy puts {plan["disk"] / GB:.4g} GB on disk but {disk_dir!r} has only '
@@ -439,33 +444,53 @@ class OffloadEngine:
   def generate(self, prompts, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int = 0) -> tuple[np.ndarray, dict]:
     """New ids [B, gen_len] for prompts [B, prompt_len] (B <= block; the block is filled by repeating
-    the prompts) and timing {'prefill_s', 'decode_s', 'total_s'}."""
-    prompts = np.atleast_2d(np.asarray(prompts, np.int32))
-    B, T = prompts.shape
-    p, cfg = self.policy, self.cfg
-    if T != self.prompt_len:
-      raise HetjaxError(f'prompt length {T} != the engine\'s prompt_len {self.prompt_len}')
-    if B > p.block:
-      raise HetjaxError(f'{B} prompts do not fit the policy\'s block of {p.block} sequences')
-    if prompts.min() < 0 or prompts.max() >= cfg.vocab_size:
-      raise HetjaxError(f'prompt token ids must lie in [0, {cfg.vocab_size})')
-    tokens = prompts[np.arange(p.block) % B]
+    the prompts) and timing {'prefill_s', 'decode_s', 'total_s'}. Sampling is generate.py's, over the
+    whole block at once with the same keys, so it matches in-memory generation of the block."""
+    tokens, B = self._fill_block(prompts, self.prompt_len)
     keys = jax.random.split(jax.random.key(seed), self.gen_len)
     sampling = (float(temperature), int(top_k), float(top_p))
-    out, t_start = [], time.perf_counter()
-    t_prefill = None
+    ids, timing = self._loop(tokens, lambda i, logits: sample_logits(logits, keys[i], *sampling))
+    return ids[:B], timing
+
+  def score(self, tokens) -> float:
+    """Mean negative log-likelihood of tokens[:, prompt_len:] ([B, prompt_len + gen_len]) under teacher
+    forcing: the prefill and gen_len - 1 decode steps, through the same tiers, compression and cache."""
+    tokens, B = self._fill_block(tokens, self.prompt_len + self.gen_len)
+    T, nll = self.prompt_len, []
+
+    def forced(i, logits):
+      target = jnp.asarray(tokens[:, T + i])
+      nll.append(-jnp.take_along_axis(jax.nn.log_softmax(logits), target[:, None], axis=1)[:B, 0])
+      return target
+
+    self._loop(tokens[:, :T], forced)
+    return float(jnp.mean(jnp.stack(nll)))
+
+  def _fill_block(self, tokens, length: int) -> tuple[np.ndarray, int]:
+    tokens = np.atleast_2d(np.asarray(tokens, np.int32))
+    B, T = tokens.shape
+    if T != length:
+      raise HetjaxError(f'{T} tokens per sequence, but this engine was built for {length}')
+    if B > self.policy.block:
+      raise HetjaxError(f'{B} sequences do not fit the policy\'s block of {self.policy.block}')
+    if tokens.min() < 0 or tokens.max() >= self.cfg.vocab_size:
+      raise HetjaxError(f'token ids must lie in [0, {self.cfg.vocab_size})')
+    return tokens[np.arange(self.policy.block) % B], B
+
+  def _loop(self, prompts: np.ndarray, choose) -> tuple[np.ndarray, dict]:
+    """Prefill, then gen_len - 1 decode steps; choose(i, logits [block, V]) gives the next ids."""
+    T = self.prompt_len
+    out, t_start, t_prefill = [], time.perf_counter(), None
     for i in range(self.gen_len):
       start, t = (0, T) if i == 0 else (T + i - 1, 1)
-      step_tokens = tokens if i == 0 else np.asarray(out[-1])[:, None]
-      logits = self._step(step_tokens, start, t)
-      nxt = sample_logits(logits, keys[i], *sampling)
+      nxt = choose(i, self._step(prompts if i == 0 else np.asarray(out[-1])[:, None], start, t))
       out.append(nxt)
       if i == 0:
         nxt.block_until_ready()
         t_prefill = time.perf_counter() - t_start
     ids = np.asarray(jnp.stack(out, axis=1))
     total = time.perf_counter() - t_start
-    return ids[:B], {'prefill_s': t_prefill, 'decode_s': total - t_prefill, 'total_s': total}
+    return ids, {'prefill_s': t_prefill, 'decode_s': total - t_prefill, 'total_s': total}
 
   def _step(self, tokens: np.ndarray, start: int, t: int) -> jax.Array:
     """All layers for all GPU batches at one token position (prefill: t = prompt_len)."""

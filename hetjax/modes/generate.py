@@ -37,6 +37,9 @@ def print_ids(ids: np.ndarray) -> None:
 
 
 def run(cfg, workdir: str) -> None:
+  if cfg.get('offload') and cfg.offload.policy:   # FlexGen-style offloading (hetjax/modes/_offload.py)
+    from hetjax.modes._offload import run_offloaded
+    return run_offloaded(cfg, workdir)
   if cfg.get('checkpoint'):
     model, _ = load_model(cfg.checkpoint)
   else:
