@@ -59,6 +59,9 @@ def serve_engine(cfg, model: Stage):
 
 
 def run(cfg, workdir: str) -> None:
+  if cfg.get('offload') and cfg.offload.policy:   # FlexGen-style offloading (hetjax/modes/_offload.py)
+    from hetjax.modes._offload import run_offloaded
+    return run_offloaded(cfg, workdir)
   if cfg.get('checkpoint'):
     model, _ = load_model(cfg.checkpoint)
   else:
