@@ -24,10 +24,13 @@ next older step is tried. If none is intact, one error says so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import shutil
 import sys
+import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -205,7 +208,7 @@ class Checkpointer:
       raise HetjaxError(f'no checkpoint in {self.directory}')
     for k, step in enumerate(steps):
       try:
-        return read(step)
+        return _quietly(read, step)
       except CorruptCheckpoint as e:
         older = f'falling back to step {steps[k + 1]}' if k + 1 < len(steps) else 'none older'
         moved = '' if self.read_only else f'; moved to {self._quarantine(step)}'
@@ -261,11 +264,23 @@ class Checkpointer:
     return step
 
 
+def _quietly(read, step):
+  """read(step), dropping what orbax/tensorstore threads print to stderr after a failed read
+  (tracebacks of callbacks into an event loop that the failure already closed)."""
+  buffer = io.StringIO()
+  with contextlib.redirect_stderr(buffer):
+    try:
+      return read(step)
+    except CorruptCheckpoint:
+      time.sleep(0.5)  # let those callbacks finish while stderr is still redirected
+      raise
+
+
 def _reason(e: BaseException) -> str:
   """An exception as one short line."""
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   text = lines[0] if lines else ''
-  return f'{type(e).__name__}: {text[:200]}' if text else type(e).__name__
+  return f'{type(e).__name__}: {text[:120]}' if text else type(e).__name__
 
 
 def fingerprints(flat: Mapping[str, Any]) -> dict[str, list[float]]:
