@@ -25,8 +25,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 def run_config(cfg) -> str:
   """Run the job a config describes; returns its workdir."""
+  from hetjax.config_check import check_config
   from hetjax.errors import HetjaxError
   from hetjax.metrics import make_workdir, write_json
+  check_config(cfg)  # every field's type and range, before any work
   try:
     mode = importlib.import_module(f'hetjax.modes.{cfg.mode}')
   except ModuleNotFoundError:

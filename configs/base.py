@@ -38,7 +38,8 @@ def aqsgd_fields() -> ml_collections.ConfigDict:
 def train_fields() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       steps=300, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=30, min_lr_ratio=0.1,
-      weight_decay=0.1, clip_norm=1.0, log_every=25, eval_every=100, eval_batches=4))
+      weight_decay=0.1, clip_norm=1.0, log_every=25, eval_every=100, eval_batches=4,
+      max_bad_steps=0))  # steps with a non-finite loss/grad norm to skip before stopping
 
 
 def generate_fields() -> ml_collections.ConfigDict:

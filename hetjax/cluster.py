@@ -15,8 +15,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from hetjax import checks
 from hetjax.errors import HetjaxError
 
+MAX_DEVICES = 1024  # N x N link matrices and O(N^2) planners: larger clusters are refused
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_DIR = os.path.join(REPO_ROOT, 'configs', 'clusters')
 V100 = 'V100-SXM2-32GB'
@@ -67,8 +69,14 @@ class Cluster:
   bandwidth_gbps: np.ndarray
 
   def __post_init__(self):
-    self.delay_ms = np.array(self.delay_ms, dtype=np.float64)
-    self.bandwidth_gbps = np.array(self.bandwidth_gbps, dtype=np.float64)
+    checks.text(self.name, 'cluster name')
+    checks.sequence(self.devices, f'cluster {self.name!r} devices', 1, MAX_DEVICES)
+    for what in ('delay_ms', 'bandwidth_gbps'):
+      try:
+        m = np.array(getattr(self, what), dtype=np.float64)
+      except (TypeError, ValueError, OverflowError):
+        raise HetjaxError(f'cluster {self.name!r}: {what} must be a matrix of numbers') from None
+      setattr(self, what, m)
     self.validate()
     np.fill_diagonal(self.delay_ms, 0.0)
     np.fill_diagonal(self.bandwidth_gbps, np.inf)
@@ -78,12 +86,21 @@ class Cluster:
     n = len(self.devices)
     if n == 0:
       raise HetjaxError(f'cluster {self.name!r} has no devices')
-    for i, d in enumerate(self.devices):
-      if d.id != i:
-        raise HetjaxError(f'cluster {self.name!r}: device ids must be 0..{n - 1} in order, got {d.id} at {i}')
-      gpu_spec(d.gpu)
-      if d.tflops is not None and d.tflops <= 0:
-        raise HetjaxError(f'cluster {self.name!r}: device {i} has non-positive tflops {d.tflops}')
+    if n > MAX_DEVICES:
+      raise HetjaxError(f'cluster {self.name!r} has {n} devices; at most {MAX_DEVICES} are supported')
+    try:
+      for i, d in enumerate(self.devices):
+        checks.integer(d.id, f'device {i} id')
+        if d.id != i:
+          raise HetjaxError(f'device ids must be 0..{n - 1} in order, got {d.id} at {i}')
+        for name in ('gpu', 'host', 'region'):
+          checks.text(getattr(d, name), f'device {i} {name}')
+        gpu_spec(d.gpu)
+        for name in ('tflops', 'memory_gb'):
+          if getattr(d, name) is not None:
+            checks.real(getattr(d, name), f'device {i} {name}', 0, 1e9, lo_open=True)
+    except HetjaxError as e:
+      raise HetjaxError(f'cluster {self.name!r}: {e}') from None
     for what, m in (('delay_ms', self.delay_ms), ('bandwidth_gbps', self.bandwidth_gbps)):
       if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise HetjaxError(f'cluster {self.name!r}: {what} must be a square matrix, got shape {m.shape}')
@@ -175,9 +192,12 @@ class Cluster:
   @classmethod
   def from_dict(cls, d: dict[str, Any], name: str = 'cluster') -> 'Cluster':
     """Full form (devices + matrices) or compact form (device groups + link rules); see configs/clusters/."""
+    checks.mapping(d, f'cluster {name!r}')
     if 'delay_ms' in d or 'bandwidth_gbps' in d:
       try:
-        devs = [Device(**{**dv, 'id': i}) for i, dv in enumerate(d['devices'])]
+        raw = checks.sequence(d['devices'], f'cluster {name!r} devices', 1, MAX_DEVICES)
+        devs = [Device(**{**checks.mapping(dv, f'cluster {name!r} device {i}'), 'id': i})
+                for i, dv in enumerate(raw)]
         return cls(d.get('name', name), devs, d['delay_ms'], d['bandwidth_gbps'])
       except (KeyError, TypeError, ValueError) as e:
         raise HetjaxError(f'cluster {name!r}: malformed cluster file ({e})') from None
@@ -192,45 +212,76 @@ class Cluster:
     try:
       with open(path) as f:
         d = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
       raise HetjaxError(f'cannot read cluster file {path}: {e}') from None
     return cls.from_dict(d, name=os.path.splitext(os.path.basename(path))[0])
+
+
+def _link(value, what: str) -> tuple[float, float]:
+  """[delay_ms >= 0, gbps > 0]."""
+  delay, gbps = checks.sequence(value, what, 2, 2)
+  return (checks.real(delay, f'{what} delay_ms', 0, 1e7),
+          checks.real(gbps, f'{what} gbps', 0, 1e7, lo_open=True))
 
 
 def _from_compact(d: dict[str, Any], name: str) -> Cluster:
   """Compact form: {"devices": [{"gpu", "host", "region", "count"}], "links": {...}}.
 
   links: intra_host / intra_region / inter_region_default: [delay_ms, gbps];
-         inter_region: {"A-B": [delay_ms, gbps]}.
+         inter_region: {"A-B": [delay_ms, gbps]} between named regions of the devices.
   Devices with count > 1 on a host get hosts named host, or host-0, host-1... with per_host.
   """
   try:
     devs: list[Device] = []
-    for grp in d['devices']:
-      count, per_host = int(grp.get('count', 1)), int(grp.get('per_host', grp.get('count', 1)))
+    groups = checks.sequence(checks.mapping(d, 'the file').get('devices'), 'devices', 1, MAX_DEVICES)
+    for g, grp in enumerate(groups):
+      grp = checks.mapping(grp, f'device group {g}')
+      unknown = set(grp) - {'gpu', 'host', 'region', 'count', 'per_host', 'tflops', 'memory_gb'}
+      if unknown:
+        raise HetjaxError(f'device group {g} has unknown field(s) {sorted(unknown)}')
+      count = checks.integer(grp.get('count', 1), f'device group {g} count', 1, MAX_DEVICES)
+      if len(devs) + count > MAX_DEVICES:
+        raise HetjaxError(f'more than {MAX_DEVICES} devices (the most supported)')
+      per_host = checks.integer(grp.get('per_host', count), f'device group {g} per_host', 1, count)
+      host = checks.text(grp.get('host'), f'device group {g} host')
+      region = checks.text(grp.get('region', 'default'), f'device group {g} region')
       for k in range(count):
-        host = grp['host'] if count == per_host else f"{grp['host']}-{k // per_host}"
-        devs.append(Device(len(devs), grp['gpu'], host, grp.get('region', 'default')))
-    links = d['links']
+        devs.append(Device(len(devs), checks.text(grp.get('gpu'), f'device group {g} gpu'),
+                           host if count == per_host else f'{host}-{k // per_host}', region,
+                           grp.get('tflops'), grp.get('memory_gb')))
+    links = checks.mapping(d.get('links'), 'links')
+    unknown = set(links) - {'intra_host', 'intra_region', 'inter_region', 'inter_region_default'}
+    if unknown:
+      raise HetjaxError(f'links has unknown field(s) {sorted(unknown)}')
     regions = [dv.region for dv in devs]
     pair = {}
-    for key, val in links.get('inter_region', {}).items():
-      a, b = key.split('-')
-      pair[(a, b)] = pair[(b, a)] = val
+    for key, val in checks.mapping(links.get('inter_region', {}), 'links.inter_region').items():
+      ends = key.split('-')
+      if len(ends) != 2 or not set(ends) <= set(regions):
+        raise HetjaxError(f'links.inter_region key {key!r} must be "A-B" for two regions of the '
+                          f'devices ({", ".join(sorted(set(regions)))})')
+      pair[tuple(ends)] = pair[tuple(ends[::-1])] = _link(val, f'links.inter_region[{key!r}]')
+    kinds = {k: _link(links[k], f'links.{k}') if k in links else None
+             for k in ('intra_host', 'intra_region', 'inter_region_default')}
     n = len(devs)
     delay, bw = np.zeros((n, n)), np.zeros((n, n))
     for i in range(n):
       for j in range(n):
         if devs[i].host == devs[j].host:
-          dl, b = links['intra_host']
+          kind = 'intra_host'
         elif regions[i] == regions[j]:
-          dl, b = links['intra_region']
+          kind = 'intra_region'
+        elif (regions[i], regions[j]) in pair:
+          delay[i, j], bw[i, j] = pair[(regions[i], regions[j])]
+          continue
         else:
-          dl, b = pair.get((regions[i], regions[j])) or links['inter_region_default']
-        delay[i, j], bw[i, j] = dl, b
-  except (KeyError, TypeError, ValueError) as e:
-    raise HetjaxError(f'cluster {name!r}: malformed compact cluster file (missing/bad {e})') from None
-  return Cluster(d.get('name', name), devs, delay, bw)
+          kind = 'inter_region_default'
+        if kinds[kind] is None:
+          raise HetjaxError(f'links.{kind} is needed (devices {i} and {j})')
+        delay[i, j], bw[i, j] = kinds[kind]
+  except HetjaxError as e:
+    raise HetjaxError(f'cluster {name!r}: {e}') from None
+  return Cluster(checks.text(d.get('name', name), 'cluster name'), devs, delay, bw)
 
 
 # ---------------------------------------------------------------- scenario builders

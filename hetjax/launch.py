@@ -3,25 +3,36 @@
   python -m hetjax.launch -n 3 --devices=1,2,4 -- python run.py --config=configs/pipeline.py
 
 Each process gets its own CPU device count (--devices, one number for all or one per process) and
-the HETJAX_* variables that hetjax.distributed reads. Output lines are prefixed with [pN]. If any
-process fails, the others get --grace seconds to notice (jax.distributed's heartbeat), then are
-stopped; the launcher exits non-zero with one line saying which process failed first. --timeout
-stops a group that runs too long (exit code 124).
+the HETJAX_* variables that hetjax.distributed reads. Output lines are prefixed with [pN]; gloo's
+per-rank "connected" chatter is dropped. Every line of every process is kept in <logs>/pN.log
+(--logs; default <workdir>/launch when the command sets --config.workdir, else runs/launch-<time>).
+
+Failures. The launcher polls each process's state (its heartbeat, from the OS) every 0.2 s. When a
+process exits with an error, is killed, or stays frozen (SIGSTOP) for --stall seconds, the group
+has failed: the process named is the first to go silent (not the first to exit: a frozen process
+makes its healthy peers exit first). The others get --grace seconds, then are killed; their
+follow-on errors (gloo/gRPC "peer lost" noise) go only to the logs, and the launcher prints one
+summary line per failed process. Exit code: 2 if the first failure exited with 2 (bad input),
+else 1; --timeout stops a group that runs too long (exit code 124).
 
 --emulate=CLUSTER runs each process in its own network namespace joined by veth links shaped to the
-cluster's bandwidth matrix (see hetjax/netem.py); it needs root.
+cluster's bandwidth matrix (see hetjax/netem.py); it needs root, and prints what it shaped.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+POLL_S = 0.2
+GLOO_CHATTER = re.compile(r'^\[Gloo\] Rank \d+ is connected to \d+ peer ranks')
 
 
 def free_port() -> int:
@@ -30,14 +41,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _forward(stream, prefix: str, out) -> None:
-  for line in iter(stream.readline, ''):
-    out.write(f'{prefix}{line}')
-    out.flush()
-
-
 def parse_devices(spec: str, n: int) -> list[int]:
-  counts = [int(x) for x in spec.split(',') if x.strip()]
+  try:
+    counts = [int(x) for x in spec.split(',') if x.strip()]
+  except ValueError:
+    counts = []
   if len(counts) == 1:
     counts *= n
   if len(counts) != n or min(counts) < 1:
@@ -45,13 +53,112 @@ def parse_devices(spec: str, n: int) -> list[int]:
   return counts
 
 
-def launch(command: list[str], n: int, devices: list[int], grace_s: float = 45.0,
-           network=None, timeout_s: float = 0) -> int:
-  """Run `command` as n cooperating processes; returns the exit code for the group.
-  timeout_s > 0 stops the whole group after that long (exit code 124)."""
+def os_state(pid: int) -> str:
+  """The process's state letter from /proc ('R', 'S', 'T' stopped, 'Z', ...); '' if unknown."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0]
+  except (OSError, IndexError):
+    return ''
+
+
+def signal_name(sig: int) -> str:
+  try:
+    return signal.Signals(sig).name
+  except ValueError:
+    return f'signal {sig}'
+
+
+class Member:
+  """One launched process: its output (shown and logged), and when it was last seen alive."""
+
+  def __init__(self, index: int, proc: subprocess.Popen, log_path: str, failing: threading.Event,
+               group_failed, out=sys.stdout, err=sys.stderr):
+    """group_failed(): whether any process of the group has exited with an error (checked before
+    showing a line, so that peers' first reactions to a death are not shown either)."""
+    self.index, self.proc, self.log_path, self.failing = index, proc, log_path, failing
+    self.group_failed = group_failed
+    self.log = open(log_path, 'w')
+    self.lock = threading.Lock()
+    self.last_alive = time.monotonic()
+    self.stopped_since: float | None = None
+    self.killed_by_launcher = False
+    self.error = ''  # its own last `error:` line
+    self.threads = [threading.Thread(target=self._forward, args=(stream, sink), daemon=True)
+                    for stream, sink in ((proc.stdout, out), (proc.stderr, err))]
+    for t in self.threads:
+      t.start()
+
+  def _forward(self, stream, sink) -> None:
+    for line in iter(stream.readline, ''):
+      with self.lock:
+        self.log.write(line)
+        self.log.flush()
+      if line.startswith('error:'):
+        self.error = line.strip()
+      if GLOO_CHATTER.match(line):
+        continue
+      # After a failure only a process's own error lines are shown; the rest is peer-lost noise.
+      if not self.failing.is_set() and self.group_failed():
+        self.failing.set()
+      if self.failing.is_set() and not line.startswith('error:'):
+        continue
+      sink.write(f'[p{self.index}] {line}')
+      sink.flush()
+
+  def poll(self, now: float) -> int | None:
+    """Exit code or None; updates the liveness record."""
+    code = self.proc.poll()
+    if code is None:
+      if os_state(self.proc.pid) in ('T', 't'):
+        self.stopped_since = self.stopped_since or now
+      else:
+        self.stopped_since = None
+        self.last_alive = now
+    return code
+
+  def kill(self) -> None:
+    if self.proc.poll() is None:
+      self.killed_by_launcher = True
+      try:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+
+  def close(self) -> None:
+    for t in self.threads:
+      t.join(timeout=2)
+    self.log.close()
+
+  def describe(self, code: int | None, stall_s: float) -> str:
+    if self.stopped_since is not None and self.killed_by_launcher:
+      return f'was frozen (stopped, e.g. SIGSTOP) for over {stall_s:g} s and killed by the launcher'
+    if self.killed_by_launcher:
+      return 'was killed by the launcher'
+    if code is not None and code < 0:
+      return f'was killed by signal {-code} ({signal_name(-code)})'
+    return f'exited with code {code}'
+
+
+def default_logs(command: list[str]) -> str:
+  for arg in command:
+    if arg.startswith('--config.workdir='):
+      return os.path.join(arg.split('=', 1)[1], 'launch')
+  return os.path.join('runs', f'launch-{time.strftime("%Y%m%d-%H%M%S")}-{os.getpid()}')
+
+
+def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
+           network=None, timeout_s: float = 0, stall_s: float = 10.0, logs: str = '',
+           out=sys.stdout, err=sys.stderr) -> int:
+  """Run `command` as n cooperating processes; returns the exit code for the group (see the
+  module doc). timeout_s > 0 stops the whole group after that long (exit code 124)."""
   addresses = network.addresses if network else ['127.0.0.1'] * n
   coordinator = f'{addresses[0]}:{free_port()}'
-  procs = []
+  logs = logs or default_logs(command)
+  os.makedirs(logs, exist_ok=True)
+  failing = threading.Event()
+  members = []
+  group_failed = lambda: any(m.proc.poll() not in (None, 0) for m in list(members))
   for i in range(n):
     env = {**os.environ, 'HETJAX_COORDINATOR': coordinator, 'HETJAX_NUM_PROCESSES': str(n),
            'HETJAX_PROCESS_ID': str(i), 'JAX_PLATFORMS': 'cpu',
@@ -60,41 +167,64 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 45.0
     argv = network.wrap(i, command) if network else command
     p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
-    for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
-      threading.Thread(target=_forward, args=(stream, f'[p{i}] ', out), daemon=True).start()
-    procs.append(p)
-  first_failure = None
-  deadline = None
+    members.append(Member(i, p, os.path.join(logs, f'p{i}.log'), failing, group_failed, out, err))
+  first, deadline, timed_out = None, None, False
   started = time.monotonic()
-  timed_out = False
   while True:
-    codes = [p.poll() for p in procs]
-    if timeout_s and not timed_out and time.monotonic() - started > timeout_s:
-      timed_out = True
-      deadline = time.monotonic()
-    if first_failure is None:
-      for i, c in enumerate(codes):
-        if c not in (None, 0):
-          first_failure = (i, c)
-          deadline = time.monotonic() + grace_s
-          break
+    now = time.monotonic()
+    codes = [m.poll(now) for m in members]
+    if timeout_s and not timed_out and now - started > timeout_s:
+      timed_out, deadline = True, now
+    if first is None:
+      down = [m for m, c in zip(members, codes) if c not in (None, 0)
+              or (m.stopped_since is not None and now - m.stopped_since > stall_s)]
+      if down:
+        # The first to go silent: a frozen process stops beating before its peers exit.
+        silent = [m for m, c in zip(members, codes) if c not in (None, 0) or m.stopped_since]
+        first = min(silent, key=lambda m: m.last_alive)
+        failing.set()
+        for m in members:
+          if m.stopped_since is not None:
+            m.kill()  # a frozen process never exits by itself
+        deadline = now + grace_s
     if all(c is not None for c in codes):
       break
-    if deadline is not None and time.monotonic() > deadline:
-      for p in procs:
-        if p.poll() is None:
-          os.killpg(p.pid, signal.SIGKILL)
-    time.sleep(0.2)
-  time.sleep(0.3)  # let the output threads drain
+    if deadline is not None and now > deadline:
+      for m in members:
+        m.kill()
+    time.sleep(POLL_S)
+  codes = [m.proc.wait() for m in members]
+  for m in members:
+    m.close()
   if timed_out:
-    print(f'error: the group did not finish within {timeout_s:g} s and was stopped', file=sys.stderr)
+    print(f'error: the group did not finish within {timeout_s:g} s and was stopped '
+          f'(logs: {logs})', file=err)
     return 124
-  if first_failure is not None:
-    i, c = first_failure
-    how = f'was killed by signal {-c}' if c < 0 else f'exited with code {c}'
-    print(f'error: process {i} {how}; the group was stopped', file=sys.stderr)
-    return 1
-  return 0
+  if first is None:
+    return 0
+  code = codes[first.index]
+  own = f': {first.error}' if first.error else ''
+  print(f'error: process {first.index} {first.describe(code, stall_s)} and was the first to stop'
+        f'{own}; the group was stopped (logs: {logs})', file=err)
+  for m, c in zip(members, codes):
+    if m is not first and (c != 0 or m.killed_by_launcher):
+      own = f'; its error: {m.error}' if m.error else ''
+      print(f'  process {m.index} {m.describe(c, stall_s)} after process {first.index} stopped{own}',
+            file=err)
+  return 2 if code == 2 else 1
+
+
+def describe_network(network, cluster: str, scale: float) -> str:
+  """One line: what --emulate shaped."""
+  rates = network.rates_mbit
+  pairs = [(i, j) for i in range(network.n) for j in range(i + 1, network.n)]
+  if len(pairs) <= 6:
+    shaped = ', '.join(f'p{i}-p{j} {rates[i, j]:.0f}' for i, j in pairs)
+  else:
+    off = [rates[i, j] for i, j in pairs]
+    shaped = f'{min(off):.0f}-{max(off):.0f}'
+  return (f'emulating {cluster}: {network.n} network namespaces, each pair of processes on its own '
+          f'link shaped with tc tbf to {shaped} Mbit/s (bandwidth x{scale:g}); no added latency')
 
 
 def main(argv=None) -> int:
@@ -103,10 +233,14 @@ def main(argv=None) -> int:
       epilog='Everything after -- is the command each process runs.')
   parser.add_argument('-n', '--num_processes', type=int, required=True)
   parser.add_argument('--devices', default='1', help='CPU devices per process: N or N1,N2,...')
-  parser.add_argument('--grace', type=float, default=45.0,
+  parser.add_argument('--grace', type=float, default=5.0,
                       help='seconds the others get to exit after one process fails')
+  parser.add_argument('--stall', type=float, default=10.0,
+                      help='a process frozen (stopped) this many seconds has failed')
   parser.add_argument('--timeout', type=float, default=0,
                       help='stop the whole group after this many seconds (0: no limit)')
+  parser.add_argument('--logs', default='',
+                      help='folder for each process\'s full output (default: <workdir>/launch)')
   parser.add_argument('--emulate', default='', help='cluster whose links to emulate (needs root)')
   parser.add_argument('--bandwidth_scale', type=float, default=1.0,
                       help='multiply the cluster\'s Gbit/s by this before shaping')
@@ -115,17 +249,19 @@ def main(argv=None) -> int:
     rest = rest[1:]
   if not rest:
     parser.error('give the command to run after --')
-  if args.num_processes < 1:
-    parser.error('-n must be at least 1')
+  if not 1 <= args.num_processes <= 1024:
+    parser.error('-n must be in 1..1024')
   devices = parse_devices(args.devices, args.num_processes)
+  options = dict(grace_s=args.grace, timeout_s=args.timeout, stall_s=args.stall, logs=args.logs)
   if not args.emulate:
-    return launch(rest, args.num_processes, devices, args.grace, timeout_s=args.timeout)
+    return launch(rest, args.num_processes, devices, **options)
   from hetjax import netem
   from hetjax.errors import HetjaxError
   try:
     with netem.EmulatedNetwork.for_cluster(args.emulate, args.num_processes,
                                            args.bandwidth_scale) as network:
-      return launch(rest, args.num_processes, devices, args.grace, network, args.timeout)
+      print(describe_network(network, args.emulate, args.bandwidth_scale), flush=True)
+      return launch(rest, args.num_processes, devices, network=network, **options)
   except HetjaxError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Optional
 
+from hetjax import checks
 from hetjax.errors import HetjaxError
 
 PLAN_VERSION = 1
+MAX_DEVICES = 1024       # devices a plan may name (ids 0..MAX_DEVICES-1), as cluster.MAX_DEVICES
+MAX_LAYERS = 100_000
+MAX_MICRO = 1_000_000    # micro-batches, micro-batch size, sequence and generation lengths
 SCHEDULES = ('gpipe', '1f1b')
 KINDS = ('train', 'serve')
 
@@ -66,9 +71,9 @@ class Plan:
   version: int = PLAN_VERSION
 
   def __post_init__(self):
+    self._check_types()
     for r in self.replicas:
       for k, s in enumerate(r.stages):
-        s.devices = [int(d) for d in s.devices]
         if not s.tp:
           s.tp = len(s.devices)
         if s.embed is None:
@@ -105,6 +110,56 @@ class Plan:
     raise HetjaxError(f'device {device} is not in the plan')
 
   # ---- checks
+  def _check_types(self) -> None:
+    """Every field has its JSON type and a sane range (so later code can trust them)."""
+    bad = lambda msg: HetjaxError(f'invalid plan: {msg}')
+    try:
+      checks.integer(self.version, 'version')
+      checks.integer(self.num_layers, 'num_layers', 1, MAX_LAYERS)
+      for name in ('kind', 'model', 'cluster', 'schedule'):
+        checks.text(getattr(self, name), name)
+      checks.integer(self.micro_batches, 'micro_batches', 1, MAX_MICRO)
+      checks.integer(self.micro_batch_size, 'micro_batch_size', 1, MAX_MICRO)
+      checks.integer(self.seq_len, 'seq_len', 0, MAX_MICRO)
+      checks.integer(self.gen_len, 'gen_len', 0, MAX_MICRO)
+      checks.integer(self.activation_bits, 'activation_bits', 1, 32)
+      for name in ('offload', 'prediction', 'search'):
+        checks.mapping(getattr(self, name), name)
+      for what in ('weights', 'kv', 'act'):
+        if self.offload.get(what) is not None:
+          for x in checks.sequence(self.offload[what], f'offload.{what}', 3, 3):
+            checks.real(x, f'offload.{what} entries', 0, 1)
+      checks.sequence(self.replicas, 'replicas', 1, MAX_DEVICES)
+      for i, r in enumerate(self.replicas):
+        if not isinstance(r, Replica):
+          raise bad(f'replica {i} is not a replica')
+        checks.real(r.weight, f'replica {i} weight', 0, lo_open=True)
+        checks.integer(r.max_batch, f'replica {i} max_batch', 0, MAX_MICRO)
+        checks.sequence(r.stages, f'replica {i} stages', 1, MAX_LAYERS)
+        for k, s in enumerate(r.stages):
+          where = f'replica {i} stage {k}'
+          if not isinstance(s, Stage):
+            raise bad(f'{where} is not a stage')
+          checks.integer(s.start, f'{where} start', 0, MAX_LAYERS)
+          checks.integer(s.end, f'{where} end', 0, MAX_LAYERS)
+          checks.sequence(s.devices, f'{where} devices', 1, MAX_DEVICES)
+          s.devices = [checks.integer(d, f'{where} device id', 0, MAX_DEVICES - 1) for d in s.devices]
+          checks.integer(s.tp, f'{where} tp', 0, MAX_DEVICES)
+          for name in ('embed', 'head'):
+            if getattr(s, name) is not None:
+              checks.flag(getattr(s, name), f'{where} {name}')
+    except HetjaxError as e:
+      if str(e).startswith('invalid plan'):
+        raise
+      raise bad(str(e)) from None
+
+  def check_model(self, name: str) -> 'Plan':
+    """A plan records the model it was made for; refuse it for another one."""
+    if self.model and self.model != name:
+      raise HetjaxError(f'invalid plan: it was made for model {self.model!r}, not {name!r} '
+                        f'(plan again, or set "model" in the plan file)')
+    return self
+
   def validate(self, cluster=None, model=None) -> 'Plan':
     """Structural checks; with a cluster: device ids exist; with a ModelConfig: layer count, TP divides heads."""
     def bad(msg):
@@ -166,14 +221,18 @@ class Plan:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'Plan':
     try:
-      d = dict(d)
+      d = dict(checks.mapping(d, 'a plan'))
       reps = []
-      for r in d.pop('replicas'):
+      for i, r in enumerate(checks.sequence(d.pop('replicas'), 'replicas', 1, MAX_DEVICES)):
+        r = checks.mapping(r, f'replica {i}')
+        unknown = set(r) - {'stages', 'weight', 'max_batch'}
+        if unknown:
+          raise HetjaxError(f'invalid plan: replica {i} has unknown field(s) {sorted(unknown)}')
         stages = []
-        for s in r['stages']:
-          s = dict(s)
+        for k, s in enumerate(checks.sequence(r['stages'], f'replica {i} stages', 1, MAX_LAYERS)):
+          s = dict(checks.mapping(s, f'replica {i} stage {k}'))
           if 'layers' in s:
-            s['start'], s['end'] = s.pop('layers')
+            s['start'], s['end'] = checks.sequence(s.pop('layers'), f'replica {i} stage {k} layers', 2, 2)
           stages.append(Stage(**s))
         reps.append(Replica(stages=stages, weight=r.get('weight', 1.0), max_batch=r.get('max_batch', 0)))
       if 'num_layers' not in d:
@@ -183,6 +242,8 @@ class Plan:
       if unknown:
         raise HetjaxError(f'invalid plan: unknown field(s) {sorted(unknown)}')
       return cls(replicas=reps, **d)
+    except HetjaxError as e:
+      raise HetjaxError(str(e) if str(e).startswith('invalid plan') else f'invalid plan: {e}') from None
     except (KeyError, TypeError, ValueError) as e:
       raise HetjaxError(f'invalid plan: malformed ({type(e).__name__}: {e})') from None
 
@@ -193,19 +254,25 @@ class Plan:
   def from_json(cls, text: str) -> 'Plan':
     try:
       return cls.from_dict(json.loads(text))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
       raise HetjaxError(f'invalid plan JSON: {e}') from None
 
   def save(self, path: str) -> None:
-    with open(path, 'w') as f:
-      f.write(self.to_json())
+    """Atomic: a crash leaves the old file or the new one."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+      with open(tmp, 'w') as f:
+        f.write(self.to_json())
+      os.replace(tmp, path)
+    except OSError as e:
+      raise HetjaxError(f'cannot write plan {path}: {e.strerror or e}') from None
 
   @classmethod
   def load(cls, path: str) -> 'Plan':
     try:
       with open(path) as f:
         return cls.from_json(f.read())
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
       raise HetjaxError(f'cannot read plan {path}: {e}') from None
 
   # ---- display

@@ -55,7 +55,7 @@ def test_bad_names_and_files(tmp_path):
     get_cluster('nowhere')
   p = tmp_path / 'bad.json'
   p.write_text(json.dumps({'devices': [{'gpu': 'T4'}], 'links': {}}))
-  with pytest.raises(HetjaxError, match='malformed'):
+  with pytest.raises(HetjaxError, match='host must be a string'):
     get_cluster(str(p))
   with pytest.raises(HetjaxError, match='has 16 devices'):
     get_cluster('small_lab', 32)
@@ -64,3 +64,38 @@ def test_bad_names_and_files(tmp_path):
 def test_local_cluster_probe():
   c = get_cluster('local', 2)
   assert c.n == 2 and all(c.tflops(i) > 0 for i in range(2)) and c.bandwidth_gbps[0, 1] > 0
+
+
+COMPACT = {'devices': [{'gpu': 'T4', 'host': 'a', 'region': 'r1', 'count': 2},
+                       {'gpu': 'T4', 'host': 'b', 'region': 'r2'}],
+           'links': {'intra_host': [0, 100], 'intra_region': [1, 10],
+                     'inter_region_default': [50, 1], 'inter_region': {'r1-r2': [20, 2]}}}
+
+
+def _compact(**group_changes):
+  d = json.loads(json.dumps(COMPACT))
+  d['devices'][0].update(group_changes)
+  return d
+
+
+@pytest.mark.parametrize('d,msg', [
+    (_compact(count=1_000_000), 'count must be <= 1024'),
+    (_compact(count=10 ** 12), 'count must be <= 1024'),
+    (_compact(per_host=2.5), 'per_host must be an integer'),
+    (_compact(tflops=float('nan')), 'tflops must be finite'),
+    (_compact(memory_gb=0), 'memory_gb must be > 0'),
+    (_compact(gpu=['T4']), 'gpu must be a string'),
+    (dict(COMPACT, devices=['T4']), 'device group 0 must be a JSON object'),
+    (dict(COMPACT, links={**COMPACT['links'], 'inter_region': {'r1-mars': [1, 1]}}), 'two regions'),
+    (dict(COMPACT, links={'intra_host': [0, -1]}), 'gbps must be > 0'),
+    (5, 'must be a JSON object'),
+])
+def test_bad_cluster_files(d, msg):
+  with pytest.raises(HetjaxError, match=msg):
+    Cluster.from_dict(d, 'fuzz')
+
+
+def test_compact_cluster_links():
+  c = Cluster.from_dict(COMPACT, 'ok')
+  assert c.n == 3 and c.bandwidth_gbps[0, 1] == 100 and c.bandwidth_gbps[0, 2] == 2
+  assert c.delay_ms[1, 2] == 20

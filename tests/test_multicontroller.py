@@ -78,6 +78,44 @@ def _children(pid):
   return sorted(kids)
 
 
+def _start_and_signal(tmp_path, sig, victim_index=1):
+  """A 3-process pipeline run; once it trains, send `sig` to one process. Returns (launcher
+  stderr, seconds from the signal to the launcher's exit, launcher exit code)."""
+  plan = Plan([Replica([Stage(0, 2, [0]), Stage(2, 4, [1]), Stage(4, 6, [2])])], num_layers=6,
+              micro_batches=4, micro_batch_size=2)
+  plan.save(str(tmp_path / 'plan.json'))
+  workdir = tmp_path / 'run'
+  args = launch_args(3, '1', tmp_path / 'plan.json', workdir, steps=100000)
+  args[args.index('--grace=30')] = '--grace=5'
+  proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.monotonic() + 300
+  while not (metrics.exists() and metrics.stat().st_size > 0):  # training is under way
+    assert proc.poll() is None and time.monotonic() < deadline, 'the run did not start'
+    time.sleep(1)
+  victim = next(pid for pid in _children(proc.pid)
+                if f'HETJAX_PROCESS_ID={victim_index}\x00'.encode() in open(f'/proc/{pid}/environ', 'rb').read())
+  os.kill(victim, sig)
+  signalled_at = time.monotonic()
+  try:
+    stdout, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert not any(l.startswith('[p') and 'Gloo' in l for l in stdout.splitlines())
+  assert (workdir / 'launch' / f'p{victim_index}.log').exists()  # raw logs kept
+  return stderr, time.monotonic() - signalled_at, proc.returncode
+
+
+@pytest.mark.slow
+def test_a_frozen_process_is_named_not_the_peers_that_exit_first(tmp_path):
+  stderr, seconds, code = _start_and_signal(tmp_path, signal.SIGSTOP, victim_index=1)
+  assert code == 1 and seconds < 40, (seconds, stderr)
+  summary = [l for l in stderr.splitlines() if not l.startswith('[p')]
+  assert summary[0].startswith('error: process 1 was frozen'), stderr
+  assert len(summary) <= 3, summary  # one line per failed process, no gloo/gRPC noise
+
+
 def test_killing_one_process_stops_the_group_with_a_clear_error(tmp_path):
   plan = Plan([Replica([Stage(0, 2, [0]), Stage(2, 6, [1])])], num_layers=6, micro_batches=4,
               micro_batch_size=2)

@@ -39,6 +39,12 @@ def test_hand_written_plan_and_round_trip(tmp_path):
     (dict(replicas=[{'stages': [{'layers': [0, 4], 'devices': [0, 1, 2]}]}]), 'tp=3 does not divide'),
     (dict(replicas=[{'stages': [{'layers': [0, 4], 'devices': [9]}]}]), 'not in cluster'),
     (dict(bogus=1), 'unknown field'),
+    (dict(replicas=[{'stages': [{'layers': [0, 'abc'], 'devices': [0]}]}], num_layers=4), 'end must be an integer'),
+    (dict(replicas=[{'stages': [{'layers': [0, 4], 'devices': [-1]}]}]), 'device id must be >= 0'),
+    (dict(replicas=[{'stages': [{'layers': [0, 4], 'devices': [0]}], 'weight': float('nan')}]), 'finite'),
+    (dict(micro_batches=2.5), 'micro_batches must be an integer'),
+    (dict(micro_batches=10 ** 9), 'micro_batches must be <= '),
+    (dict(replicas='x'), 'replicas must be a list'),
 ])
 def test_invalid_plans(change, msg):
   with pytest.raises(HetjaxError, match=msg):
@@ -48,3 +54,9 @@ def test_invalid_plans(change, msg):
 def test_malformed_json():
   with pytest.raises(HetjaxError, match='invalid plan'):
     Plan.from_json('{"replicas": [{"stages": [{"devices": [0]}]}]}')
+
+
+def test_plan_for_another_model_is_refused():
+  with pytest.raises(HetjaxError, match="made for model 'tiny_gpt', not 'tiny_llama'"):
+    _hand().check_model('tiny_llama')
+  assert _hand().check_model('tiny_gpt').model == 'tiny_gpt'

@@ -13,12 +13,24 @@ that owns them. Names are global, so a reader with any stage plan takes the tens
 whichever items hold them and reads only those (orbax partial restore). Orbax writes a step into a
 temporary folder and renames it once every item is complete: a crash mid-save leaves the previous
 step intact, and the next open deletes the half-written folder.
+
+Integrity: the stage index also records, per tensor, a fingerprint [sum, sum of |x|] (float32,
+computed on device). Saving refuses a non-finite tensor; restoring re-computes the fingerprints of
+what it read and compares. Restoring "the latest" step walks back from the newest step: a step that
+cannot be read, or reads back different (truncated or overwritten files, missing or garbage
+metadata, non-finite values), is reported in one line, moved aside to <dir>.corrupt/<step>, and the
+next older step is tried. If none is intact, one error says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import shutil
+import sys
+import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -32,6 +44,15 @@ from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
 
 FORMAT = 'hetjax-checkpoint/1'
+FINGERPRINT_RTOL = 1e-4  # float32 sums of the same values in another order or sharding agree to this
+
+
+class CorruptCheckpoint(HetjaxError):
+  """A checkpoint step that cannot be read back intact (as opposed to one for another model)."""
+
+
+def _stderr(msg: str) -> None:
+  print(msg, file=sys.stderr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +73,15 @@ class Checkpointer:
   `keep`: keep the last K steps (0: all); `async_save`: write in a background thread."""
 
   def __init__(self, directory: str, *, every: int = 0, keep: int = 0, async_save: bool = False,
-               read_only: bool = False):
+               read_only: bool = False, warn=_stderr):
+    """`warn(line)` reports a corrupt step that restore skips."""
     self.directory = os.path.abspath(directory)
     self.every = every
     if read_only and not is_checkpoint(self.directory):
       raise HetjaxError(f'no hetjax checkpoint in {directory}')
     self.async_save = async_save
+    self.read_only = read_only
+    self.warn = warn
     # read_only only stops this object from creating or cleaning up; it never saves anyway.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, enable_async_checkpointing=async_save, create=not read_only,
@@ -70,10 +94,21 @@ class Checkpointer:
       registry.add(None, args, trees)
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add(None, args, ocp.JsonCheckpointHandler)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                           handler_registry=registry)
+    except (OSError, ValueError) as e:
+      raise HetjaxError(f'cannot open checkpoints in {directory}: {_reason(e)}') from None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def check(self) -> None:
+    """Raise now if a background save has failed (instead of at the next save)."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # whatever the writer thread hit: disk full, permissions, ...
+      raise HetjaxError(f'saving a checkpoint in {self.directory} failed: {_reason(e)}') from None
 
   def should_save(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
@@ -91,16 +126,34 @@ class Checkpointer:
         flat = {name: jnp.array(x, copy=True) for name, x in flat.items()}
       item = f'stage{i}_{spec.start}_{spec.end}'
       tensors = {name: [list(x.shape), str(x.dtype)] for name, x in flat.items()}
-      index.append({'item': item, **dataclasses.asdict(spec), 'tensors': tensors})
+      sums = fingerprints(flat)
+      for name, (total, _) in sums.items():
+        if not np.isfinite(total):
+          raise HetjaxError(f'refusing to save step {step}: tensor {name} is not finite')
+      index.append({'item': item, **dataclasses.asdict(spec), 'tensors': tensors, 'sums': sums})
       items[item] = ocp.args.PyTreeSave(nest(flat))
     items['meta'] = ocp.args.JsonSave({**meta, 'format': FORMAT, 'step': step, 'stages': index})
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self.check()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # a synchronous write error (disk full, permissions)
+      raise HetjaxError(f'saving checkpoint step {step} in {self.directory} failed: '
+                        f'{_reason(e)}') from None
 
   def meta(self, step: int | None = None) -> dict:
     step = self._step(step)
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    if meta.get('format') != FORMAT:
-      raise HetjaxError(f'{self.directory}/{step} is not a {FORMAT} checkpoint')
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # missing or unparsable files
+      raise CorruptCheckpoint(f'step {step}: cannot read its metadata ({_reason(e)})') from None
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+      raise CorruptCheckpoint(f'step {step}: not a {FORMAT} checkpoint')
+    try:
+      tensor_index(meta)
+      if int(meta['step']) != step:
+        raise ValueError(f'it says step {meta["step"]}')
+    except (KeyError, TypeError, ValueError) as e:
+      raise CorruptCheckpoint(f'step {step}: malformed metadata ({_reason(e)})') from None
     return meta
 
   def read(self, names: Iterable[str], step: int | None = None, meta: dict | None = None,
@@ -125,18 +178,55 @@ class Checkpointer:
         for item, structs in wanted.items()}
     if not args:
       return {}
-    restored = self.manager.restore(meta['step'], args=ocp.args.Composite(**args))
-    return {name: x for item in args for name, x in flatten(restored[item]).items()}
+    step = meta['step']
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+      out = {name: x for item in args for name, x in flatten(restored[item]).items()}
+    except Exception as e:  # truncated or missing data files, bad manifests
+      raise CorruptCheckpoint(f'step {step}: cannot read its tensors ({_reason(e)})') from None
+    verify(out, meta)
+    return out
 
   def restore(self, templates: Sequence[Any], step: int | None = None,
               whole_model: bool = True) -> tuple[list, dict]:
     """Fill each template (a stage's state tree; arrays or shape structs) from the checkpoint.
     Returns (filled trees, meta): a leaf with a sharding comes back as a jax array on it, others
-    as numpy arrays.
+    as numpy arrays. step=None: the newest step that reads back intact (see the module doc).
 
     With `whole_model` the templates together must use every saved tensor of the kinds they ask
     for (params, opt_state, ...), so restoring a 6-layer checkpoint into a 4-layer model fails
     instead of silently dropping layers. A process restoring only its own stage passes False."""
+    return self.newest_intact(lambda s: self._restore_step(templates, s, whole_model), step)
+
+  def newest_intact(self, read, step: int | None = None):
+    """read(step) for `step`, or (None) for the newest step where it succeeds: corrupt steps are
+    reported with `warn`, moved aside (unless read-only) and skipped."""
+    if step is not None:
+      return read(step)
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise HetjaxError(f'no checkpoint in {self.directory}')
+    for k, step in enumerate(steps):
+      try:
+        return _quietly(read, step)
+      except CorruptCheckpoint as e:
+        older = f'falling back to step {steps[k + 1]}' if k + 1 < len(steps) else 'none older'
+        moved = '' if self.read_only else f'; moved to {self._quarantine(step)}'
+        self.warn(f'warning: checkpoint {e}; {older}{moved}')
+    raise HetjaxError(f'no intact checkpoint in {self.directory} (tried steps '
+                      f'{", ".join(map(str, steps))})')
+
+  def _quarantine(self, step: int) -> str:
+    """Move a corrupt step out of the way (keeping it for inspection) so it is saved afresh."""
+    dest = os.path.join(f'{self.directory}.corrupt', str(step))
+    if os.path.exists(dest):
+      shutil.rmtree(dest)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), dest)
+    self.manager.reload()
+    return dest
+
+  def _restore_step(self, templates, step: int, whole_model: bool) -> tuple[list, dict]:
     meta = self.meta(step)
     where = tensor_index(meta)
     shapes = {name: shape for name, (_, shape, _) in where.items()}
@@ -174,6 +264,49 @@ class Checkpointer:
     return step
 
 
+def _quietly(read, step):
+  """read(step), dropping what orbax/tensorstore threads print to stderr after a failed read
+  (tracebacks of callbacks into an event loop that the failure already closed)."""
+  buffer = io.StringIO()
+  with contextlib.redirect_stderr(buffer):
+    try:
+      return read(step)
+    except CorruptCheckpoint:
+      time.sleep(0.5)  # let those callbacks finish while stderr is still redirected
+      raise
+
+
+def _reason(e: BaseException) -> str:
+  """An exception as one short line."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  text = lines[0] if lines else ''
+  return f'{type(e).__name__}: {text[:120]}' if text else type(e).__name__
+
+
+def fingerprints(flat: Mapping[str, Any]) -> dict[str, list[float]]:
+  """{name: [sum, sum of |x|]} in float32 for the numeric tensors (one device round trip)."""
+  sums = {name: (jnp.sum(jnp.asarray(x, jnp.float32)), jnp.sum(jnp.abs(jnp.asarray(x, jnp.float32))))
+          for name, x in flat.items() if jnp.issubdtype(x.dtype, jnp.number)}
+  return {name: [float(a), float(b)] for name, (a, b) in jax.device_get(sums).items()}
+
+
+def verify(flat: Mapping[str, Any], meta: Mapping) -> None:
+  """Raise CorruptCheckpoint if a tensor read back is non-finite or its fingerprint differs from
+  the one saved (checkpoints without fingerprints are only checked for finiteness)."""
+  saved = {}
+  for stage in meta['stages']:
+    saved.update(stage.get('sums', {}))
+  for name, (total, size) in fingerprints(flat).items():
+    if not (np.isfinite(total) and np.isfinite(size)):
+      raise CorruptCheckpoint(f'step {meta["step"]}: tensor {name} holds non-finite values')
+    if name in saved:
+      want_total, want_size = saved[name]
+      tol = FINGERPRINT_RTOL * want_size + 1e-6
+      if abs(total - want_total) > tol or abs(size - want_size) > tol:
+        raise CorruptCheckpoint(f'step {meta["step"]}: tensor {name} reads back different from '
+                                f'what was saved (sum {total:.6g}, saved {want_total:.6g})')
+
+
 def tensor_index(meta: Mapping) -> dict[str, tuple[str, list, str]]:
   """{name: (item, shape, dtype)}; a tensor held by several stages is read from the first."""
   where = {}
@@ -198,7 +331,10 @@ def resolve(path: str) -> str:
 
 
 def model_config_of(meta: Mapping) -> ModelConfig:
-  return ModelConfig(**meta['model']).validate()
+  try:
+    return ModelConfig(**meta['model']).validate()
+  except (KeyError, TypeError) as e:
+    raise CorruptCheckpoint(f'step {meta.get("step")}: bad model config ({_reason(e)})') from None
 
 
 def load_model(path: str, step: int | None = None):
@@ -206,10 +342,16 @@ def load_model(path: str, step: int | None = None):
   from flax import nnx
   from hetjax.models.model import build_model
   ckpt = Checkpointer(resolve(path), read_only=True)
-  mcfg = model_config_of(ckpt.meta(step))
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(mcfg)))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-  (params,), meta = ckpt.restore([{'params': abstract}], step)
+
+  def read(step):
+    mcfg = model_config_of(ckpt.meta(step))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(mcfg)))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            abstract)
+    (params,), meta = ckpt._restore_step([{'params': abstract}], step, whole_model=True)
+    return nnx.merge(graphdef, params['params']), meta
+
+  model, meta = ckpt.newest_intact(read, step)
   ckpt.close()
-  return nnx.merge(graphdef, params['params']), meta
+  return model, meta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import jax
@@ -40,11 +41,22 @@ def check_prompt(model: Stage, prompt_len: int, max_new_tokens: int) -> None:
                       f'model\'s max length {limit}')
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+  """temperature >= 0 (0: greedy), top_k >= 0 (0: off), 0 < top_p <= 1, all finite."""
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise HetjaxError(f'temperature must be a finite number >= 0 (0: greedy), got {temperature}')
+  if top_k < 0:
+    raise HetjaxError(f'top_k must be >= 0 (0: off), got {top_k}')
+  if not 0 < top_p <= 1:  # also false for NaN
+    raise HetjaxError(f'top_p must be in (0, 1], got {top_p}')
+
+
 def generate(model: Stage, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, return_timing: bool = False):
   """Generate `max_new_tokens` after `prompt_ids` ([B, T] or [T]). Returns new ids [B, N].
 
   The cache holds batch x (T + N) positions; the decode step compiles once for all tokens."""
+  check_sampling(temperature, top_k, top_p)
   prompt = jnp.atleast_2d(jnp.asarray(prompt_ids, jnp.int32))
   batch, prompt_len = prompt.shape
   check_prompt(model, prompt_len, max_new_tokens)

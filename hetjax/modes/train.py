@@ -26,7 +26,7 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   from hetjax.modes.planning import training_plan
   from hetjax.parallel.trainer import PipelineTrainState
   say = print if is_leader() else (lambda *a, **k: None)
-  plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say)
+  plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say).check_model(cfg.model)
   if is_leader():
     plan.save(os.path.join(workdir, 'plan.json'))
   transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport}
