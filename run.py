@@ -56,6 +56,9 @@ def run_config(cfg) -> str | None:
   except BaseException as e:
     _leave_reason(workdir, existed, e)
     raise
+  if not cfg.get('workdir') and os.listdir(workdir) == ['config.json']:
+    shutil.rmtree(workdir)  # e.g. the non-leader processes of a multi-controller run
+    return None
   return workdir
 
 
