@@ -57,16 +57,24 @@ def run_config(cfg) -> str | None:
     _leave_reason(workdir, existed, e)
     raise
   if not cfg.get('workdir') and os.listdir(workdir) == ['config.json']:
-    shutil.rmtree(workdir)  # e.g. the non-leader processes of a multi-controller run
+    _remove(workdir)  # e.g. the non-leader processes of a multi-controller run
     return None
   return workdir
+
+
+def _remove(workdir: str) -> None:
+  """Delete a workdir, and runs/ too if that leaves it empty."""
+  shutil.rmtree(workdir)
+  parent = os.path.dirname(workdir)
+  if os.path.basename(parent) == 'runs' and not os.listdir(parent):
+    os.rmdir(parent)
 
 
 def _leave_reason(workdir: str, existed: bool, error: BaseException) -> None:
   """A failed run leaves nothing behind, or (when it wrote more than its config) FAILED.txt."""
   try:
     if not existed and os.listdir(workdir) == ['config.json']:
-      shutil.rmtree(workdir)
+      _remove(workdir)
     else:
       with open(os.path.join(workdir, FAILED_FILE), 'w') as f:
         f.write(f'{type(error).__name__}: {_one_line(error) or "interrupted"}\n')
