@@ -240,3 +240,11 @@ def test_experiment_script_style(path):
     assert help_node is not None and (not isinstance(help_node, ast.Constant) or help_node.value), flag
   assert 'savefig' in source or 'save_figure' in source, 'writes no PNG'
   assert 'write_csv' in source and 'print_table' in source
+
+
+def test_readme_images_exist_and_stay_small():
+  images = re.findall(r'!\[[^]]*\]\(([^)]+)\)', open(README).read())
+  assert images
+  for path in images:
+    assert os.path.isfile(os.path.join(ROOT, path)), path
+  assert sum(os.path.getsize(os.path.join(ROOT, p)) for p in images) < 300_000
