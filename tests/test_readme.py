@@ -248,3 +248,22 @@ def test_readme_images_exist_and_stay_small():
   for path in images:
     assert os.path.isfile(os.path.join(ROOT, path)), path
   assert sum(os.path.getsize(os.path.join(ROOT, p)) for p in images) < 300_000
+
+
+@pytest.mark.slow
+def test_launcher_example_runs_after_its_plan_command(tmp_path):
+  """The README's multi-controller example: its plan command (tiny search), then the launcher."""
+  plan_cmd = next(c for _, c in ALL if 'configs/plan.py' in c and 'local_plan' in c)
+  launch_cmd = next(c for _, c in ALL if 'hetjax.launch' in c)
+  plan_dir = str(tmp_path / 'local_plan')
+  plan_argv = [a.replace('runs/local_plan', plan_dir) for a in shlex.split(plan_cmd)]
+  r = _run(plan_argv + TINY['configs/plan.py'])
+  assert r.returncode == 0, r.stderr[-2000:]
+  launch_argv = [a.replace('runs/local_plan', plan_dir) for a in shlex.split(launch_cmd)]
+  launch_argv += ['--config.train.steps=2', '--config.train.eval_every=0',
+                  f'--config.workdir={tmp_path / "work"}']
+  env = {**os.environ, 'XLA_FLAGS': '', 'JAX_PLATFORMS': 'cpu'}
+  r = subprocess.run([sys.executable, *launch_argv[1:3], '--timeout=400', *launch_argv[3:]], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=500)
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  assert 'step     2/2' in r.stdout
