@@ -1,6 +1,6 @@
-"""Hugging Face <-> hetjax checkpoint conversion; the direction follows from what src is:
-python run.py --config=configs/convert.py --config.src=HF_DIR --config.dst=CKPT_DIR     (import)
-python run.py --config=configs/convert.py --config.src=CKPT_DIR --config.dst=HF_DIR     (export)
+"""Hugging Face <-> hetjax checkpoint conversion; the direction follows from what src is.
+python run.py --config=configs/convert.py --config.src=HF_DIR --config.dst=CKPT_DIR   # import
+python run.py --config=configs/convert.py --config.src=CKPT_DIR --config.dst=HF_DIR   # export
 CKPT_DIR may also be a training workdir. A destination that exists is refused unless overwrite."""
 
 from configs import base

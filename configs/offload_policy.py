@@ -1,4 +1,4 @@
-"""FlexGen offloading policy for one GPU (LP over placement fractions per batch shape), e.g.
+"""FlexGen offloading policy for one GPU (LP over placement fractions per batch shape).
 python run.py --config=configs/offload_policy.py --config.model=opt_30b --config.hardware=t4_node
 python run.py --config=configs/offload_policy.py --config.model=gpt2_small --config.hardware=local --config.gpu_mem_gb=0.2
 

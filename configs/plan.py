@@ -1,4 +1,4 @@
-"""Plan training placement over a cluster (DT-FM scheduler + hetjax extensions), e.g.
+"""Training placement over a cluster (DT-FM scheduler + hetjax extensions).
 python run.py --config=configs/plan.py --config.cluster=dtfm_case5 --config.model=gpt3_xl
 
 Prints the plan table and predicted step time, writes plan.json and placement.png into the workdir.

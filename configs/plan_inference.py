@@ -1,4 +1,4 @@
-"""Plan serving over heterogeneous GPUs (HexGen-style asymmetric TP/PP + dispatch), e.g.
+"""Serving plan over heterogeneous GPUs (HexGen-style asymmetric TP/PP + dispatch).
 python run.py --config=configs/plan_inference.py --config.cluster=hexgen_full_budget --config.model=llama2_70b
 
 Prints the plan (replicas x stages x TP x layers, predicted latency and throughput), simulates dispatch

@@ -1,4 +1,4 @@
-"""Single-device training on the shipped corpus, e.g.
+"""Training on the shipped corpus, on one device or through the pipeline over a Plan.
 python run.py --config=configs/train.py --config.model=tiny_llama --config.train.steps=500
 
 Pipeline training over a Plan: --config.pipeline.plan=plan.json, or =search to plan over

@@ -1,6 +1,10 @@
-"""Conversion and checkpoint timings for a GPT-2-XL-shaped random checkpoint.
+"""HF conversion and orbax save/restore: time, peak memory and disk per phase (GPT-2-XL by default).
 
-python experiments/bench_checkpoint.py [--model=gpt2_xl] [--dir=/tmp/hetjax_bench]
+Reproduces: no paper table; hetjax's checkpoint path (the import/export and orbax re-partitioning
+that the runtime relies on), measured on this machine.
+
+  python experiments/bench_checkpoint.py                      # gpt2_xl: ~6 GB of fp32 files, minutes
+  python experiments/bench_checkpoint.py --model=tiny_gpt     # seconds
 
 Each phase runs in a fresh process, so its peak resident memory (ru_maxrss, which includes the
 ~0.4 GB of an idle Python + JAX process) is its own:
@@ -10,10 +14,10 @@ Each phase runs in a fresh process, so its peak resident memory (ru_maxrss, whic
   save     the parameters as device arrays -> Checkpointer.save (synchronous; and the time an
            asynchronous save blocks the caller)
   restore  Checkpointer.restore onto the device (the model's abstract state with a sharding)
-Results: printed, and written to experiments/results/bench_checkpoint.json.
+Writes results.csv (one row per phase) and phases.png into --out; scratch files go to --dir and
+are deleted unless --keep. Prints the table last.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -22,8 +26,17 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_table, save_figure, wrote, write_csv  # noqa: E402  (sets sys.path)
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string('out', 'runs/bench_checkpoint/', 'Output folder (results.csv, phases.png).')
+flags.DEFINE_string('model', 'gpt2_xl', 'Model preset to convert, save and restore.')
+flags.DEFINE_string('dir', '/tmp/hetjax_bench', 'Scratch folder for the checkpoints (deleted after).')
+flags.DEFINE_string('phase', '', 'Internal: run one phase in this process and print its JSON.')
+flags.DEFINE_bool('keep', False, 'Keep the scratch files afterwards.')
+FLAGS = flags.FLAGS
 GB = 1024 ** 3
 
 
@@ -115,36 +128,52 @@ def du_gb(path):
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / GB
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument('--model', default='gpt2_xl')
-  p.add_argument('--dir', default='/tmp/hetjax_bench')
-  p.add_argument('--phase', default='')
-  p.add_argument('--keep', action='store_true', help='keep the files afterwards')
-  args = p.parse_args()
+def main(argv):
+  del argv
   from hetjax.models.config import get_model_config
-  mcfg = get_model_config(args.model)
-  if args.phase:
-    print(json.dumps(PHASES[args.phase](mcfg, dirs(args.dir))))
+  mcfg = get_model_config(FLAGS.model)
+  if FLAGS.phase:
+    print(json.dumps(PHASES[FLAGS.phase](mcfg, dirs(FLAGS.dir))))
     return
-  shutil.rmtree(args.dir, ignore_errors=True)
-  results = {'model': args.model, 'params': mcfg.num_params(),
-             'fp32_gb': mcfg.num_params() * 4 / GB, 'cpu_count': os.cpu_count()}
+  shutil.rmtree(FLAGS.dir, ignore_errors=True)
+  results = {}
   for phase in PHASES:
-    out = subprocess.run([sys.executable, __file__, f'--model={args.model}', f'--dir={args.dir}',
+    print(f'{phase} ...', flush=True)
+    out = subprocess.run([sys.executable, __file__, f'--model={FLAGS.model}', f'--dir={FLAGS.dir}',
                           f'--phase={phase}'], capture_output=True, text=True)
     if out.returncode:
       sys.exit(f'phase {phase} failed:\n{out.stderr[-3000:]}')
     results.update(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(phase, 'done', flush=True)
-  results.update({f'{k}_disk_gb': du_gb(v) for k, v in dirs(args.dir).items()})
-  if not args.keep:
-    shutil.rmtree(args.dir, ignore_errors=True)
-  print(json.dumps(results, indent=2))
-  os.makedirs(os.path.join(ROOT, 'experiments', 'results'), exist_ok=True)
-  with open(os.path.join(ROOT, 'experiments', 'results', f'bench_checkpoint_{args.model}.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  disk = {k: du_gb(v) for k, v in dirs(FLAGS.dir).items()}
+  if not FLAGS.keep:
+    shutil.rmtree(FLAGS.dir, ignore_errors=True)
+  written = {'import': 'ckpt', 'export': 'export', 'save': 'save'}
+  rows = [{'model': FLAGS.model, 'params': mcfg.num_params(), 'phase': p,
+           'seconds': results.get(f'{p}_s', float('nan')),
+           'async_blocking_s': results.get('async_save_blocking_s', float('nan')) if p == 'save' else float('nan'),
+           'peak_rss_gb': results.get(f'{p}_peak_rss_gb', float('nan')),
+           'written_gb': disk.get(written.get(p, ''), float('nan'))}
+          for p in ('import', 'export', 'save', 'restore')]
+  write_csv(os.path.join(FLAGS.out, 'results.csv'), rows)
+  plot(rows, os.path.join(FLAGS.out, 'phases.png'))
+  wrote(FLAGS.out, 'results.csv', 'phases.png')
+  print(f'\n{FLAGS.model}: {mcfg.num_params():,} parameters, {mcfg.num_params() * 4 / GB:.2f} GB in fp32; '
+        f'{os.cpu_count()} CPUs')
+  print_table(rows)
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  names = [r['phase'] for r in rows]
+  fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+  a.bar(names, [r['seconds'] for r in rows])
+  a.set(ylabel='seconds', title=f'{rows[0]["model"]}: time per phase')
+  b.bar(names, [r['peak_rss_gb'] for r in rows], color='#dd8452')
+  b.set(ylabel='GB', title='peak resident memory')
+  save_figure(fig, path)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

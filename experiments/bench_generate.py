@@ -1,16 +1,19 @@
 """Prefill and decode throughput (tokens/s) of single-device generation on this machine.
 
-python experiments/bench_generate.py --out=out/bench_generate [--models=tiny_gpt,gpt2_small]
+Reproduces: no paper table; the single-device baseline of hetjax's KV-cached generation that the
+HexGen/FlexGen cost models are calibrated against.
+
+  python experiments/bench_generate.py --models=tiny_gpt,tiny_llama --batches=1 --new_tokens=8
+
 Writes results.csv and throughput.png, prints the table last. Timings exclude compilation (one
 warm-up run per shape)."""
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import write_csv
+from common import print_table, save_figure, wrote, write_csv  # (sets sys.path)
 from absl import app, flags
 
 from hetjax.inference.generate import generate
@@ -18,7 +21,7 @@ from hetjax.models.config import get_model_config
 from hetjax.models.model import build_model
 import numpy as np
 
-flags.DEFINE_string('out', 'out/bench_generate', 'Output folder.')
+flags.DEFINE_string('out', 'runs/bench_generate/', 'Output folder (results.csv, throughput.png).')
 flags.DEFINE_list('models', ['tiny_gpt', 'tiny_llama', 'gpt2_small'], 'Model presets.')
 flags.DEFINE_list('batches', ['1', '16'], 'Batch sizes.')
 flags.DEFINE_integer('prompt_len', 128, 'Prompt tokens.')
@@ -61,12 +64,9 @@ def main(_):
     ax.set_yscale('log')
     ax.set_title(key.replace('_tok_s', ' tokens/s (CPU)'))
     ax.tick_params(axis='x', labelsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(FLAGS.out, 'throughput.png'), dpi=100)
-  print(f'\n{"model":<12} {"params":>8} {"batch":>5} {"prefill tok/s":>14} {"decode tok/s":>13} {"ms/step":>8}')
-  for r in rows:
-    print(f'{r["model"]:<12} {r["params_M"]:>7.1f}M {r["batch"]:>5} {r["prefill_tok_s"]:>14,.0f} '
-          f'{r["decode_tok_s"]:>13,.0f} {r["decode_ms_per_step"]:>8.1f}')
+  save_figure(fig, os.path.join(FLAGS.out, 'throughput.png'), dpi=100)
+  wrote(FLAGS.out, 'results.csv', 'throughput.png')
+  print_table(rows, precision='.4g')
 
 
 if __name__ == '__main__':

@@ -1,27 +1,41 @@
-"""Benchmark the quantization kernels against a plain copy on the same device.
+"""Quantization kernels against a plain copy on the same device: GB/s, share of copy bandwidth, wire bytes.
+
+Reproduces: AQ-SGD's premise that 2-4 bit activation (delta) compression costs little next to sending
+(no paper table; hetjax's own kernel measurement).
 
 For each op, bit width and size: bytes read + written, time, GB/s, fraction of the measured copy
-bandwidth, and bytes on the wire vs fp32 and bf16. Prints a table last; writes results.csv to --out.
+bandwidth, and bytes on the wire vs fp32 and bf16. Writes results.csv and kernels.png (GB/s per op
+and width) to --out and prints the table last.
 
-  python3 experiments/bench_kernels.py --out /tmp/bench            # CPU: jnp reference vs copy
-  python3 experiments/bench_kernels.py --sizes 64,256 --check --tune --out $OUT   # GPU
+  python experiments/bench_kernels.py --sizes=4 --iters=2                 # CPU: jnp reference vs copy
+  python experiments/bench_kernels.py --sizes=64,256 --check --tune       # GPU: Pallas vs reference
 --check first asserts Pallas == reference bit for bit on this device; --tune sweeps the Pallas
 block size and warp count for the fused delta encode.
 """
-import argparse
-import csv
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import print_table, save_figure, wrote, write_csv  # noqa: E402  (sets sys.path)
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-import kernels as K
-from kernels import pallas_kernels
+import kernels as K  # noqa: E402
+from kernels import pallas_kernels  # noqa: E402
+
+flags.DEFINE_string('out', 'runs/bench_kernels/', 'Output folder (results.csv, kernels.png).')
+flags.DEFINE_list('sizes', ['4', '64'], 'Input sizes in MB of fp32.')
+flags.DEFINE_list('bits', ['2', '3', '4', '8'], 'Bit widths.')
+flags.DEFINE_integer('group_size', 128, 'Values per quantization group.')
+flags.DEFINE_list('impls', [], "Implementations; default: 'reference' on CPU, 'pallas,reference' on GPU.")
+flags.DEFINE_integer('iters', 5, 'Minimum timed calls per round (best of 3 rounds).')
+flags.DEFINE_bool('check', False, 'First assert Pallas == reference bit for bit on this device.')
+flags.DEFINE_bool('tune', False, 'Sweep the Pallas block size and warp count (GPU only).')
+FLAGS = flags.FLAGS
 
 HIDDEN = 4096  # tensors are (numel / HIDDEN, HIDDEN), like (tokens, hidden) activations
 
@@ -104,66 +118,73 @@ def tune(size_mb, bits, gs, iters):
   print(f'tune best: block_elems={best[1]} num_warps={best[2]}')
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument('--sizes', default='4,64', help='input sizes in MB of fp32')
-  ap.add_argument('--bits', default='2,3,4,8')
-  ap.add_argument('--group-size', type=int, default=128)
-  ap.add_argument('--impls', default=None, help="default: 'reference' on CPU, 'pallas,reference' on GPU")
-  ap.add_argument('--iters', type=int, default=5)
-  ap.add_argument('--check', action='store_true')
-  ap.add_argument('--tune', action='store_true')
-  ap.add_argument('--out', default='experiments/out/bench_kernels')
-  args = ap.parse_args()
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  kernels_rows = [r for r in rows if r['op'] != 'copy']
+  names = sorted({(r['op'], r['impl']) for r in kernels_rows})
+  widths = sorted({r['bits'] for r in kernels_rows})
+  size = max(r['size_mb'] for r in rows)
+  fig, ax = plt.subplots(figsize=(8, 3.6))
+  step = 0.8 / max(len(widths), 1)
+  for j, bits in enumerate(widths):
+    gbps = [next((r['gbps'] for r in kernels_rows if (r['op'], r['impl']) == n and r['bits'] == bits
+                  and r['size_mb'] == size), 0) for n in names]
+    ax.bar(np.arange(len(names)) + j * step, gbps, step, label=f'{bits}-bit')
+  copy = next(r['gbps'] for r in rows if r['op'] == 'copy' and r['size_mb'] == size)
+  ax.axhline(copy, color='k', ls='--', lw=1, label='copy')
+  ax.set_xticks(np.arange(len(names)) + 0.4 - step / 2, [f'{o}\n{i}' for o, i in names], fontsize=8)
+  ax.set_ylabel('GB/s (read + written)')
+  ax.set_title(f'{rows[0]["device"]}: kernels on {size} MB of fp32', fontsize=10)
+  ax.legend(fontsize=8, ncol=len(widths) + 1)
+  save_figure(fig, path)
+
+
+def main(argv):
+  del argv
+  sizes, widths, gs = [int(s) for s in FLAGS.sizes], [int(b) for b in FLAGS.bits], FLAGS.group_size
   on_gpu = jax.default_backend() == 'gpu'
-  impls = (args.impls or ('pallas,reference' if on_gpu else 'reference')).split(',')
+  impls = FLAGS.impls or (['pallas', 'reference'] if on_gpu else ['reference'])
   device = jax.devices()[0].device_kind
   print(f'device: {device} ({jax.default_backend()}), jax {jax.__version__}')
-  if args.check and not all(check(dt) for dt in (jnp.float32, jnp.bfloat16)):
+  if FLAGS.check and not all(check(dt) for dt in (jnp.float32, jnp.bfloat16)):
     sys.exit('Pallas and reference disagree on this device')
-  if args.tune and on_gpu:
-    tune(max(int(s) for s in args.sizes.split(',')), 4, args.group_size, args.iters)
+  if FLAGS.tune and on_gpu:
+    tune(max(sizes), 4, gs, FLAGS.iters)
 
   rows = []
-  for size_mb in (int(s) for s in args.sizes.split(',')):
+  for size_mb in sizes:
     n = size_mb * 2**20 // 4
     x = jax.random.normal(jax.random.key(0), (n // HIDDEN, HIDDEN))
-    t_copy = timeit(jax.jit(lambda v: -v), x, iters=args.iters)
+    t_copy = timeit(jax.jit(lambda v: -v), x, iters=FLAGS.iters)
     copy_bw = 2 * x.nbytes / t_copy
-    rows.append(dict(op='copy', impl='xla', bits=32, size_mb=size_mb, bytes_rw=2 * x.nbytes,
-                     ms=t_copy * 1e3, gbps=copy_bw / 1e9, frac_copy=1.0, wire=x.nbytes,
-                     vs_fp32=1.0, vs_bf16=2.0))
-    for bits in (int(b) for b in args.bits.split(',')):
+    rows.append(dict(device=device, op='copy', impl='xla', bits=32, size_mb=size_mb,
+                     rw_mb=2 * x.nbytes / 2**20, ms=t_copy * 1e3, gbps=copy_bw / 1e9, of_copy=1.0,
+                     wire_mb=x.nbytes / 2**20, x_fp32=1.0, x_bf16=2.0))
+    for bits in widths:
       for impl in impls:
-        q = K.quantize(x, bits, args.group_size, impl='reference')
+        print(f'{size_mb} MB, {bits}-bit, {impl} ...', flush=True)
+        q = K.quantize(x, bits, gs, impl='reference')
         data = dict(x=x, m=0.5 * x, key=jax.random.key(1), q=q)
-        for name, (fn, names) in ops(bits, args.group_size, impl).items():
+        for name, (fn, names) in ops(bits, gs, impl).items():
           inputs = [data[k] for k in names]
           out = fn(*inputs)
           rw = sum(nbytes(data[k]) for k in names if k != 'key') + nbytes(out)
-          t = timeit(fn, *inputs, iters=args.iters)
-          rows.append(dict(op=name, impl=impl, bits=bits, size_mb=size_mb, bytes_rw=rw,
-                           ms=t * 1e3, gbps=rw / t / 1e9, frac_copy=rw / t / copy_bw,
-                           wire=q.nbytes, vs_fp32=x.nbytes / q.nbytes,
-                           vs_bf16=x.nbytes / 2 / q.nbytes))
+          t = timeit(fn, *inputs, iters=FLAGS.iters)
+          rows.append(dict(device=device, op=name, impl=impl, bits=bits, size_mb=size_mb,
+                           rw_mb=rw / 2**20, ms=t * 1e3, gbps=rw / t / 1e9, of_copy=rw / t / copy_bw,
+                           wire_mb=q.nbytes / 2**20, x_fp32=x.nbytes / q.nbytes,
+                           x_bf16=x.nbytes / 2 / q.nbytes))
         del data, q
 
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'results.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=['device'] + list(rows[0]))
-    w.writeheader()
-    for r in rows:
-      w.writerow(dict(device=device, **r))
-  print(f'\n{device}, group_size={args.group_size}, tensors ({HIDDEN} wide) fp32; wire = payload '
-        f'+ bf16 scales; x_fp32/x_bf16 = wire reduction vs sending fp32/bf16')
-  hdr = f'{"op":<13}{"impl":<10}{"bits":>4}{"MB":>6}{"R+W MB":>9}{"ms":>9}{"GB/s":>9}' \
-        f'{"of copy":>9}{"wire MB":>9}{"x_fp32":>7}{"x_bf16":>7}'
-  print(hdr)
-  for r in rows:
-    print(f'{r["op"]:<13}{r["impl"]:<10}{r["bits"]:>4}{r["size_mb"]:>6}'
-          f'{r["bytes_rw"] / 2**20:>9.1f}{r["ms"]:>9.3f}{r["gbps"]:>9.1f}{r["frac_copy"]:>8.0%} '
-          f'{r["wire"] / 2**20:>9.2f}{r["vs_fp32"]:>7.1f}{r["vs_bf16"]:>7.1f}')
+  write_csv(os.path.join(FLAGS.out, 'results.csv'), rows)
+  plot(rows, os.path.join(FLAGS.out, 'kernels.png'))
+  wrote(FLAGS.out, 'results.csv', 'kernels.png')
+  print(f'\n{device}, group_size={gs}, tensors ({HIDDEN} wide) fp32; wire = payload + bf16 scales; '
+        f'x_fp32/x_bf16 = wire reduction vs sending fp32/bf16; of_copy = share of copy bandwidth')
+  print_table([{k: v for k, v in r.items() if k != 'device'} for r in rows])
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

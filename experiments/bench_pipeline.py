@@ -1,11 +1,15 @@
-"""Runtime overhead of the pipeline vs plain single-device training, measured side by side.
+"""Pipeline runtime vs single-device training on the same batches: losses and step-time ratio.
 
-  python experiments/bench_pipeline.py --out=out/bench_pipeline [--model=tiny_gpt --layers=6]
+Reproduces: no paper figure; checks hetjax's pipeline runtime (the substrate of DT-FM/AQ-SGD
+training) against plain training: same losses, and what the runtime costs.
+
+  python experiments/bench_pipeline.py --steps=4
 
 Runs the same batches through (a) hetjax.train.train_step on one device and (b) the Pipeline over
 an uneven plan (layers 1/2/3 on TP 1/2/4 when 8 devices exist; on fewer devices, e.g. one GPU, the
 stages are colocated with TP 1). Prints losses side by side and the step-time ratio; writes
-results.csv and timeline.json (Chrome trace of one profiled pipeline step)."""
+results.csv, losses.png (losses and step times side by side), timeline.json (Chrome trace of one
+profiled pipeline step) and timeline.png; prints the table last."""
 
 import json
 import os
@@ -17,7 +21,7 @@ if 'XLA_FLAGS' not in os.environ and os.environ.get('JAX_PLATFORMS', 'cpu') == '
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import write_csv
+from common import print_table, save_figure, wrote, write_csv
 from absl import app, flags
 import jax
 import numpy as np
@@ -28,12 +32,12 @@ from hetjax import data as data_lib
 from hetjax.models.config import get_model_config
 from hetjax.models.model import build_model
 from hetjax.parallel.pipeline import Pipeline
-from hetjax.parallel.timeline import write_chrome_trace
+from hetjax.parallel.timeline import draw_gantt, write_chrome_trace
 from hetjax.plan import Plan, Replica, Stage
 from hetjax.optim import make_optimizer
 from hetjax.train import train_step
 
-flags.DEFINE_string('out', 'out/bench_pipeline', 'Output folder.')
+flags.DEFINE_string('out', 'runs/bench_pipeline/', 'Output folder (results.csv, losses.png, timeline.*).')
 flags.DEFINE_string('model', 'tiny_gpt', 'Model preset.')
 flags.DEFINE_integer('layers', 6, 'Number of layers (split 1/2/3 when 6).')
 flags.DEFINE_integer('steps', 8, 'Timed steps (after 2 warm-up steps).')
@@ -69,6 +73,7 @@ def main(_):
   opt_state = opt.init(params)
   rows = []
   for i, b in enumerate(data):
+    print(f'step {i + 1}/{len(data)}' + (' (compiling)' if i < 2 else ''), flush=True)
     t0 = time.perf_counter()
     params, opt_state, m = train_step(graphdef, opt, params, opt_state, b)
     ref_loss = float(m['loss'])
@@ -82,16 +87,34 @@ def main(_):
   pipe.profile = True
   pipe.step(data[0])
   write_chrome_trace(pipe.timeline, os.path.join(FLAGS.out, 'timeline.json'))
+  draw_gantt(pipe.timeline, os.path.join(FLAGS.out, 'timeline.png'))
   write_csv(os.path.join(FLAGS.out, 'results.csv'), rows)
+  plot(rows, os.path.join(FLAGS.out, 'losses.png'))
+  wrote(FLAGS.out, 'results.csv', 'losses.png', 'timeline.json', 'timeline.png')
   single = np.median([r['single_s'] for r in rows])
   piped = np.median([r['pipeline_s'] for r in rows])
   print(f'\ndevice: {jax.devices()[0].device_kind} x{n_dev}; model {FLAGS.model} {FLAGS.layers} layers; '
         f'plan stages {plan.layer_counts()} tp {[s.tp for s in plan.replicas[0].stages]}')
-  print(f'{"step":>4} {"single loss":>11} {"pipeline loss":>13} {"single s":>9} {"pipeline s":>10}')
-  for r in rows:
-    print(f'{r["step"]:>4} {r["single_loss"]:>11.5f} {r["pipeline_loss"]:>13.5f} {r["single_s"]:>9.4f} '
-          f'{r["pipeline_s"]:>10.4f}')
   print(f'median step: single {single:.4f} s, pipeline {piped:.4f} s, ratio {piped / single:.2f}x')
+  print_table(rows, precision='.5g')
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  steps = [r['step'] for r in rows]
+  fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+  a.plot(steps, [r['single_loss'] for r in rows], 'o-', label='single device')
+  a.plot(steps, [r['pipeline_loss'] for r in rows], 'x--', label='pipeline')
+  a.set(xlabel='step', ylabel='loss', title='same batches, same losses')
+  a.legend(fontsize=8)
+  b.plot(steps, [r['single_s'] for r in rows], 'o-', label='single device')
+  b.plot(steps, [r['pipeline_s'] for r in rows], 'x--', label='pipeline')
+  b.set(xlabel='step', ylabel='seconds', title='step time')
+  b.set_ylim(bottom=0)
+  b.legend(fontsize=8)
+  save_figure(fig, path)
 
 
 if __name__ == '__main__':

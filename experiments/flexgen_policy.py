@@ -1,21 +1,26 @@
-"""FlexGen's policy table: OPT-6.7B/30B/175B on the T4 node (16 GB GPU, 208 GB DRAM, 1.5 TB NVMe),
-with and without 4-bit compression, prompt 512 and 1024, 32 generated tokens. For each, the LP policy
-search picks the block shape and placement; the table gives the chosen policy and predicted throughput.
-A last row plans a small model on this machine (probed) with a small device budget, the kind of policy
-a local engine can run. Writes CSV + PNG, prints the table last.
+"""FlexGen's policy table: OPT-6.7B/30B/175B on one T4 node, with and without 4-bit compression.
+
+Reproduces: the FlexGen paper's (ICML 2023) main throughput setting -- OPT-6.7B/30B/175B on a T4
+node (16 GB GPU, 208 GB DRAM, 1.5 TB NVMe), prompt 512 and 1024, 32 generated tokens -- as
+predicted by hetjax's LP policy search (see /work/shared/paper_facts/flexgen_facts.json).
+
+For each case the LP policy search picks the block shape and placement; the table gives the chosen
+policy and predicted throughput. A last row plans a small model on this machine (probed) with a
+small device budget, the kind of policy a local engine can run. Writes flexgen_policy.csv and
+flexgen_policy.png, prints the table last.
 
   python experiments/flexgen_policy.py            # ~30 s
+  python experiments/flexgen_policy.py --prompts=512 --local_gpu_gb=0
 """
 
-import argparse
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import print_table, write_csv
+from common import print_table, save_figure, wrote, write_csv  # (sets sys.path)
+from absl import app, flags
 
 from hetjax.costmodel import offload as om
 from hetjax.models.config import get_model_config
@@ -23,22 +28,25 @@ from hetjax.search import policy_lp as lp
 
 MODELS = ('opt_6.7b', 'opt_30b', 'opt_175b')
 
+flags.DEFINE_string('out', 'runs/flexgen_policy/', 'Output folder (flexgen_policy.csv, .png).')
+flags.DEFINE_list('prompts', ['512', '1024'], 'Prompt lengths.')
+flags.DEFINE_integer('gen_len', 32, 'Generated tokens per sequence.')
+flags.DEFINE_string('local_model', 'gpt2_small', 'Model of the last row, planned for this machine.')
+flags.DEFINE_float('local_gpu_gb', 0.2, 'Device budget (GB) for the local row (0: skip the row).')
+FLAGS = flags.FLAGS
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument('--prompts', default='512,1024')
-  ap.add_argument('--gen_len', type=int, default=32)
-  ap.add_argument('--local_model', default='gpt2_small')
-  ap.add_argument('--local_gpu_gb', type=float, default=0.2, help='device budget for the local row (0: skip)')
-  ap.add_argument('--out', default='runs/flexgen_policy')
-  a = ap.parse_args()
-  os.makedirs(a.out, exist_ok=True)
+
+def main(argv):
+  del argv
+  a = FLAGS
+  t0 = time.time()
   t4 = om.load_hardware('t4_node')
-  runs = [(m, t4, int(p), c) for p in a.prompts.split(',') for m in MODELS for c in (False, True)]
+  runs = [(m, t4, int(p), c) for p in a.prompts for m in MODELS for c in (False, True)]
   if a.local_gpu_gb > 0:
     runs.append((a.local_model, om.local_hardware(gpu_mem_gb=a.local_gpu_gb), 128, False))
   rows = []
   for name, hw, prompt, compress in runs:
+    print(f'{name} on {hw.name}, prompt {prompt}' + (', compressed' if compress else ''), flush=True)
     model = get_model_config(name)
     wl = om.Workload(prompt, a.gen_len)
     res = lp.search_policy(model, hw, wl, compress=compress)
@@ -54,9 +62,10 @@ def main():
   rows = [{k: v for k, v in r.items() if k != 'cpu_attn_kv4'} for r in rows]
   write_csv(os.path.join(a.out, 'flexgen_policy.csv'), rows)
   plot(rows, os.path.join(a.out, 'flexgen_policy.png'))
-  print(f'wrote {a.out}/flexgen_policy.csv and flexgen_policy.png')
-  print('fractions are GPU/CPU/disk; throughput = generated tokens / (prefill + decode) of one block')
-  print_table(rows, 10, '.3g')
+  wrote(a.out, 'flexgen_policy.csv', 'flexgen_policy.png')
+  print(f'total {time.time() - t0:.0f} s; fractions are GPU/CPU/disk; throughput = generated tokens / '
+        f'(prefill + decode) of one block')
+  print_table(rows)
 
 
 def plot(rows, path):
@@ -72,11 +81,8 @@ def plot(rows, path):
   ax.set_yscale('log')
   ax.set_ylabel('predicted tokens/s')
   ax.set_title('FlexGen LP policy on the T4 node (blue: fp16, orange: 4-bit weights + KV)')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path)
 
 
 if __name__ == '__main__':
-  t0 = time.time()
-  main()
-  print(f'total {time.time() - t0:.0f} s')
+  app.run(main)

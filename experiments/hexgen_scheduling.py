@@ -1,26 +1,29 @@
-"""HexGen's scheduling experiment: Llama-2-70B on the full- and half-budget heterogeneous settings vs the
-homogeneous A100 setting, with symmetric plans on the same GPUs as a second baseline.
+"""HexGen's scheduling experiment: Llama-2-70B on heterogeneous vs homogeneous GPUs, rate vs SLO.
+
+Reproduces: the HexGen paper's (ICML 2024) end-to-end comparison -- Llama-2-70B on the full- and
+half-budget heterogeneous settings vs the homogeneous A100 setting, SLO attainment against request
+rate (see /work/shared/paper_facts/hexgen_setups.json) -- with symmetric plans on the same GPUs as a
+second baseline, on hetjax's cost model and dispatch simulator.
 
 For each setting x system the planner maximises the request rate served within the deadline
 (slo_scale x the single-request latency on the homogeneous setting), then the dispatch simulator
 (Poisson arrivals, shortest-expected-completion; round-robin as an ablation) measures SLO attainment at
-each request rate and the deadline 99% of requests meet. Writes CSV + PNG, prints the table last.
+each request rate and the deadline 99% of requests meet. max_rate_99pct: the largest rate
+(bisection) at which 99% of requests meet the deadline. Writes hexgen_scheduling.csv,
+hexgen_scheduling_summary.csv and hexgen_scheduling.png, prints the table last.
 
   python experiments/hexgen_scheduling.py                       # ~3 minutes on 2 CPU cores
-
-max_rate_99pct: the largest rate (bisection) at which 99% of requests meet the deadline.
-  python experiments/hexgen_scheduling.py --lengths 128 --evaluations 3000 --slo_scale 16
+  python experiments/hexgen_scheduling.py --lengths=128 --evaluations=3000 --slo_scale=16
 """
 
-import argparse
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import print_table, write_csv
+from common import print_table, save_figure, wrote, write_csv  # (sets sys.path)
+from absl import app, flags
 
 import numpy as np
 
@@ -33,23 +36,26 @@ from hetjax.search import hexgen
 SETTINGS = {'full_budget': 'hexgen_full_budget', 'half_budget': 'hexgen_half_budget'}
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument('--lengths', default='32,64,128', help='prompt = output lengths, comma separated')
-  ap.add_argument('--rates', default='0.125,1,2,4,8,16,24,32,48,64,96,128,192')
-  ap.add_argument('--slo_scale', type=float, default=8.0)
-  ap.add_argument('--evaluations', type=int, default=1500)
-  ap.add_argument('--population', type=int, default=40)
-  ap.add_argument('--requests', type=int, default=2000)
-  ap.add_argument('--seed', type=int, default=0)
-  ap.add_argument('--out', default='runs/hexgen_scheduling')
-  a = ap.parse_args()
-  os.makedirs(a.out, exist_ok=True)
+flags.DEFINE_string('out', 'runs/hexgen_scheduling/', 'Output folder (CSVs and hexgen_scheduling.png).')
+flags.DEFINE_list('lengths', ['32', '64', '128'], 'Prompt = output lengths.')
+flags.DEFINE_list('rates', '0.125,1,2,4,8,16,24,32,48,64,96,128,192'.split(','), 'Request rates (req/s).')
+flags.DEFINE_float('slo_scale', 8.0, 'Deadline = this x the single-request latency on the homogeneous setting.')
+flags.DEFINE_integer('evaluations', 1500, 'Groupings each plan search evaluates.')
+flags.DEFINE_integer('population', 40, 'Genetic-algorithm population.')
+flags.DEFINE_integer('requests', 2000, 'Poisson requests simulated per rate.')
+flags.DEFINE_integer('seed', 0, 'Seed of the search and the arrivals.')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  a = FLAGS
+  t0 = time.time()
   model = get_model_config('llama2_70b')
-  rates = [float(r) for r in a.rates.split(',')]
+  rates = [float(r) for r in a.rates]
   homo = get_cluster('hexgen_homogeneous')
   rows, summary = [], []
-  for length in (int(x) for x in a.lengths.split(',')):
+  for length in (int(x) for x in a.lengths):
     setup = ServeSetup(prompt_len=length, gen_len=length)
     ref = hexgen.reference_latency(homo, model, setup)
     deadline = a.slo_scale * ref
@@ -85,10 +91,11 @@ def main():
   write_csv(os.path.join(a.out, f'{tag}.csv'), rows)
   write_csv(os.path.join(a.out, f'{tag}_summary.csv'), summary)
   plot(rows, os.path.join(a.out, f'{tag}.png'))
-  print(f'\nwrote {a.out}/{tag}.csv, {tag}_summary.csv, {tag}.png')
-  print(f'deadline = {a.slo_scale} x single-request latency on hexgen_homogeneous; attainment with '
-        f'shortest-expected-completion dispatch, {a.requests} Poisson requests per rate')
-  print_table(summary, 14, '.3f')
+  wrote(a.out, f'{tag}.csv', f'{tag}_summary.csv', f'{tag}.png')
+  print(f'total {time.time() - t0:.0f} s; deadline = {a.slo_scale} x single-request latency on '
+        f'hexgen_homogeneous; attainment with shortest-expected-completion dispatch, {a.requests} '
+        f'Poisson requests per rate')
+  print_table(summary, precision='.3f')
 
 
 def plot(rows, path):
@@ -110,11 +117,8 @@ def plot(rows, path):
     axes[li, 1].axhline(rows[0]['deadline_s'] if length == rows[0]['length'] else
                         next(r['deadline_s'] for r in rows if r['length'] == length), color='gray', lw=0.8)
     axes[li, 0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path)
 
 
 if __name__ == '__main__':
-  t0 = time.time()
-  main()
-  print(f'total {time.time() - t0:.0f} s')
+  app.run(main)

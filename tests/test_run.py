@@ -37,6 +37,7 @@ def test_generate_from_prompt_ids_prints_json_line(tmp_path):
   assert all(0 <= i < 256 for i in out['ids'][0])
 
 
+@pytest.mark.slow
 def test_short_training_run_writes_metrics(tmp_path):
   r = run('--config=configs/train.py', '--config.model=tiny_llama', '--config.train.steps=6',
           '--config.train.log_every=2', '--config.train.batch_size=2', '--config.train.seq_len=32',
@@ -53,7 +54,12 @@ def test_short_training_run_writes_metrics(tmp_path):
     (['--config=configs/model_info.py', '--config.model=tiny_llama',
       '--config.model_overrides.num_kv_heads=3'], 'num_kv_heads'),
     (['--config=configs/missing.py'], 'cannot load config file'),
-    (['--config=configs/model_info.py', '--config.nonsense=1'], 'nonsense'),
+    (['--config=configs/model_info.py', '--config.nonsense=1'], 'unknown field nonsense'),
+    (['--config=configs/train.py', '--config.train.stepz=3'],
+     'unknown field train.stepz; did you mean train.steps?'),
+    (['--config=configs/model_info.py', '--config.model_overrides.layers=3'],
+     'did you mean model_overrides.num_layers?'),
+    (['--config=configs/train.py', '--config.train.steps=abc'], 'train.steps'),
     (['--config=configs/generate.py', '--config.prompt_ids=' + ','.join(['1'] * 300)], 'longer than'),
     (['--config=configs/generate.py', '--config.prompt_ids=1,x'], 'comma-separated'),
     (['--config=configs/model_info.py', '--config.mode=dance'], 'unknown mode'),
@@ -64,3 +70,56 @@ def test_bad_input_gets_one_line(tmp_path, args, message):
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], r.stderr
   assert 'Traceback' not in r.stderr
+
+
+def test_bad_input_leaves_no_workdir(tmp_path):
+  r = run(f'--config={ROOT}/configs/plan.py', '--config.cluster=nowhere', cwd=tmp_path)
+  assert r.returncode == 2 and 'unknown cluster' in r.stderr
+  assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_failure_in_an_existing_workdir_leaves_the_reason(tmp_path):
+  os.makedirs(tmp_path / 'work')  # e.g. a training workdir being reused
+  os.makedirs(tmp_path / 'ckpt')
+  open(tmp_path / 'ckpt' / 'junk', 'w').close()
+  r = run('--config=configs/convert.py', f'--config.src={tmp_path}/ckpt', f'--config.dst={tmp_path}/out',
+          f'--config.workdir={tmp_path}/work')
+  assert r.returncode == 2
+  reason = open(tmp_path / 'work' / 'FAILED.txt').read()
+  assert 'neither a Hugging Face folder' in reason
+
+
+def test_print_only_modes_create_no_workdir(tmp_path):
+  r = run(f'--config={ROOT}/configs/model_info.py', '--config.model=llama2_70b', cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert 'params' in r.stdout and '68,976,648,192' in r.stdout
+  r = run(f'--config={ROOT}/configs/generate.py', '--config.generate.prompt=ab',
+          '--config.generate.max_new_tokens=3', cwd=tmp_path)
+  assert r.returncode == 0, r.stderr
+  ids_line, text_line = r.stdout.strip().splitlines()[-2:]
+  ids = json.loads(ids_line)['ids'][0]
+  assert len(ids) == 3 and json.loads(text_line)['text'] == bytes(ids).decode('utf-8', errors='replace')
+  assert os.listdir(tmp_path) == []
+
+
+def test_help_lists_configs_and_exits_zero():
+  r = run('--help')
+  assert r.returncode == 0, r.stderr
+  for config in ('configs/train.py', 'configs/plan_inference.py', 'configs/model_info.py'):
+    assert config in r.stdout
+  assert '--config.help' in r.stdout
+
+
+def test_config_help_lists_every_field_with_a_meaning():
+  """Every field of every config has a one-line meaning in configs/field_help.py."""
+  sys.path.insert(0, ROOT)
+  import run as run_py
+  from configs.field_help import meaning
+  for path in run_py.config_files():
+    name = os.path.splitext(os.path.basename(path))[0]
+    missing = [k for k, _ in run_py.field_items(run_py.load_config(path)) if not meaning(name, k)]
+    assert not missing, f'{name}: add meanings to configs/field_help.py for {missing}'
+  r = run('--config=configs/plan.py', '--config.help')
+  assert r.returncode == 0, r.stderr
+  line = next(l for l in r.stdout.splitlines() if l.strip().startswith('search.evaluations='))
+  assert '5000' in line and 'candidates' in line

@@ -1,5 +1,5 @@
 """Picture of a serving plan: one bar per replica, one segment per stage (width = layers), coloured
-by GPU type and labelled with TP degree and host."""
+by GPU type and labelled with TP degree and host; a legend explains the replica labels (w, b)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def draw_serve_plan(plan: Plan, cluster: Cluster, path: str, title: str = '') ->
 
   kinds = sorted({cluster.devices[s.devices[0]].gpu for r in plan.replicas for s in r.stages})
   colour = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
-  fig, ax = plt.subplots(figsize=(10, 0.55 * len(plan.replicas) + 1.6))
+  fig, ax = plt.subplots(figsize=(10, 0.55 * len(plan.replicas) + 2.2))
   for i, r in enumerate(plan.replicas):
     for s in r.stages:
       d = cluster.devices[s.devices[0]]
@@ -26,11 +26,15 @@ def draw_serve_plan(plan: Plan, cluster: Cluster, path: str, title: str = '') ->
   ax.set_xlim(0, plan.num_layers)
   ax.set_xlabel('layers')
   handles = [plt.Rectangle((0, 0), 1, 1, color=colour[k]) for k in kinds]
-  ax.legend(handles, kinds, loc='upper center', bbox_to_anchor=(0.5, -0.25 if len(plan.replicas) < 4 else -0.1),
-            ncol=len(kinds), fontsize=8)
+  ax.legend(handles, kinds, loc='upper center', bbox_to_anchor=(0.5, -0.3 if len(plan.replicas) < 4 else -0.12),
+            ncol=len(kinds), fontsize=8, title='GPU type of each stage (segment: its layers; text: TP degree, host)',
+            title_fontsize=8)
+  ax.text(1.0, 1.01, 'w: share of requests dispatched to the replica; b: most requests it decodes together',
+          transform=ax.transAxes, ha='right', va='bottom', fontsize=7, color='dimgray')
   pred = plan.prediction
-  ax.set_title(title or f'{plan.model} on {plan.cluster}: {len(plan.replicas)} replicas, '
-               f'{pred.get("capacity_rps", 0):.3g} req/s, latency {pred.get("latency_1_min_s", 0):.3g} s', fontsize=9)
+  ax.set_title(title or f'{plan.model} on {plan.cluster}: {len(plan.replicas)} replicas, capacity '
+               f'{pred.get("capacity_rps", 0):.3g} req/s, single-request latency {pred.get("latency_1_min_s", 0):.3g} s',
+               fontsize=9, pad=14)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

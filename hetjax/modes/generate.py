@@ -1,4 +1,5 @@
-"""mode=generate: generate from a text prompt or raw token ids; prints {"ids": [[...]]} as one JSON line."""
+"""mode=generate: generate from a text prompt or raw token ids; prints {"ids": [[...]]} as one JSON line,
+then, for a text prompt, {"text": "..."} (the new tokens decoded)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def run(cfg, workdir: str) -> None:
     model, _ = load_model(cfg.checkpoint)
   else:
     model = build_model(model_config_from(cfg), cfg.seed)
+<<<<<<< HEAD
   if cfg.get('plan'):
     g = cfg.generate
     ids = serve_engine(cfg, model).generate(
@@ -75,3 +77,9 @@ def run(cfg, workdir: str) -> None:
     ids = sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', ''))
   if is_leader():
     print_ids(ids)
+=======
+  ids = sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', ''))
+  print_ids(ids)
+  if not (cfg.get('prompt_ids') or cfg.generate.get('prompt_ids')):  # a text prompt: show text too
+    print(json.dumps({'text': ByteTokenizer().decode(ids[0])}))
+>>>>>>> i15

@@ -67,6 +67,6 @@ def run(cfg, workdir: str) -> None:
   if make_state is not None:
     state.write_timeline(workdir)
   if gcfg is not None and gcfg.max_new_tokens > 0 and jax.process_count() == 1:
+    print(f'--- sample ({gcfg.max_new_tokens} tokens, compiling first) ---', flush=True)
     ids = sample(state.model(), gcfg, cfg.seed)
-    print('--- sample ---')
     print(gcfg.prompt + ByteTokenizer().decode(ids[0]))

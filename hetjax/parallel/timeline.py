@@ -19,22 +19,43 @@ def write_chrome_trace(events: list[dict], path: str) -> None:
   os.replace(tmp, path)
 
 
+COLORS = {'F': '#4c72b0', 'B': '#dd8452', 'FB': '#8172b3', 'send': '#b0b0b0'}
+
+
 def draw_gantt(events: list[dict], path: str, title: str = '') -> None:
-  """Stages as rows, forward ops blue and backward ops orange; gaps are the pipeline bubbles."""
+  """Stages as rows. Forward ops blue, backward orange; the last stage computes its forward and
+  backward together (one fused op, purple) and its 'B' op only sends; grey hatched bars are the
+  transfers after an op (events with 'compute_end_s'). Gaps are the pipeline bubbles."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib.patches import Patch
   stages = sorted({e['stage'] for e in events})
-  fig, ax = plt.subplots(figsize=(10, 1 + 0.6 * len(stages)))
+  last = stages[-1] if len(stages) > 1 else None
+  fig, ax = plt.subplots(figsize=(10, 1.6 + 0.6 * len(stages)))
+  span = max(e['end_s'] for e in events) - min(e['start_s'] for e in events)
   for e in events:
-    color = '#4c72b0' if e['kind'] == 'F' else '#dd8452'
-    ax.barh(e['stage'], e['end_s'] - e['start_s'], left=e['start_s'], color=color, edgecolor='k')
-    ax.text((e['start_s'] + e['end_s']) / 2, e['stage'], f'{e["kind"]}{e["micro"]}', ha='center',
-            va='center', fontsize=7, color='white')
+    fused = e['stage'] == last and e['kind'] == 'F'
+    compute_end = e.get('compute_end_s', e['end_s'])
+    if not (e['stage'] == last and e['kind'] == 'B'):  # the last stage's B only sends
+      ax.barh(e['stage'], compute_end - e['start_s'], left=e['start_s'],
+              color=COLORS['FB' if fused else e['kind']], edgecolor='k')
+      if compute_end - e['start_s'] > 0.025 * span:  # label the bars wide enough to hold one
+        ax.text((e['start_s'] + compute_end) / 2, e['stage'],
+                f'F+B{e["micro"]}' if fused else f'{e["kind"]}{e["micro"]}', ha='center',
+                va='center', fontsize=7, color='white')
+    ax.barh(e['stage'], e['end_s'] - compute_end, left=compute_end, color=COLORS['send'],
+            hatch='///', edgecolor='k', height=0.5)
   ax.set_yticks(stages, [f'stage {s}' for s in stages])
   ax.invert_yaxis()
   ax.set_xlabel('seconds since step start')
-  ax.set_title(title or 'one pipeline step (blue: forward, orange: backward)')
+  ax.set_title(title or 'one profiled pipeline step (each op waits for its results)', fontsize=10)
+  legend = [Patch(color=COLORS['F'], label='forward'), Patch(color=COLORS['B'], label='backward')]
+  if last is not None:
+    legend.append(Patch(color=COLORS['FB'], label=f'stage {last}: fused forward + backward (+ loss)'))
+  legend.append(Patch(facecolor=COLORS['send'], hatch='///', edgecolor='k', label='send to next/previous stage'))
+  ax.legend(handles=legend, fontsize=7, ncol=len(legend), loc='upper center',
+            bbox_to_anchor=(0.5, -0.25 if len(stages) < 3 else -0.15), frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
