@@ -67,7 +67,6 @@ def run(cfg, workdir: str) -> None:
     model, _ = load_model(cfg.checkpoint)
   else:
     model = build_model(model_config_from(cfg), cfg.seed)
-<<<<<<< HEAD
   if cfg.get('plan'):
     g = cfg.generate
     ids = serve_engine(cfg, model).generate(
@@ -77,9 +76,5 @@ def run(cfg, workdir: str) -> None:
     ids = sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', ''))
   if is_leader():
     print_ids(ids)
-=======
-  ids = sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', ''))
-  print_ids(ids)
-  if not (cfg.get('prompt_ids') or cfg.generate.get('prompt_ids')):  # a text prompt: show text too
-    print(json.dumps({'text': ByteTokenizer().decode(ids[0])}))
->>>>>>> i15
+    if not (cfg.get('prompt_ids') or cfg.generate.get('prompt_ids')):  # a text prompt: show text too
+      print(json.dumps({'text': ByteTokenizer().decode(ids[0])}))
