@@ -5,7 +5,7 @@ model config come from the checkpoint; otherwise the model is --config.model, ra
 With --config.plan=PLAN.json (a serve plan, e.g. from configs/plan_inference.py) generation runs
 over the plan's replicas of uneven, tensor-parallel stages, pipelined:
 python run.py --config=configs/plan_inference.py --config.model=tiny_gpt --config.cluster=local_hetero --config.reference_cluster=local_hetero --config.prompt_len=16 --config.gen_len=16 --config.workdir=runs/serveplan
-python run.py --config=configs/generate.py --config.plan=runs/serveplan/plan.json --config.prompt_ids=1,2,3
+python run.py --config=configs/generate.py --config.plan=PLAN --config.prompt_ids=1,2,3   (PLAN: e.g. runs/serveplan/plan.json)
 
 Offloaded (FlexGen) generation: --config.offload.policy=search (LP policy for this machine within the
 offload.device_gb / host_gb budgets) or =POLICY.json (e.g. policy.json of mode=offload_policy).

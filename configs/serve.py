@@ -1,6 +1,6 @@
 """Serve requests over a serve plan (HexGen executed): dispatch to replicas, pipelined decode.
-python run.py --config=configs/serve.py --config.plan=PLAN.json --config.requests=REQUESTS.jsonl
-python run.py --config=configs/serve.py --config.plan=PLAN.json --config.rate=4 --config.num_requests=32
+python run.py --config=configs/serve.py --config.plan=PLAN --config.requests=REQUESTS
+python run.py --config=configs/serve.py --config.plan=PLAN --config.rate=4 --config.num_requests=32
 A requests file has one JSON object per line: "prompt" (text) or "ids", optional "max_new_tokens",
 "arrival_s" (seconds after start) and "id". Without a file, `num_requests` synthetic requests arrive
 as a Poisson process at `rate` per second. Writes completions.jsonl, metrics.json and

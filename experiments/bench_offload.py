@@ -1,5 +1,7 @@
-"""FlexGen executed on this machine (FlexGen paper, Table 2 / Fig. 1 setting, scaled down): a model 3-4x
-larger than the "device" budget, weights on the host or disk tier, fp32 and 4-bit. Rows:
+"""FlexGen executed on this machine: zig-zag offloaded generation vs naive offloading, predicted vs measured.
+
+Reproduces: FlexGen paper Table 2 / Fig. 1 (throughput of offloaded generation), scaled down.
+FlexGen paper, Table 2 / Fig. 1 setting, scaled down: a model 3-4x larger than the "device" budget, weights on the host or disk tier, fp32 and 4-bit. Rows:
   zigzag   the FlexGen block schedule: block = gbs x nb, each layer's weights loaded once per token for
            the whole block, next layer / next batch's cache prefetched on threads while computing
   naive    accelerate-style offloading: batch 1, per layer load then compute, nothing overlapped (so the
@@ -31,7 +33,7 @@ flags.DEFINE_integer('nb', 4, 'number of GPU batches of the zig-zag rows (block 
 flags.DEFINE_float('device_gb', 0.045, 'device budget (GB); the model is several times larger')
 flags.DEFINE_float('host_gb', 4.0, 'host budget (GB)')
 flags.DEFINE_string('rows', 'host,disk,host4,lp', 'settings to run: host, disk, host4 (4-bit), disk4, lp')
-flags.DEFINE_string('out', 'runs/bench_offload', 'output folder')
+flags.DEFINE_string('out', 'runs/bench_offload/', 'output folder')
 FLAGS = flags.FLAGS
 
 

@@ -1,4 +1,6 @@
-"""DT-FM's scheduling study (paper Fig. 4 / Table 2: scheduler vs random and hybrid), re-run with
+"""DT-FM's scheduling study, re-run with hetjax's planners and DT-FM's own scheduler.
+
+Reproduces: DT-FM paper Fig. 4 / Table 2 (scheduler vs random and hybrid), re-run with
 hetjax's planners and, given a local copy of DT-FM's repository, DT-FM's released scheduler itself.
 
 Every plan is scored with one cost function: DT-FM's communication cost (dp + 2 pp, seconds) of the
@@ -64,7 +66,7 @@ flags.DEFINE_string('model', 'gpt3_xl', 'model (sets layers; c_pp/c_dp come from
 flags.DEFINE_integer('evaluations', 5000, 'distinct candidates per search (DT-FM: 5000)')
 flags.DEFINE_float('c_pp_bytes', PAPER_C_PP, 'DT-FM c_pp in bytes (0: derive from the model)')
 flags.DEFINE_float('c_dp_bytes', PAPER_C_DP, 'DT-FM c_dp in bytes (0: derive from the model)')
-flags.DEFINE_string('out', 'runs/dtfm_scheduling', 'output directory')
+flags.DEFINE_string('out', 'runs/dtfm_scheduling/', 'output directory')
 
 
 # ------------------------------------------------------------------ scenarios

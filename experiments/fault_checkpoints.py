@@ -1,4 +1,6 @@
-"""Faults around checkpoints, measured as a user meets them (issue 14; no paper table).
+"""Faults around checkpoints, measured as a user meets them (issue 14).
+
+Reproduces: no paper table; the reliability figures of issue 14.
 
 python experiments/fault_checkpoints.py [--out=runs/fault_checkpoints/] [--kills=4]
 

@@ -1,5 +1,6 @@
-"""A lost process in a multi-controller run: detection time and whether the launcher names it
-(issue 14; no paper table).
+"""A lost process in a multi-controller run: detection time and whether the launcher names it.
+
+Reproduces: no paper table; the launcher figures of issue 14.
 
 python experiments/fault_multicontroller.py [--out=runs/fault_multicontroller/] [--tries=2]
 

@@ -1,5 +1,6 @@
 """Relative error of the kernels' quantization schemes at 2/3/4/8 bits (issue 11's quantizer study).
 
+Reproduces: no paper table (AQ-SGD paper Sec. 4 motivates the bit widths).
 Not a paper table: it picks the defaults for activations, AQ-SGD deltas and DP gradients
 (kernels/README.md "Choosing a scheme"). Schemes, each with group-wise (64 or 512 values: a
 bucket of flattened gradients) and per-channel scales (one per hidden channel over the whole
@@ -27,7 +28,7 @@ import numpy as np
 from common import print_table, write_csv
 import kernels as K
 
-flags.DEFINE_string('out', 'runs/quantizer_error', 'Output folder (results.csv, quantizer_error.png).')
+flags.DEFINE_string('out', 'runs/quantizer_error/', 'Output folder (results.csv, quantizer_error.png).')
 flags.DEFINE_integer('rows', 512, 'Rows (tokens of one micro-batch).')
 flags.DEFINE_integer('hidden', 1024, 'Hidden channels (a multiple of 512, so no group is padded).')
 flags.DEFINE_integer('seed', 0, 'Data seed.')

@@ -172,6 +172,7 @@ TINY = {
     'configs/plan_inference.py': ['--config.evaluations=20', '--config.population=8',
                                   '--config.num_requests=50', '--config.draw=false'],
     'configs/offload_policy.py': [],
+    'configs/serve.py': ['--config.num_requests=2', '--config.generate.max_new_tokens=2'],
 }
 
 
@@ -228,8 +229,6 @@ def test_readme_script_table_matches_the_scripts():
 @pytest.mark.parametrize('path', EXPERIMENTS, ids=os.path.basename)
 def test_experiment_script_style(path):
   source, name = open(path).read(), os.path.splitext(os.path.basename(path))[0]
-  if name == 'dtfm_scheduling':
-    pytest.skip('being converted with the search-progress work (issue 16)')
   assert 'argparse' not in source, 'use absl flags'
   assert re.search(r'^Reproduces: ', _doc(path), re.M), 'docstring needs a "Reproduces:" line'
   defined = experiment_flags(path)
