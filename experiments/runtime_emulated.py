@@ -128,7 +128,6 @@ def main(_):
       print(f'{label:>10} {codec:>5}: measured {measured:.3f} s, predicted {pred:.3f} s, '
             f'{sent / 1e6:.2f} MB', flush=True)
   if can_emulate:
-    from hetjax.search.baselines import random_plan
     from hetjax.search.planner import SearchConfig, plan_training
     fast, slow = 1.0, 0.05
     gbps = [[np.inf if i == j else (fast if (i < 2) == (j < 2) else slow) for j in range(4)]
@@ -138,7 +137,8 @@ def main(_):
     setup = dataclasses.replace(setup_for('fp32'), global_batch=MICRO * MB * 2)
     search = SearchConfig(evaluations=200, population=20, screen_evaluations=20, tp=1)
     plans = {'scheduler': plan_training(cluster, model, setup, search, seed=0),
-             'random': random_plan(cluster, model, setup, search, seed=3)}
+             'random': plan_training(cluster, model, setup,
+                                     dataclasses.replace(search, method='random'), seed=3)}
     for name, p in plans.items():
       p.save(os.path.join(out, f'plan_{name}.json'))
       sub = p.replicas

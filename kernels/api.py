@@ -10,7 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from hetjax.errors import HetjaxError
+from kernels.errors import InputError as HetjaxError
 from kernels import layout, pallas_kernels, reference
 from kernels.layout import QTensor
 

@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from hetjax.errors import HetjaxError
+from kernels.errors import InputError as HetjaxError
 from kernels import qmath
 
 BITS = (2, 3, 4, 8)

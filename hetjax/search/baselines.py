@@ -5,8 +5,6 @@ gain is the GA in planner.plan_dtfm with gain='hybrid'."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from hetjax.cluster import Cluster
@@ -27,30 +25,17 @@ def _grid_plan(order: list[int], d_pp: int, d_dp: int, cluster: Cluster, model: 
               seq_len=setup.seq_len, activation_bits=setup.activation_bits)
 
 
-def random_plan(cluster, model, setup, search, seed: int = 0, model_name: str = '') -> Plan:
+def random_plan(cluster, model, setup, d_pp: int, d_dp: int, seed: int = 0) -> Plan:
   """Devices in a random order: random groups, random pipeline order, random matching."""
-  from hetjax.search.planner import default_shape, finish
-  t0 = time.perf_counter()
-  _, d_pp, d_dp = default_shape(cluster, model, search)
   order = np.random.default_rng(seed).permutation(cluster.n).tolist()
-  plan = _grid_plan(order, d_pp, d_dp, cluster, model, setup)
-  info = {'method': 'random', 'seed': seed, 'shape': [1, d_pp, d_dp], 'seconds': time.perf_counter() - t0}
-  return finish(plan, cluster, model, setup, info, model_name)
+  return _grid_plan(order, d_pp, d_dp, cluster, model, setup)
 
 
-def index_plan(cluster, model, setup, search, model_name: str = '') -> Plan:
+def index_plan(cluster, model, setup, d_pp: int, d_dp: int) -> Plan:
   """Devices in index order, as Megatron assigns ranks (pipeline outermost)."""
-  from hetjax.search.planner import default_shape, finish
-  _, d_pp, d_dp = default_shape(cluster, model, search)
-  plan = _grid_plan(list(range(cluster.n)), d_pp, d_dp, cluster, model, setup)
-  return finish(plan, cluster, model, setup, {'method': 'index', 'shape': [1, d_pp, d_dp], 'seconds': 0.0},
-                model_name)
+  return _grid_plan(list(range(cluster.n)), d_pp, d_dp, cluster, model, setup)
 
 
-def strided_plan(cluster, model, setup, search, model_name: str = '') -> Plan:
+def strided_plan(cluster, model, setup, d_pp: int, d_dp: int) -> Plan:
   """Devices in index order with data parallelism outermost: replica j = devices j*D_PP .. j*D_PP+D_PP-1."""
-  from hetjax.search.planner import default_shape, finish
-  _, d_pp, d_dp = default_shape(cluster, model, search)
-  plan = _grid_plan(list(range(cluster.n)), d_pp, d_dp, cluster, model, setup, data_outer=True)
-  return finish(plan, cluster, model, setup, {'method': 'strided', 'shape': [1, d_pp, d_dp], 'seconds': 0.0},
-                model_name)
+  return _grid_plan(list(range(cluster.n)), d_pp, d_dp, cluster, model, setup, data_outer=True)

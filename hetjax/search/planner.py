@@ -25,6 +25,7 @@ from hetjax.costmodel import training as cm
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
 from hetjax.plan import Plan, Replica, Stage
+from hetjax.search import baselines
 from hetjax.search.layers import assign_layers, equal_layers
 from hetjax.search.ordering import order_groups
 from hetjax.search.partition import GAConfig, clustered, genetic_partition, groups_of, transversal
@@ -363,15 +364,19 @@ def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, sear
 def plan_training(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup,
                   search: SearchConfig = SearchConfig(), seed: int = 0, model_name: str = '') -> Plan:
   """Entry point: dispatch on search.method."""
-  from hetjax.search import baselines
   if search.method == 'hetjax':
     return plan_hetjax(cluster, model, setup, search, seed, model_name)
   if search.method in ('dtfm', 'hybrid'):
     return plan_dtfm(cluster, model, setup, search, seed, search.method, model_name)
-  if search.method == 'random':
-    return baselines.random_plan(cluster, model, setup, search, seed, model_name)
-  if search.method == 'index':
-    return baselines.index_plan(cluster, model, setup, search, model_name)
-  if search.method == 'strided':
-    return baselines.strided_plan(cluster, model, setup, search, model_name)
+  if search.method in ('random', 'index', 'strided'):
+    t0 = time.perf_counter()
+    _, d_pp, d_dp = default_shape(cluster, model, search)
+    if search.method == 'random':
+      plan = baselines.random_plan(cluster, model, setup, d_pp, d_dp, seed)
+    else:
+      plan = getattr(baselines, f'{search.method}_plan')(cluster, model, setup, d_pp, d_dp)
+    info = {'method': search.method, 'shape': [1, d_pp, d_dp], 'seconds': time.perf_counter() - t0}
+    if search.method == 'random':
+      info['seed'] = seed
+    return finish(plan, cluster, model, setup, info, model_name)
   raise HetjaxError(f'unknown search method {search.method!r}; choose one of {METHODS}')
