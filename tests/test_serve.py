@@ -79,3 +79,28 @@ def test_serve_writes_completions_equal_to_generation(tmp_path):
   metrics = json.load(open(tmp_path / 'run' / 'metrics.json'))
   assert metrics['tokens'] == 15 and metrics['tokens_per_s'] > 0
   assert (tmp_path / 'run' / 'replica_timeline.png').stat().st_size > 1000
+
+
+def test_continuous_batching_equals_each_request_served_alone():
+  """Two slots per group (6 in all) for ten requests of different lengths: slots are refilled while
+  other requests are mid-way, and every request still gets its own greedy continuation."""
+  from flax import nnx
+  from hetjax.inference.engine import ServeEngine
+  from hetjax.inference.generate import generate
+  from hetjax.inference.serving import ContinuousServer, Request
+  from hetjax.plan import Plan, Replica, Stage
+  from tests.test_engine import lively_model
+  cfg, model = lively_model('tiny_llama')
+  plan = Plan([Replica([Stage(0, 1, [0, 1]), Stage(1, 4, [2])]), Replica([Stage(0, 4, [3])])],
+              num_layers=4, kind='serve')
+  engine = ServeEngine(plan, cfg, nnx.state(model))
+  rng = np.random.default_rng(3)
+  requests = [Request(str(i), rng.integers(0, cfg.vocab_size, n).astype(np.int32), new)
+              for i, (n, new) in enumerate([(3, 5), (6, 2), (1, 7), (4, 4), (2, 3), (5, 6), (2, 2),
+                                                     (7, 3), (1, 1), (3, 4)])]
+  server = ContinuousServer(engine, 'round_robin', 2, {}, chunk=4)
+  server.serve(requests, progress=lambda *a, **k: None)
+  for req in requests:
+    assert req.output == generate(model, req.ids[None], req.max_new_tokens)[0].tolist(), req.id
+    assert 0 <= req.first_token_s <= req.done_s
+  assert sorted({req.replica for req in requests}) == [0, 1]

@@ -71,7 +71,7 @@ class ServeEngine:
     process, and the runtime's timeline when `profile`."""
     if len(batches) != len(self.replicas):
       raise HetjaxError(f'{len(batches)} replicas of requests for a plan with {len(self.replicas)}')
-    programs, cache_len = [], {}
+    cache_len = {}
     for r, groups in enumerate(batches):
       if not groups:
         continue
@@ -79,13 +79,9 @@ class ServeEngine:
       if cache_len[r] > self.cfg.max_len:
         raise HetjaxError(f'prompt ({cache_len[r] - num_tokens}) + max_new_tokens ({num_tokens}) '
                           f'exceeds the model\'s max length {self.cfg.max_len}')
-      programs += relabel(decode(len(self.replicas[r]), len(groups), num_tokens), self.offsets[r])
-    if not programs:
+    order = self._order([len(g) for g in batches], num_tokens, prefill=True)
+    if not order:
       return [[] for _ in batches], []
-    # Idle replicas' stages get empty programs so stage indices stay flat.
-    busy = {op.stage for prog in programs for op in prog}
-    order = global_order([[op for prog in programs for op in prog if op.stage == s]
-                          for s in range(len(self.stages)) if s in busy])
     store = StateStore()
     tokens: dict = {}
 
@@ -99,6 +95,31 @@ class ServeEngine:
                                 seed, keep)
     events = self.runtime.run(order, handler, profile)
     return self._gather(batches, num_tokens, tokens), events
+
+  def steps(self, groups: list[list], num_steps: int, cache_len: dict, store: StateStore,
+            first_step: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+            seed: int = 0, on_token=None, profile: bool = False):
+    """Continue generation for `num_steps` decode steps of every group (continuous batching):
+    `groups[r][m]` has `rows` and `feed(step)`; KV caches and last tokens live in `store` from
+    one call to the next, and steps are numbered from `first_step`."""
+    order = self._order([len(g) for g in groups], num_steps, prefill=False)
+    sampling = (float(temperature), int(top_k), float(top_p))
+    handler = GenerationHandler(self.stages, groups, cache_len, store, self.cfg.hidden, sampling,
+                                seed, on_token, first_step)
+    return self.runtime.run(order, handler, profile)
+
+  def _order(self, group_counts: list[int], num_tokens: int, prefill: bool):
+    """One global order of every busy replica's decode schedule (stage indices stay flat)."""
+    programs = []
+    for r, count in enumerate(group_counts):
+      if count:
+        programs += relabel(decode(len(self.replicas[r]), count, num_tokens, prefill),
+                            self.offsets[r])
+    by_stage = {}
+    for prog in programs:
+      for op in prog:
+        by_stage.setdefault(op.stage, []).append(op)
+    return global_order([by_stage[s] for s in sorted(by_stage)]) if by_stage else []
 
   def _gather(self, batches, num_tokens, tokens):
     """Token arrays on every process: the head stage's owner has them; a sum over processes

@@ -1,10 +1,14 @@
-"""Serving requests over a ServeEngine: arrivals, dispatch to replicas, batches, per-request times.
+"""Serving requests over a ServeEngine: arrivals, dispatch to replicas, batching, per-request times.
 
 Requests that have arrived are dispatched to replicas by a policy from dispatch.py, through the same
-`ReplicaState` the simulator uses (its service table is learned from measured rounds). A round then
-takes, for every replica with a queue, up to `max_batch` requests per request group and as many
-groups as the replica has stages (so its pipeline stays full), and runs all replicas side by side.
-Batching is static: a request that arrives during a round waits for the next one.
+`ReplicaState` the simulator uses (its service table is learned from measured times). Each replica
+keeps as many request groups in flight as it has stages (so its pipeline stays full), each of up to
+`max_batch` requests. Two ways to batch:
+- `continuous` (ContinuousServer): every group is a set of slots; a finished request's slot is
+  refilled by a waiting request at the group's next step. A slot reads its prompt one token per
+  decode step (chunked prefill with chunks of one token), so no step waits for another's prefill;
+- `static` (Server): rounds; a round prefills its groups together and decodes until its longest
+  request is done; a request that arrives during a round waits for the next one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from hetjax.errors import HetjaxError
 from hetjax.inference.dispatch import ReplicaState, make_policy
 from hetjax.inference.engine import ServeEngine, pad_prompts
+from hetjax.parallel.state import StateStore
 
 
 @dataclasses.dataclass
@@ -162,3 +167,128 @@ def draw_busy(busy, num_replicas: int, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+class SlotGroup:
+  """One request group of a replica under continuous batching: `rows` slots, each holding a request
+  at its own position. `feed(step)` (called by stage 0 before the group's decode step) refills free
+  slots and says, per row, the position and whether the input is a prompt token; `record(step,
+  token)` (on the head stage) keeps the tokens that are generated ones."""
+
+  def __init__(self, rows: int, take, now):
+    self.rows, self.take, self.now = rows, take, now
+    self.slots: list = [None] * rows
+    self.pos = np.zeros(rows, np.int64)        # tokens of the slot's request already in the cache
+    self.producing: dict = {}                   # step -> per row: the request whose token it yields
+    self.decided: dict = {}                     # step -> (positions, use_feed, feed_tokens)
+
+  def active(self) -> bool:
+    return any(req is not None for req in self.slots)
+
+  def feed(self, step: int):
+    """Every stage of the replica asks for the step's positions; the first call decides them."""
+    if step not in self.decided:
+      self.decided[step] = self._decide(step)
+    return self.decided[step]
+
+  def _decide(self, step: int):
+    for i, req in enumerate(self.slots):
+      if req is None:
+        self.slots[i], self.pos[i] = self.take(), 0
+    positions = self.pos.astype(np.int32)
+    use = np.ones(self.rows, bool)             # idle rows read token 0 at position 0
+    tokens = np.zeros(self.rows, np.int32)
+    producing = [None] * self.rows
+    for i, req in enumerate(self.slots):
+      if req is None:
+        continue
+      n = len(req.ids)
+      if self.pos[i] < n:
+        tokens[i] = req.ids[self.pos[i]]
+      else:
+        use[i] = False                          # its own last sampled token
+      if self.pos[i] >= n - 1:
+        producing[i] = req
+      self.pos[i] += 1
+      if self.pos[i] - n + 1 >= req.max_new_tokens:  # its last token comes out of this step
+        self.slots[i] = None
+    self.producing[step] = producing
+    return positions, use, tokens
+
+  def record(self, step: int, token) -> int:
+    """Tokens of this step into their requests; returns how many requests finished."""
+    token = np.asarray(token)
+    del self.decided[step]                      # the head stage is the last to use them
+    at, done = self.now(), 0
+    for row, req in enumerate(self.producing.pop(step)):
+      if req is None:
+        continue
+      if not req.output:
+        req.first_token_s = at
+      req.output.append(int(token[row]))
+      if len(req.output) == req.max_new_tokens:
+        req.done_s, done = at, done + 1
+    return done
+
+
+class ContinuousServer:
+  """Continuous batching over all replicas at once, `chunk` decode steps per engine call (KV
+  caches and slots carry over between calls)."""
+
+  def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict,
+               seed: int = 0, chunk: int = 8):
+    self.engine, self.sampling, self.seed, self.chunk = engine, sampling, seed, chunk
+    self.policy = make_policy(policy)
+    self.max_batch = [r.max_batch or max_batch for r in engine.plan.replicas]
+    self.states = [ReplicaState(np.ones(b + 1), b) for b in self.max_batch]
+    self.busy: list[tuple] = []    # (replica, start_s, end_s) of each chunk it worked in
+
+  def serve(self, requests: list[Request], progress=print) -> list[Request]:
+    engine, start = self.engine, time.perf_counter()
+    now = lambda: time.perf_counter() - start
+    pending = list(requests)
+
+    def dispatch():
+      while pending and pending[0].arrival_s <= now():
+        req = pending.pop(0)
+        req.replica = self.policy.choose(self.states, now())
+        self.states[req.replica].queue.append(req)
+
+    def taker(r):
+      def take():
+        dispatch()
+        queue = self.states[r].queue
+        return queue.popleft() if queue else None
+      return take
+
+    groups = [[SlotGroup(self.max_batch[r], taker(r), now) for _ in engine.replicas[r]]
+              for r in range(len(engine.replicas))]
+    longest = max(len(q.ids) + q.max_new_tokens for q in requests)
+    cache_len = {r: longest for r in range(len(groups))}
+    store, step, finished = StateStore(), 0, 0
+
+    def on_token(r, m, t, token):
+      nonlocal finished
+      finished += groups[r][m].record(t, token)
+
+    while finished < len(requests):
+      dispatch()
+      busy = [gs if any(g.active() for g in gs) or self.states[r].queue else []
+              for r, gs in enumerate(groups)]
+      if not any(busy):
+        time.sleep(max(0.0, min(pending[0].arrival_s - now(), 0.5)) if pending else 0.0)
+        continue
+      t0 = now()
+      engine.steps(busy, self.chunk, cache_len, store, step, seed=self.seed, on_token=on_token,
+                   **self.sampling)
+      t1 = now()
+      step += self.chunk
+      for r, gs in enumerate(busy):
+        if gs:
+          self.busy.append((r, t0, t1))
+          # The dispatch policy's service time: one chunk's duration per request in flight.
+          self.states[r].service[1:] = t1 - t0
+      progress(f'\rserved {finished}/{len(requests)} requests, {step} steps, {now():.1f} s',
+               end='', flush=True)
+    progress('')
+    return requests

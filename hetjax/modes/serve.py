@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from hetjax.data import ByteTokenizer
 from hetjax.distributed import is_leader
 from hetjax.errors import HetjaxError
 from hetjax.inference.dispatch import poisson_arrivals
-from hetjax.inference.serving import Server, draw_busy, parse_requests, summary
+from hetjax.inference.serving import ContinuousServer, Server, draw_busy, parse_requests, summary
 from hetjax.metrics import write_json
 from hetjax.models.config import model_config_from
 from hetjax.models.model import build_model
@@ -47,9 +48,15 @@ def run(cfg, workdir: str) -> None:
   engine = serve_engine(cfg, model)
   say = print if is_leader() else (lambda *a, **k: None)
   say(engine.plan.table())
-  server = Server(engine, cfg.dispatch, cfg.max_batch,
-                  dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p), cfg.seed)
-  import time
+  sampling = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+  if cfg.batching == 'continuous':
+    if cfg.chunk < 1:
+      raise HetjaxError(f'chunk must be >= 1, got {cfg.chunk}')
+    server = ContinuousServer(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed, cfg.chunk)
+  elif cfg.batching == 'static':
+    server = Server(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed)
+  else:
+    raise HetjaxError(f"batching must be 'continuous' or 'static', got {cfg.batching!r}")
   t0 = time.perf_counter()
   server.serve(requests, progress=say)
   seconds = time.perf_counter() - t0

@@ -56,9 +56,9 @@ def _programs(key: _Key):
     y, cache = nnx.merge(graphdef, params)(x, 0, cache, last_index=lengths - 1)
     return finish(y, rng), cache
 
-  def decode(params, x, cache, pos, rng):
-    if group.has_embed:
-      x = x[:, None]
+  def decode(params, x, cache, pos, rng, feed, use_feed):
+    if group.has_embed:  # rows still reading their prompt take its next token instead
+      x = jnp.where(use_feed, feed, x)[:, None]
     y, cache = nnx.merge(graphdef, params)(x, pos, cache)
     return finish(y, rng), cache
 
@@ -77,9 +77,19 @@ def stage_programs(group: StageGroup, sampling: tuple):
 
 @dataclasses.dataclass
 class GroupBatch:
-  """One request group of a replica: prompts right-padded to one length."""
+  """One request group of a replica: prompts right-padded to one length, prefilled together."""
   prompts: np.ndarray       # [B, T] int32
   lengths: np.ndarray       # [B] true prompt lengths
+
+  @property
+  def rows(self) -> int:
+    return len(self.lengths)
+
+  def feed(self, step: int):
+    """Decode step `step` (>= 1): each row's position; no row reads a prompt token any more."""
+    rows = self.rows
+    return ((self.lengths + step - 1).astype(np.int32), np.zeros(rows, bool),
+            np.zeros(rows, np.int32))
 
 
 class GenerationHandler:
@@ -88,8 +98,12 @@ class GenerationHandler:
   per group (lifetime 'group') as device arrays [B] on the head stage."""
 
   def __init__(self, stages, batches, cache_len: dict, store, hidden: int, sampling: tuple,
-               seed: int, on_token=None):
+               seed: int, on_token=None, first_step: int = 0):
+    """`batches[r][m]` is a GroupBatch (prefilled) or any group with `rows` and `feed(step)` ->
+    (positions, use_feed, feed_tokens) per row (continuous batching feeds prompts token by
+    token). `first_step` numbers the steps of a schedule that continues an earlier one."""
     self.stages, self.batches, self.cache_len, self.store = stages, batches, cache_len, store
+    self.first_step = first_step
     self.hidden, self.sampling = hidden, sampling
     self.key = jax.random.key(seed)
     self.on_token = on_token   # called (replica, group, step, token) on the head stage's process
@@ -103,27 +117,30 @@ class GenerationHandler:
     return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(self.key, replica), m), t)
 
   def compute(self, op, received):
-    s, m, t = op.stage, op.micro, op.step
+    s, m, t = op.stage, op.micro, op.step + self.first_step
     r, _, group, params = self.stages[s]
     batch = self.batches[r][m]
     programs = stage_programs(group, self.sampling)
     cache_key = ('cache', s, m)
     cache = self.store.pop('group', cache_key)
     if cache is None:
-      cache = programs.init_cache(len(batch.lengths), self.cache_len[r])
+      cache = programs.init_cache(batch.rows, self.cache_len[r])
     if op.kind == 'P':
       x = (place(batch.prompts, group.replicated) if group.has_embed
            else received[('P', s - 1, m, t)])
       y, cache = programs.prefill(params, x, cache, place(batch.lengths, group.replicated),
                                   self._rng(r, m, t))
     else:
+      pos, use_feed, feed = (place(a, group.replicated) for a in batch.feed(t))
       if group.has_embed:
-        x = (self.store.get('group', ('token', r, m)) if self.last[r] == s
-             else received[op.deps[0]])
+        # The sampled token: a message from the last stage, or this stage's own (one stage), or
+        # the last one of an earlier schedule.
+        x = received.get(op.deps[0]) if op.deps else None
+        if x is None:
+          x = self._last_token(r, m, group, batch.rows)
       else:
         x = received[op.deps[0]]
-      pos = place((batch.lengths + t - 1).astype(np.int32), group.replicated)
-      y, cache = programs.decode(params, x, cache, pos, self._rng(r, m, t))
+      y, cache = programs.decode(params, x, cache, pos, self._rng(r, m, t), feed, use_feed)
     self.store.put('group', cache_key, cache)
     if group.has_head:
       self.store.put('group', ('token', r, m), y)
@@ -131,9 +148,17 @@ class GenerationHandler:
         self.on_token(r, m, t, y)
     return y
 
+  def _last_token(self, r, m, group, rows):
+    """The token the head sampled last for group m (a schedule that continues an earlier one),
+    or zeros; moved onto stage 0's devices."""
+    token = self.store.get('group', ('token', r, m))
+    if token is None:
+      token = np.zeros(rows, np.int32)
+    return jax.device_put(token, group.replicated)
+
   def message(self, op, consumer):
     r = self.stages[op.stage][0]
-    rows = len(self.batches[r][op.micro].lengths)
+    rows = self.batches[r][op.micro].rows
     if consumer.stage == self.first[r] and op.stage == self.last[r]:
       return Message('token', (rows,), jnp.int32, batch_sharded=False)
     width = self.batches[r][op.micro].prompts.shape[1] if op.kind == 'P' else 1
