@@ -13,6 +13,8 @@ The real multi-stage run over the runtime is issue 11's experiments/aqsgd_conver
 
   python experiments/aqsgd_codec_convergence.py --out runs/aqsgd_codec_convergence
 Writes results.csv (final losses, bytes per step), curves.csv, aqsgd_codec_convergence.png.
+Losses are measured in fp32 without compression: on all fine-tuning windows (what fine-tuning
+fits; the AQ-SGD paper plots training loss) and on validation text from the corpus' last 5%.
 """
 import functools
 import os
@@ -155,8 +157,11 @@ def finetune(model, params0, tokens, val, method):
   stores = [BufferStore(it.num_samples, 'host', say=lambda *a: None) for _ in range(2)]
   params, state = params0, opt.init(params0)
   curve, sent_total = [], 0
-  evaluate = lambda p: float(np.mean([float(model.loss(p, b['inputs'], b['targets'])) for b in val]))
-  curve.append({'method': method, 'step': 0, 'bytes': 0, 'val_loss': evaluate(params)})
+  train_set = [it.batch(k) for k in range(it.num_samples // FLAGS.batch)]  # epoch 0: every window
+  mean_loss = lambda p, bs: float(np.mean([float(model.loss(p, b['inputs'], b['targets'])) for b in bs]))
+  point = lambda step: {'method': method, 'step': step, 'bytes': sent_total,
+                        'train_loss': mean_loss(params, train_set), 'val_loss': mean_loss(params, val)}
+  curve.append(point(0))
   per_step = []
   for i in range(steps):
     b = next(it)
@@ -170,10 +175,11 @@ def finetune(model, params0, tokens, val, method):
     sent_total += fw_bytes + bw_bytes
     per_step.append(fw_bytes + bw_bytes)
     if (i + 1) % (steps // FLAGS.epochs) == 0:
-      curve.append({'method': method, 'step': i + 1, 'bytes': sent_total, 'val_loss': evaluate(params)})
+      curve.append(point(i + 1))
   warm = per_step[steps // FLAGS.epochs:]  # after AQ-SGD's warm-up epoch
-  return curve, {'method': method, 'final_val_loss': curve[-1]['val_loss'],
-                 'train_loss_last': float(loss), 'bytes_per_step_after_warmup': float(np.mean(warm)),
+  return curve, {'method': method, 'train_set_loss': curve[-1]['train_loss'],
+                 'val_loss': curve[-1]['val_loss'], 'MiB_sent': sent_total / 2**20,
+                 'bytes_per_step_after_warmup': float(np.mean(warm)),
                  'bytes_per_step_fp32': 2 * 4 * h.size}
 
 
@@ -199,25 +205,27 @@ def main(_):
   write_csv(os.path.join(FLAGS.out, 'curves.csv'), curves)
   write_csv(os.path.join(FLAGS.out, 'results.csv'), rows)
   plot(curves, os.path.join(FLAGS.out, 'aqsgd_codec_convergence.png'))
-  print_table(rows, width=14, precision='.4g')
+  print_table(rows, width=14, precision='.5g')
 
 
 def plot(curves, path):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey='row')
   for method in dict.fromkeys(c['method'] for c in curves):
     sel = [c for c in curves if c['method'] == method]
     style = '-' if method.startswith('aqsgd') else '--' if method.startswith('direct') else 'k-'
-    a.plot([c['step'] for c in sel], [c['val_loss'] for c in sel], style, label=method)
-    b.plot([c['bytes'] / 2**20 for c in sel], [c['val_loss'] for c in sel], style, label=method)
-  a.set_xlabel('fine-tuning step')
-  b.set_xlabel('MiB sent across the stage boundary (both directions)')
-  b.set_xscale('symlog')
-  a.set_ylabel('validation loss')
-  a.legend(fontsize=8)
-  for ax in (a, b):
+    for row, what in enumerate(('train_loss', 'val_loss')):
+      axes[row, 0].plot([c['step'] for c in sel], [c[what] for c in sel], style, label=method)
+      axes[row, 1].plot([c['bytes'] / 2**20 for c in sel], [c[what] for c in sel], style, label=method)
+  for row, what in enumerate(('loss on the fine-tuning windows', 'validation loss (unseen text)')):
+    axes[row, 0].set_ylabel(what)
+    axes[row, 0].set_xlabel('fine-tuning step')
+    axes[row, 1].set_xlabel('MiB sent across the stage boundary (both directions)')
+    axes[row, 1].set_xscale('symlog')
+  axes[0, 0].legend(fontsize=8)
+  for ax in axes.flat:
     ax.grid(True, alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
