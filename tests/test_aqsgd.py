@@ -117,6 +117,11 @@ def test_make_codec_aqsgd():
       make_codec(bad)
   with pytest.raises(HetjaxError, match='rounding'):
     make_codec('aqsgd4', {'rounding': 'up'})
+  from hetjax.compression.aqsgd import check_batch
+  check_batch(c, {'inputs': 0, 'ids': 0})
+  check_batch(Identity(), {'inputs': 0})
+  with pytest.raises(HetjaxError, match="needs batches with sample 'ids'"):
+    check_batch(c, {'inputs': 0})
 
 
 @pytest.mark.parametrize('placement', ['device', 'host', 'disk'])

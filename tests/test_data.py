@@ -76,27 +76,34 @@ def test_user_corpora_text_folder_npy(tmp_path):
 
 
 def test_train_mode_reads_data_path_and_starts_from_init_from(tmp_path):
-  """mode=train on a user's text file; a second run with init_from=<first workdir> starts from the
-  first run's trained parameters (its step-0 validation loss is the first run's last)."""
+  """mode=train on a user's text file, fine-tuning a saved checkpoint (--config.init_from): its
+  step-0 validation loss is the checkpoint's, not a fresh model's."""
   import json
   from configs import train as train_config
+  from hetjax import train as train_lib
+  from hetjax.checkpoint.manager import Checkpointer
+  from hetjax.models.config import model_config_from
+  from hetjax.models.model import build_model
   from hetjax.modes import train as train_mode
   text = tmp_path / 'corpus.txt'
   text.write_text('the quick brown fox jumps over the lazy dog. ' * 400)
-  def cfg(workdir, **top):
-    c = train_config.get_config()
-    c.model_overrides.update(num_layers=1, hidden=32, num_heads=2, num_kv_heads=2)
-    c.train.update(steps=4, batch_size=2, seq_len=16, warmup_steps=1, eval_every=4, eval_batches=1,
-                   log_every=4, lr=1e-2)
-    c.data.path, c.workdir = str(text), str(workdir)
-    c.update(top)
-    return c
-  first, second = tmp_path / 'a', tmp_path / 'b'
-  train_mode.run(cfg(first), str(first))
-  train_mode.run(cfg(second, init_from=str(first), seed=7), str(second))
-  log = lambda w: [json.loads(l) for l in open(w / 'metrics.jsonl') if 'val_loss' in l]
-  a, b = log(first), log(second)
-  assert a[0]['val_loss'] - a[-1]['val_loss'] > 0.1  # the first run learned something
-  assert b[0]['step'] == 0 and abs(b[0]['val_loss'] - a[-1]['val_loss']) < 1e-5
-  with pytest.raises(HetjaxError):
-    train_mode.run(cfg(tmp_path / 'c', init_from=str(tmp_path / 'nothing')), str(tmp_path / 'c'))
+  c = train_config.get_config()
+  c.model_overrides.update(num_layers=1, hidden=32, num_heads=2, num_kv_heads=2)
+  c.train.update(steps=1, batch_size=2, seq_len=16, warmup_steps=0, eval_every=1, eval_batches=1)
+  c.data.path, c.init_from, c.workdir = str(text), str(tmp_path / 'ckpt'), str(tmp_path / 'run')
+  mcfg = model_config_from(c)
+  saved = train_lib.TrainState(build_model(mcfg, seed=5), train_lib.make_optimizer(c.train),
+                               data_lib.BatchIterator(np.arange(100), 2, 16))
+  ckpt = Checkpointer(str(tmp_path / 'ckpt' / 'checkpoints'))
+  saved.save(ckpt)
+  ckpt.close()
+  train_mode.run(c, c.workdir)
+  val = data_lib.eval_batches(data_lib.train_val_split(data_lib.load_corpus(str(text)))[1], 2, 16, 1)
+  first = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')][0]
+  assert first['step'] == 0
+  assert abs(first['val_loss'] - saved.evaluate(val)) < 1e-6
+  fresh = train_lib.TrainState(build_model(mcfg, seed=c.seed), saved.optimizer, saved.data)
+  assert abs(first['val_loss'] - fresh.evaluate(val)) > 1e-3
+  c.init_from, c.workdir = str(tmp_path / 'nothing'), str(tmp_path / 'run2')
+  with pytest.raises(HetjaxError, match='no hetjax checkpoint'):
+    train_mode.run(c, c.workdir)

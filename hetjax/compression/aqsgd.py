@@ -85,3 +85,10 @@ class AQSGD:
     m = jax.ShapeDtypeStruct(tuple(piece_shape), jnp.dtype(self.buffer_dtype)) if warm else None
     wire = jax.eval_shape(lambda a, s: self.encode(a, s)[0], x, m)
     return sum(l.size * l.dtype.itemsize for l in jax.tree.leaves(wire))
+
+
+def check_batch(codec, batch: dict) -> None:
+  """A stateful codec keys its buffers by sample id: refuse a batch that carries none."""
+  if getattr(codec, 'stateful', False) and 'ids' not in batch:
+    raise HetjaxError(f'codec {codec.name} keeps per-sample buffers and needs batches with sample '
+                      f"'ids' (hetjax.data.BatchIterator provides them)")

@@ -13,6 +13,7 @@ next micro-batch's rows in a background thread; `gather` then takes them without
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import math
 import os
 import shutil
@@ -46,6 +47,12 @@ def available_bytes(placement: str, folder: str | None) -> int | None:
   if 'bytes_limit' in stats:
     return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
   return None
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_rows(buf, ids, rows):
+  """buf[ids] = rows in place (the old buffer is donated, not copied)."""
+  return buf.at[ids].set(rows.astype(buf.dtype))
 
 
 class BufferStore:
@@ -180,7 +187,7 @@ class BufferStore:
       if r.shape[0] != len(ids):
         raise HetjaxError(f'state for {key_name(key)} has {r.shape[0]} rows for {len(ids)} ids')
       if self.placement == 'device':
-        leaves[i] = a.at[jnp.asarray(ids_u)].set(jnp.asarray(r)[jnp.asarray(last)].astype(a.dtype))
+        leaves[i] = _set_rows(a, jnp.asarray(ids_u), jnp.asarray(r)[jnp.asarray(last)])
       else:
         a[ids_u] = np.asarray(r)[last].astype(a.dtype)
     self._filled[key][ids_u] = True
