@@ -22,13 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from absl import app, flags
 
-flags.DEFINE_integer('layers', 12, 'model layers (GPT-2 blocks)')
+flags.DEFINE_integer('layers', 16, 'model layers (GPT-2 blocks)')
 flags.DEFINE_integer('hidden', 512, 'hidden size (heads = hidden / 64, MLP 4x)')
 flags.DEFINE_integer('prompt_len', 16, 'prompt tokens')
-flags.DEFINE_integer('gen_len', 16, 'generated tokens')
+flags.DEFINE_integer('gen_len', 8, 'generated tokens')
 flags.DEFINE_integer('gbs', 4, 'GPU batch size of the zig-zag rows')
 flags.DEFINE_integer('nb', 4, 'number of GPU batches of the zig-zag rows (block = gbs x nb)')
-flags.DEFINE_float('device_gb', 0.045, 'device budget (GB); the model is several times larger')
+flags.DEFINE_float('device_gb', 0.06, 'device budget (GB); the model is several times larger')
 flags.DEFINE_float('host_gb', 4.0, 'host budget (GB)')
 flags.DEFINE_string('rows', 'host,disk,host4,lp', 'settings to run: host, disk, host4 (4-bit), disk4, lp')
 flags.DEFINE_string('out', 'runs/bench_offload', 'output folder')
@@ -38,6 +38,7 @@ FLAGS = flags.FLAGS
 def model_config():
   from hetjax.models.config import get_model_config
   return get_model_config('gpt2_small', num_layers=FLAGS.layers, hidden=FLAGS.hidden, num_heads=FLAGS.hidden // 64,
+                          num_kv_heads=FLAGS.hidden // 64,
                           ffn=4 * FLAGS.hidden, vocab_size=256, max_len=FLAGS.prompt_len + FLAGS.gen_len)
 
 
@@ -58,8 +59,14 @@ def run_engine(cfg, policy, disk_dir, **kw):
 
 
 def predict(cfg, hw, policy):
-  """Cost-model tokens/s and per-token-step byte counts (whole model) for an executed policy."""
+  """Cost-model tokens/s and per-token-step byte counts (whole model) for an executed policy. The cost
+  model counts fp16 bytes: `hw` is scaled for fp32 values (hardware_for_dtype); a 4-bit policy is
+  costed on the unscaled hardware (its bytes are 4-bit whatever the source dtype)."""
   from hetjax.costmodel import offload as om
+  from hetjax.modes._offload import hardware_for_dtype
+  scale = 2   # fp32 bytes / fp16 bytes
+  if policy.compress_weight and policy.compress_kv:
+    hw, scale = hardware_for_dtype(hw, 1), 1
   shape = om.Shape(policy.gpu_batch_size, policy.num_gpu_batches, policy.cpu_attention, policy.compress_weight,
                    policy.compress_kv)
   wl = om.Workload(FLAGS.prompt_len, FLAGS.gen_len)
@@ -67,11 +74,10 @@ def predict(cfg, hw, policy):
   ev = om.evaluate(cfg, hw, wl, shape, x)
   t_pre, t_gen = max(ev['prefill'].values()), max(ev['decode'].values())
   W, KV = om.model_bytes(cfg, shape)
-  scale = 2   # the cost model counts fp16 bytes; this model runs in fp32
   L, b, ctx = cfg.num_layers, shape.block, FLAGS.prompt_len + FLAGS.gen_len / 2
   return {'tok_s': shape.block * FLAGS.gen_len / om.total_time(cfg, wl, t_pre, t_gen),
           'w_bytes_step': L * (x[1] + x[2]) * W * scale,
-          'kv_bytes_decode_step': L * (x[4] + x[5]) * b * ctx * KV * scale,
+          'kv_bytes_decode_step': 0 if policy.cpu_attention else L * (x[4] + x[5]) * b * ctx * KV * scale,
           'bound': max(ev['decode'], key=ev['decode'].get)}
 
 
@@ -91,7 +97,7 @@ def main(argv):
   rows = []
   with tempfile.TemporaryDirectory(dir=FLAGS.out) as disk_dir:
     hw = probe_hardware(cfg, FLAGS.device_gb, FLAGS.host_gb, disk_dir)
-    print(f'probed: host->device {hw.ctog_gbs * 2:.3g} GB/s, disk write {hw.dtoc_gbs * 2:.3g} GB/s, '
+    print(f'probed: host->device {hw.ctog_gbs * 2:.3g} GB/s, disk read {hw.dtoc_gbs * 2:.3g} GB/s (cold), '
           f'matmul {hw.gpu_tflops_decode * 1e3:.3g} GFLOP/s', flush=True)
     one = {'host': (0, 1, 0), 'disk': (0, 0, 1)}
     dev = (1, 0, 0)
@@ -120,7 +126,7 @@ def main(argv):
         kv_meas /= max(FLAGS.gen_len - 1, 1)
         rows.append({'setting': row, 'schedule': schedule, 'gbs': policy.gpu_batch_size, 'nb': policy.num_gpu_batches,
                      'w_g/c/d': '/'.join(f'{v:.2f}' for v in policy.weights),
-                     'kv_g/c/d': '/'.join(f'{v:.2f}' for v in policy.kv),
+                     'kv_g/c/d': '/'.join(f'{v:.2f}' for v in policy.kv), 'cpu_attn': policy.cpu_attention,
                      'tok_s': m['tokens_per_s'], 'pred_tok_s': pred['tok_s'] if schedule != 'naive' else float('nan'),
                      'pred/meas': pred['tok_s'] / m['tokens_per_s'] if schedule != 'naive' else float('nan'),
                      'bound': pred['bound'],
@@ -139,7 +145,7 @@ def main(argv):
   plot(rows, os.path.join(FLAGS.out, 'bench_offload.png'))
   print(f'wrote {FLAGS.out}/bench_offload.csv and bench_offload.png (machine shared with other jobs: ratios '
         f'are side by side in one run, absolute numbers are noisy)')
-  keys = ['setting', 'schedule', 'gbs', 'nb', 'w_g/c/d', 'kv_g/c/d', 'tok_s', 'vs_naive', 'pred_tok_s', 'pred/meas',
+  keys = ['setting', 'schedule', 'gbs', 'nb', 'w_g/c/d', 'kv_g/c/d', 'cpu_attn', 'tok_s', 'vs_naive', 'pred_tok_s', 'pred/meas',
           'bound', 'w_MB_step', 'w_MB_model', 'kv_MB_step', 'kv_MB_model', 'peak_dev_MB', 'budget_MB']
   print_table([{k: r[k] for k in keys} for r in rows], 10, '.3g')
 

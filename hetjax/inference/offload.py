@@ -48,6 +48,10 @@ GB = 1e9
 BUCKET = 64            # decode fetches the filled cache prefix rounded up to this many positions
 
 
+class BudgetError(HetjaxError):
+  """A policy needs more device or host memory than its budget (raised before anything is written)."""
+
+
 # ---------------------------------------------------------------- policy
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +351,7 @@ class OffloadEngine:
     self.plan = plan
     for tier in ('device', 'host'):
       if plan[tier] > self.budget[tier]:
-        raise HetjaxError(
+        raise BudgetError(
             f'policy needs {plan[tier] / GB:.4g} GB on the {tier} ({self._breakdown(tier)}) but offload.'
             f'{tier}_gb is {self.budget[tier] / GB:.4g} GB; lower the {tier} fractions or the block size')
     self.disk_folder = ''
@@ -569,6 +573,7 @@ class OffloadEngine:
     tokens = p.block * self.gen_len
     by_kind = {f'{d}/{k}': n for (d, k), n in sorted(self.ledger.moved.items())}
     out = {'tokens_per_s': tokens / timing['total_s'], 'generated_tokens': tokens, **timing,
+           'decode_tokens_per_s': p.block * (self.gen_len - 1) / timing['decode_s'] if self.gen_len > 1 else None,
            'block': p.block, 'gpu_batch_size': p.gpu_batch_size, 'num_gpu_batches': p.num_gpu_batches,
            **{k: int(v) for k, v in self.ledger.moved_by_direction().items()},
            'bytes_moved_by_kind': by_kind,
