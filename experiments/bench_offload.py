@@ -5,9 +5,9 @@ larger than the "device" budget, weights on the host or disk tier, fp32 and 4-bi
   naive    accelerate-style offloading: batch 1, per layer load then compute, nothing overlapped (so the
            same block costs nb*gbs weight loads per layer per token)
   lp       the policy the LP (search/policy_lp.py) picks for this machine and budget, executed
-For each zig-zag row: tokens/s measured (second of two runs: the first compiles) against the cost model
-(costmodel/offload.py with hardware probed here), and weight / KV bytes read per token step against the
-cost model's count. Writes CSV + PNG and prints the table last.
+For each zig-zag row: tokens/s measured (the faster of two runs after one that compiles) against the cost
+model (costmodel/offload.py with hardware probed here; pred_serial: the same terms summed, i.e. with no
+overlap), and weight / KV bytes read per token step against the cost model's count. Writes CSV + PNG and prints the table last.
 
   python experiments/bench_offload.py                 # ~5 min on a loaded 2-core machine
 """
@@ -43,7 +43,7 @@ def model_config():
 
 
 def run_engine(cfg, policy, disk_dir, **kw):
-  """(tokens/s, metrics) of the second of two runs (the first compiles)."""
+  """Metrics of the faster of two timed runs (a first run compiles)."""
   from hetjax.inference.offload import OffloadEngine, random_ends, random_layers
   eng = OffloadEngine(cfg, policy, random_layers(cfg), random_ends(cfg), prompt_len=FLAGS.prompt_len,
                       gen_len=FLAGS.gen_len, device_gb=FLAGS.device_gb, host_gb=FLAGS.host_gb, disk_dir=disk_dir,
@@ -51,9 +51,13 @@ def run_engine(cfg, policy, disk_dir, **kw):
   try:
     prompts = [[(7 * i + j) % 256 for j in range(FLAGS.prompt_len)] for i in range(policy.block)]
     eng.generate(prompts)
-    eng.ledger.moved.clear()
-    _, timing = eng.generate(prompts)
-    return eng.metrics(timing)
+    best = None
+    for _ in range(2):   # the faster of two timed runs (the machine is shared)
+      eng.ledger.moved.clear()
+      _, timing = eng.generate(prompts)
+      if best is None or timing['total_s'] < best[0]['total_s']:
+        best = timing, eng.metrics(timing)
+    return best[1]
   finally:
     eng.close()
 
@@ -75,7 +79,9 @@ def predict(cfg, hw, policy):
   t_pre, t_gen = max(ev['prefill'].values()), max(ev['decode'].values())
   W, KV = om.model_bytes(cfg, shape)
   L, b, ctx = cfg.num_layers, shape.block, FLAGS.prompt_len + FLAGS.gen_len / 2
+  serial = om.total_time(cfg, wl, sum(ev['prefill'].values()), sum(ev['decode'].values()))
   return {'tok_s': shape.block * FLAGS.gen_len / om.total_time(cfg, wl, t_pre, t_gen),
+          'serial_tok_s': shape.block * FLAGS.gen_len / serial,   # if nothing overlapped
           'w_bytes_step': L * (x[1] + x[2]) * W * scale,
           'kv_bytes_decode_step': 0 if policy.cpu_attention else L * (x[4] + x[5]) * b * ctx * KV * scale,
           'bound': max(ev['decode'], key=ev['decode'].get)}
@@ -129,7 +135,7 @@ def main(argv):
                      'kv_g/c/d': '/'.join(f'{v:.2f}' for v in policy.kv), 'cpu_attn': policy.cpu_attention,
                      'tok_s': m['tokens_per_s'], 'pred_tok_s': pred['tok_s'] if schedule != 'naive' else float('nan'),
                      'pred/meas': pred['tok_s'] / m['tokens_per_s'] if schedule != 'naive' else float('nan'),
-                     'bound': pred['bound'],
+                     'pred_serial': pred['serial_tok_s'] if schedule != 'naive' else float('nan'), 'bound': pred['bound'],
                      'w_MB_step': w_meas / 1e6, 'w_MB_model': pred['w_bytes_step'] / 1e6,
                      'kv_MB_step': kv_meas / 1e6, 'kv_MB_model': pred['kv_bytes_decode_step'] / 1e6,
                      'peak_dev_MB': m['peak_resident_bytes']['device'] / 1e6, 'budget_MB': FLAGS.device_gb * 1e3,
@@ -146,7 +152,7 @@ def main(argv):
   print(f'wrote {FLAGS.out}/bench_offload.csv and bench_offload.png (machine shared with other jobs: ratios '
         f'are side by side in one run, absolute numbers are noisy)')
   keys = ['setting', 'schedule', 'gbs', 'nb', 'w_g/c/d', 'kv_g/c/d', 'cpu_attn', 'tok_s', 'vs_naive', 'pred_tok_s', 'pred/meas',
-          'bound', 'w_MB_step', 'w_MB_model', 'kv_MB_step', 'kv_MB_model', 'peak_dev_MB', 'budget_MB']
+          'pred_serial', 'bound', 'w_MB_step', 'w_MB_model', 'kv_MB_step', 'kv_MB_model', 'peak_dev_MB', 'budget_MB']
   print_table([{k: r[k] for k in keys} for r in rows], 10, '.3g')
 
 
