@@ -6,8 +6,9 @@ larger than the "device" budget, weights on the host or disk tier, fp32 and 4-bi
            same block costs nb*gbs weight loads per layer per token)
   lp       the policy the LP (search/policy_lp.py) picks for this machine and budget, executed
 For each zig-zag row: tokens/s measured (the faster of two runs after one that compiles) against the cost
-model (costmodel/offload.py with hardware probed here; pred_serial: the same terms summed, i.e. with no
-overlap), and weight / KV bytes read per token step against the cost model's count. Writes CSV + PNG and prints the table last.
+model (costmodel/offload.py with hardware probed here right after each run; pred_serial: the same terms
+summed, i.e. with no overlap), and weight / KV bytes read per token step against the cost model's count.
+Writes CSV + PNG and prints the table last.
 
   python experiments/bench_offload.py                 # ~5 min on a loaded 2-core machine
 """
@@ -125,7 +126,9 @@ def main(argv):
         except Exception as e:   # e.g. an LP policy the engine's exact byte count refuses
           print(f'{row} {schedule}: {e}')
           continue
-        pred = predict(cfg, hw, policy)
+        # probe again right after the run: on a shared machine the rates drift between rows
+        hw_now = probe_hardware(cfg, FLAGS.device_gb, FLAGS.host_gb, disk_dir) if schedule != 'naive' else hw
+        pred = predict(cfg, hw_now, policy)
         moved = m['bytes_moved_by_kind']
         w_meas = sum(v for k, v in moved.items() if k.endswith('/weights')) / FLAGS.gen_len
         kv_meas = sum(v for k, v in moved.items() if k.startswith('from_') and k.endswith('/kv'))
@@ -135,10 +138,13 @@ def main(argv):
                      'kv_g/c/d': '/'.join(f'{v:.2f}' for v in policy.kv), 'cpu_attn': policy.cpu_attention,
                      'tok_s': m['tokens_per_s'], 'pred_tok_s': pred['tok_s'] if schedule != 'naive' else float('nan'),
                      'pred/meas': pred['tok_s'] / m['tokens_per_s'] if schedule != 'naive' else float('nan'),
-                     'pred_serial': pred['serial_tok_s'] if schedule != 'naive' else float('nan'), 'bound': pred['bound'],
+                     'pred_serial': pred['serial_tok_s'] if schedule != 'naive' else float('nan'),
+                     'bound': pred['bound'],
                      'w_MB_step': w_meas / 1e6, 'w_MB_model': pred['w_bytes_step'] / 1e6,
                      'kv_MB_step': kv_meas / 1e6, 'kv_MB_model': pred['kv_bytes_decode_step'] / 1e6,
                      'peak_dev_MB': m['peak_resident_bytes']['device'] / 1e6, 'budget_MB': FLAGS.device_gb * 1e3,
+                     'probe_copy_GBs': hw_now.ctog_gbs * 2, 'probe_disk_GBs': hw_now.dtoc_gbs * 2,
+                     'probe_GFLOPs': hw_now.gpu_tflops_decode * 1e3,
                      'prefill_s': m['prefill_s'], 'decode_s': m['decode_s']})
         print(f'{row} {schedule}: {m["tokens_per_s"]:.3g} tok/s ({time.time() - t0:.0f} s)', flush=True)
   for r in rows:
@@ -151,8 +157,10 @@ def main(argv):
   plot(rows, os.path.join(FLAGS.out, 'bench_offload.png'))
   print(f'wrote {FLAGS.out}/bench_offload.csv and bench_offload.png (machine shared with other jobs: ratios '
         f'are side by side in one run, absolute numbers are noisy)')
-  keys = ['setting', 'schedule', 'gbs', 'nb', 'w_g/c/d', 'kv_g/c/d', 'cpu_attn', 'tok_s', 'vs_naive', 'pred_tok_s', 'pred/meas',
-          'pred_serial', 'bound', 'w_MB_step', 'w_MB_model', 'kv_MB_step', 'kv_MB_model', 'peak_dev_MB', 'budget_MB']
+  keys = ['setting', 'schedule', 'gbs', 'nb', 'w_g/c/d', 'kv_g/c/d', 'cpu_attn', 'tok_s', 'vs_naive', 'pred_tok_s',
+          'pred/meas',
+          'pred_serial', 'bound', 'w_MB_step', 'w_MB_model', 'kv_MB_step', 'kv_MB_model', 'peak_dev_MB', 'budget_MB',
+          'probe_copy_GBs', 'probe_GFLOPs']
   print_table([{k: r[k] for k in keys} for r in rows], 10, '.3g')
 
 

@@ -268,7 +268,7 @@ class OffloadEngine:
     self._check_budgets(disk_dir)
     self.tiers = {'device': DeviceTier(self.ledger, self.device),
                   'host': HostTier(self.ledger, self.device, pinned=True),
-                  'disk': DiskTier(self.ledger, self.device, self.disk_folder or os.devnull)}
+                  'disk': DiskTier(self.ledger, self.device, self.disk_folder)}
     self.pool = cf.ThreadPoolExecutor(2, thread_name_prefix='offload')   # weights | cache I/O
     try:
       self._place_weights(layers, ends)
@@ -577,7 +577,8 @@ class OffloadEngine:
            'block': p.block, 'gpu_batch_size': p.gpu_batch_size, 'num_gpu_batches': p.num_gpu_batches,
            **{k: int(v) for k, v in self.ledger.moved_by_direction().items()},
            'bytes_moved_by_kind': by_kind,
-           'peak_resident_bytes': dict(self.ledger.peak), 'planned_peak_bytes': {k: int(v) for k, v in self.plan.items()},
+           'peak_resident_bytes': dict(self.ledger.peak),
+           'planned_peak_bytes': {k: int(v) for k, v in self.plan.items()},
            'budget_bytes': {k: int(v) for k, v in self.budget.items()},
            'weight_fractions_realised': self.realised_fractions(),
            'policy': dataclasses.asdict(p), 'prefetch': self.prefetch, 'reuse_weights': self.reuse_weights}

@@ -77,7 +77,9 @@ def load_policy(path: str) -> OffloadPolicy:
     raise HetjaxError(f'cannot read offload policy {path}: {e}') from None
   if not isinstance(d, dict):
     raise HetjaxError(f'offload policy {path} is not a JSON object')
-  return OffloadPolicy.from_dict(d.get('offload', d), f'offload policy {path}')
+  if isinstance(d.get('offload'), dict):   # a plan.json of mode=offload_policy
+    d = {**d['offload'], 'model': d.get('model', '')}
+  return OffloadPolicy.from_dict(d, f'offload policy {path}')
 
 
 def check_budgets(ocfg) -> None:
