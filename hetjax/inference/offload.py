@@ -48,6 +48,10 @@ GB = 1e9
 BUCKET = 64            # decode fetches the filled cache prefix rounded up to this many positions
 
 
+class BudgetError(HetjaxError):
+  """A policy needs more device or host memory than its budget (raised before anything is written)."""
+
+
 # ---------------------------------------------------------------- policy
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +268,7 @@ class OffloadEngine:
     self._check_budgets(disk_dir)
     self.tiers = {'device': DeviceTier(self.ledger, self.device),
                   'host': HostTier(self.ledger, self.device, pinned=True),
-                  'disk': DiskTier(self.ledger, self.device, self.disk_folder or os.devnull)}
+                  'disk': DiskTier(self.ledger, self.device, self.disk_folder)}
     self.pool = cf.ThreadPoolExecutor(2, thread_name_prefix='offload')   # weights | cache I/O
     try:
       self._place_weights(layers, ends)
@@ -347,7 +351,7 @@ class OffloadEngine:
     self.plan = plan
     for tier in ('device', 'host'):
       if plan[tier] > self.budget[tier]:
-        raise HetjaxError(
+        raise BudgetError(
             f'policy needs {plan[tier] / GB:.4g} GB on the {tier} ({self._breakdown(tier)}) but offload.'
             f'{tier}_gb is {self.budget[tier] / GB:.4g} GB; lower the {tier} fractions or the block size')
     self.disk_folder = ''
@@ -569,10 +573,12 @@ class OffloadEngine:
     tokens = p.block * self.gen_len
     by_kind = {f'{d}/{k}': n for (d, k), n in sorted(self.ledger.moved.items())}
     out = {'tokens_per_s': tokens / timing['total_s'], 'generated_tokens': tokens, **timing,
+           'decode_tokens_per_s': p.block * (self.gen_len - 1) / timing['decode_s'] if self.gen_len > 1 else None,
            'block': p.block, 'gpu_batch_size': p.gpu_batch_size, 'num_gpu_batches': p.num_gpu_batches,
            **{k: int(v) for k, v in self.ledger.moved_by_direction().items()},
            'bytes_moved_by_kind': by_kind,
-           'peak_resident_bytes': dict(self.ledger.peak), 'planned_peak_bytes': {k: int(v) for k, v in self.plan.items()},
+           'peak_resident_bytes': dict(self.ledger.peak),
+           'planned_peak_bytes': {k: int(v) for k, v in self.plan.items()},
            'budget_bytes': {k: int(v) for k, v in self.budget.items()},
            'weight_fractions_realised': self.realised_fractions(),
            'policy': dataclasses.asdict(p), 'prefetch': self.prefetch, 'reuse_weights': self.reuse_weights}

@@ -144,29 +144,49 @@ class HostTier(Tier):
 
 
 class DiskTier(Tier):
-  """One memmap file per array under `folder` (created on first use, removed by `close`)."""
+  """One memmap file per array under `folder` (created on first use, removed by `close`).
+  cold=True drops a file's pages from the OS page cache after every write and read, so each read
+  comes from the disk itself (otherwise a re-read of a small model is a memory copy)."""
   name = 'disk'
 
-  def __init__(self, ledger, device, folder: str):
+  def __init__(self, ledger, device, folder: str, cold: bool = True):
     super().__init__(ledger, device)
-    self.folder = folder
+    self.folder, self.cold = folder, cold and hasattr(os, 'posix_fadvise')
 
   def _path(self, key) -> str:
-    return os.path.join(self.folder, '_'.join(map(str, key)).replace('/', '.') + '.bin')
+    return os.path.join(self.folder, '_'.join(map(str, key)).replace('/', '.') + '.npy')
 
   def _store(self, key, value):
     os.makedirs(self.folder, exist_ok=True)
     value = np.asarray(value)
     mm = np.lib.format.open_memmap(self._path(key), mode='w+', dtype=value.dtype, shape=value.shape)
     mm[...] = value
-    mm.flush()
+    self._evict(mm)
     return mm
 
+  def read(self, key, kind, axis=0, length=None):
+    out = super().read(key, kind, axis, length)
+    self._evict(self.arrays[key], flush=False)
+    return out
+
   def _load(self, a):
-    return jax.device_put(np.ascontiguousarray(a), self.device)
+    return jax.device_put(np.array(a), self.device)   # np.array: the read happens here, not later
 
   def _update(self, key, rows, index):
-    self.arrays[key][index] = np.asarray(rows)
+    mm = self.arrays[key]
+    mm[index] = np.asarray(rows)
+    self._evict(mm)
+
+  def _evict(self, mm, flush: bool = True) -> None:
+    if not self.cold:
+      return
+    if flush:
+      mm.flush()   # dirty pages must reach the disk before they can be dropped
+    fd = os.open(mm.filename, os.O_RDONLY)
+    try:
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
 
   def close(self) -> None:
     self.drop_all()

@@ -18,8 +18,8 @@ import numpy as np
 
 from hetjax.errors import HetjaxError
 from hetjax.inference.generate import check_prompt
-from hetjax.inference.offload import (OffloadEngine, OffloadPolicy, check_disk_dir, model_parts, random_ends,
-                                      random_layers)
+from hetjax.inference.offload import (BudgetError, OffloadEngine, OffloadPolicy, check_disk_dir, model_parts,
+                                      random_ends, random_layers)
 from hetjax.metrics import write_json
 from hetjax.models.config import ModelConfig, model_config_from
 
@@ -45,20 +45,27 @@ def probe_hardware(model: ModelConfig, device_gb: float, host_gb: float, disk_di
   return hardware_for_dtype(hw, jnp.dtype(model.param_dtype).itemsize)
 
 
-def search(model: ModelConfig, name: str, ocfg, prompt_len: int, gen_len: int, disk_dir: str):
-  """(policy, hardware, cost-model policy) chosen by the LP for this machine and the budgets."""
+def search(model: ModelConfig, name: str, ocfg, prompt_len: int, gen_len: int, disk_dir: str, cap: int,
+           hw=None):
+  """(policy, hardware, cost-model policy) chosen by the LP for this machine and the budgets, among
+  blocks (gpu_batch_size x num_gpu_batches) of at most `cap` sequences."""
   from hetjax.costmodel.offload import Workload
-  from hetjax.search.policy_lp import GPU_BATCH_SIZES, NUM_GPU_BATCHES, search_policy, solve_shape
-  hw = probe_hardware(model, ocfg.device_gb, ocfg.host_gb, disk_dir)
+  from hetjax.search.policy_lp import candidate_shapes, solve_shape
+  hw = hw or probe_hardware(model, ocfg.device_gb, ocfg.host_gb, disk_dir)
   wl = Workload(prompt_len, gen_len).validate()
-  cap = max(1, int(ocfg.max_block))
-  res = search_policy(model, hw, wl, compress=ocfg.compress,
-                      gpu_batch_sizes=[g for g in GPU_BATCH_SIZES if g <= cap],
-                      num_gpu_batches=[n for n in NUM_GPU_BATCHES if n <= cap])
-  best = res.best
-  if ocfg.cpu_attention and not best.shape.cpu_attention:   # forced on: the best CPU-attention shape
-    shape = dataclasses.replace(best.shape, cpu_attention=True, compress_kv=False)
-    best = solve_shape(model, hw, wl, shape, prefer_fast=True) or best
+  best = None
+  for shape in candidate_shapes(ocfg.compress):
+    if shape.block > cap or (ocfg.cpu_attention and not shape.cpu_attention):
+      continue
+    p = solve_shape(model, hw, wl, shape)
+    if p is not None and (best is None or p.throughput > best.throughput * (1 + 1e-9)):
+      best = p
+  if best is None:
+    raise HetjaxError(f'no offloading policy with blocks of at most {cap} fits {name}: '
+                      f'{model.num_layers * model.block_params() * jnp.dtype(model.param_dtype).itemsize / GB:.3g} '
+                      f'GB of layer weights against offload.device_gb={ocfg.device_gb}, host_gb={ocfg.host_gb} '
+                      f'and {hw.disk_gb * jnp.dtype(model.param_dtype).itemsize / 2:.4g} GB free on disk')
+  best = solve_shape(model, hw, wl, best.shape, prefer_fast=True)
   return OffloadPolicy.from_dict({**best.to_plan_offload(), 'model': name}, 'searched policy'), hw, best
 
 
@@ -70,7 +77,9 @@ def load_policy(path: str) -> OffloadPolicy:
     raise HetjaxError(f'cannot read offload policy {path}: {e}') from None
   if not isinstance(d, dict):
     raise HetjaxError(f'offload policy {path} is not a JSON object')
-  return OffloadPolicy.from_dict(d.get('offload', d), f'offload policy {path}')
+  if isinstance(d.get('offload'), dict):   # a plan.json of mode=offload_policy
+    d = {**d['offload'], 'model': d.get('model', '')}
+  return OffloadPolicy.from_dict(d, f'offload policy {path}')
 
 
 def check_budgets(ocfg) -> None:
@@ -96,13 +105,13 @@ def run_offloaded(cfg, workdir: str) -> None:
     model, name, full = model_config_from(cfg), cfg.model, None
   check_prompt(types.SimpleNamespace(cfg=model), prompt.shape[1], gen_len)
   if ocfg.policy == 'search':
-    policy, _, predicted = search(model, name, ocfg, prompt.shape[1], gen_len, disk_dir)
-    print(f'offload policy (LP search): {predicted.describe()}')
+    policy, hw, predicted = search(model, name, ocfg, prompt.shape[1], gen_len, disk_dir, max(1, ocfg.max_block))
   else:
     policy = load_policy(ocfg.policy)
     predicted = None
     if ocfg.compress:
-      policy = dataclasses.replace(policy, compress_weight=True, compress_kv=not ocfg.cpu_attention)
+      policy = dataclasses.replace(policy, compress_weight=True,
+                                   compress_kv=not (ocfg.cpu_attention or policy.cpu_attention))
     if ocfg.cpu_attention:
       policy = dataclasses.replace(policy, cpu_attention=True)
     policy = policy.validate('offload policy')
@@ -112,8 +121,19 @@ def run_offloaded(cfg, workdir: str) -> None:
     full = build_model(model, cfg.seed)
   layers, ends = model_parts(full) if full is not None else (random_layers(model, cfg.seed),
                                                             random_ends(model, cfg.seed))
-  engine = OffloadEngine(model, policy, layers, ends, prompt_len=prompt.shape[1], gen_len=gen_len,
-                         device_gb=ocfg.device_gb, host_gb=ocfg.host_gb, disk_dir=disk_dir)
+  while True:
+    if predicted is not None:
+      print(f'offload policy (LP search): {predicted.describe()}')
+    try:
+      engine = OffloadEngine(model, policy, layers, ends, prompt_len=prompt.shape[1], gen_len=gen_len,
+                             device_gb=ocfg.device_gb, host_gb=ocfg.host_gb, disk_dir=disk_dir)
+      break
+    except BudgetError as e:   # the engine counts exact bytes; the LP's estimate can be lower
+      if predicted is None or policy.block == 1:
+        raise
+      cap = policy.block // 2
+      print(f'refused: {e}; searching again with blocks of at most {cap}')
+      policy, hw, predicted = search(model, name, ocfg, prompt.shape[1], gen_len, disk_dir, cap, hw)
   try:
     g = cfg.generate
     ids, timing = engine.generate(prompt, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=cfg.seed)
