@@ -91,6 +91,8 @@ class Member:
 
   def _forward(self, stream, sink) -> None:
     for line in iter(stream.readline, ''):
+      if not line.endswith('\n'):  # a last line without one: keep the next writer's lines apart
+        line += '\n'
       with self.lock:
         self.log.write(line)
         self.log.flush()
