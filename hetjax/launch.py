@@ -94,6 +94,8 @@ class Member:
       if not line.endswith('\n'):  # a last line without one: keep the next writer's lines apart
         line += '\n'
       with self.lock:
+        if self.log.closed:  # the launcher stopped waiting for this stream
+          return
         self.log.write(line)
         self.log.flush()
       if line.startswith('error:'):
@@ -129,8 +131,9 @@ class Member:
 
   def close(self) -> None:
     for t in self.threads:
-      t.join(timeout=2)
-    self.log.close()
+      t.join(timeout=10)  # a stream may stay open in a leftover grandchild: do not wait forever
+    with self.lock:
+      self.log.close()
 
   def describe(self, code: int | None) -> str:
     if self.stopped_since is not None and self.killed_by_launcher:
