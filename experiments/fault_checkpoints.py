@@ -9,8 +9,9 @@ python experiments/fault_checkpoints.py [--out=runs/fault_checkpoints/] [--kills
    variant and the run is restarted to step 30. Outcome per variant: the exit code, whether the
    output names the damage in one line, the step it resumed from, and whether its losses equal an
    uninterrupted 30-step run's (exact resume). Also: every step damaged (must end in one error).
-2. Kill and resume: a 60-step run (checkpoints every 20) is SIGKILLed at a random moment, then
-   rerun; the resumed metrics.jsonl must equal the uninterrupted run's, row for row.
+2. Kill and resume: a 60-step run (checkpoints every 20) is SIGKILLed once its metrics.jsonl holds
+   a random number of rows (1-59: before and after the first checkpoint), then rerun; the resumed
+   metrics.jsonl must equal the uninterrupted run's, row for row.
 Writes corruption.csv, kills.csv and fault_checkpoints.png; prints both tables last.
 """
 
@@ -32,6 +33,7 @@ from experiments.common import print_table, write_csv  # noqa: E402
 flags.DEFINE_string('out', 'runs/fault_checkpoints/', 'output folder')
 flags.DEFINE_integer('kills', 4, 'kill-and-resume tries')
 flags.DEFINE_integer('seed', 0, 'seed for kill times and random bytes')
+flags.DEFINE_bool('corruption', True, 'run the corruption variants (part 1)')
 FLAGS = flags.FLAGS
 
 
@@ -137,15 +139,19 @@ def kills(out, rng, tries):
   assert run(ref, 60, every=20)[0] == 0
   want = open(os.path.join(ref, 'metrics.jsonl')).read().splitlines()
   want_loss = [json.loads(l)['loss'] for l in want]
+  rng = random.Random(FLAGS.seed)
   rows = []
   for k in range(tries):
     wd = os.path.join(out, f'kill{k}')
     shutil.rmtree(wd, ignore_errors=True)
-    delay = rng.uniform(6.0, 25.0)  # start-up is ~8-15 s here; training ~5-10 s
-    print(f'kill {k}: SIGKILL after {delay:.1f} s ...', flush=True)
+    at_rows = rng.randint(1, 59)
+    print(f'kill {k}: SIGKILL once {at_rows} rows are logged ...', flush=True)
     p = subprocess.Popen(train_cmd(wd, 60, 20), cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+    path = os.path.join(wd, 'metrics.jsonl')
+    while p.poll() is None and not (os.path.exists(path) and
+                                    open(path).read().count('\n') >= at_rows):
+      time.sleep(0.002)
     p.send_signal(signal.SIGKILL)
     killed_rc = p.wait()
     logged = len(open(os.path.join(wd, 'metrics.jsonl')).read().splitlines()) \
@@ -155,7 +161,7 @@ def kills(out, rng, tries):
     rc, text = run(wd, 60, every=20)
     got = open(os.path.join(wd, 'metrics.jsonl')).read().splitlines() if rc == 0 else []
     got_loss = [json.loads(l)['loss'] for l in got]
-    rows.append({'try': k, 'kill_after_s': round(delay, 1), 'killed_rc': killed_rc,
+    rows.append({'try': k, 'kill_at_row': at_rows, 'killed_rc': killed_rc,
                  'rows_before': logged, 'ckpt_before': ckpts[-1] if ckpts else '-', 'exit_code': rc,
                  'rows_after': len(got), 'exact': got_loss == want_loss})
   return rows
@@ -184,15 +190,17 @@ def main(argv):
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)
   rng = random.Random(FLAGS.seed)
-  c_rows = corruption(out, rng)
-  write_csv(os.path.join(out, 'corruption.csv'), c_rows)
-  draw(c_rows, os.path.join(out, 'fault_checkpoints.png'))
+  c_rows = corruption(out, rng) if FLAGS.corruption else []
+  if c_rows:
+    write_csv(os.path.join(out, 'corruption.csv'), c_rows)
+    draw(c_rows, os.path.join(out, 'fault_checkpoints.png'))
   k_rows = kills(out, rng, FLAGS.kills) if FLAGS.kills else []
   if k_rows:
     write_csv(os.path.join(out, 'kills.csv'), k_rows)
-  print_table([{k: v for k, v in r.items() if k != 'message'} for r in c_rows], width=12)
-  for r in c_rows:
-    print(f"  {r['variant']}: {r['message']}")
+  if c_rows:
+    print_table([{k: v for k, v in r.items() if k != 'message'} for r in c_rows], width=12)
+    for r in c_rows:
+      print(f"  {r['variant']}: {r['message']}")
   if k_rows:
     print_table(k_rows, width=12)
 

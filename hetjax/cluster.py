@@ -257,10 +257,16 @@ def _from_compact(d: dict[str, Any], name: str) -> Cluster:
     pair = {}
     for key, val in checks.mapping(links.get('inter_region', {}), 'links.inter_region').items():
       ends = key.split('-')
-      if len(ends) != 2 or not set(ends) <= set(regions):
-        raise HetjaxError(f'links.inter_region key {key!r} must be "A-B" for two regions of the '
-                          f'devices ({", ".join(sorted(set(regions)))})')
+      if len(ends) != 2 or not all(ends) or ends[0] == ends[1]:
+        raise HetjaxError(f'links.inter_region key {key!r} must be "A-B" for two regions')
       pair[tuple(ends)] = pair[tuple(ends[::-1])] = _link(val, f'links.inter_region[{key!r}]')
+    # A link table may list more regions than these devices use, but a device's region must be
+    # in it (a misspelt region would silently get the default link).
+    named = {r for a, b in pair for r in (a, b)}
+    if pair and not set(regions) <= named:
+      unknown = sorted(set(regions) - named)
+      raise HetjaxError(f'region(s) {", ".join(map(repr, unknown))} of the devices appear in no '
+                        f'links.inter_region key ({", ".join(sorted(named))})')
     kinds = {k: _link(links[k], f'links.{k}') if k in links else None
              for k in ('intra_host', 'intra_region', 'inter_region_default')}
     n = len(devs)

@@ -64,7 +64,7 @@ RULES = {
     'search.finalists': ('int', 1, 1000), 'search.uneven_layers': ('bool',),
     'search.time_limit': ('real', 0, 1e7), 'draw': ('bool',),
     # inference planning (mode=plan_inference)
-    'method': ('str', None), 'objective': ('str', ('rate', 'latency')),
+    'method': ('str', None), 'objective': ('str', None),  # the mode names the choices
     'prompt_len': ('int', 1, MAX_LEN), 'gen_len': ('int', 1, MAX_LEN),
     'deadline': ('real', 0, 1e7), 'slo_scale': ('real', 0, 1e6, True),
     'reference_cluster': ('str', None), 'slo_margin': ('real', 0, 1, True),

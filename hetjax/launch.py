@@ -91,7 +91,11 @@ class Member:
 
   def _forward(self, stream, sink) -> None:
     for line in iter(stream.readline, ''):
+      if not line.endswith('\n'):  # a last line without one: keep the next writer's lines apart
+        line += '\n'
       with self.lock:
+        if self.log.closed:  # the launcher stopped waiting for this stream
+          return
         self.log.write(line)
         self.log.flush()
       if line.startswith('error:'):
@@ -127,12 +131,13 @@ class Member:
 
   def close(self) -> None:
     for t in self.threads:
-      t.join(timeout=2)
-    self.log.close()
+      t.join(timeout=10)  # a stream may stay open in a leftover grandchild: do not wait forever
+    with self.lock:
+      self.log.close()
 
-  def describe(self, code: int | None, stall_s: float) -> str:
+  def describe(self, code: int | None) -> str:
     if self.stopped_since is not None and self.killed_by_launcher:
-      return f'was frozen (stopped, e.g. SIGSTOP) for over {stall_s:g} s and killed by the launcher'
+      return 'was frozen (stopped, e.g. by SIGSTOP)'
     if self.killed_by_launcher:
       return 'was killed by the launcher'
     if code is not None and code < 0:
@@ -158,7 +163,8 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
   os.makedirs(logs, exist_ok=True)
   failing = threading.Event()
   members = []
-  group_failed = lambda: any(m.proc.poll() not in (None, 0) for m in list(members))
+  group_failed = lambda: any(m.proc.poll() not in (None, 0) or os_state(m.proc.pid) in ('T', 't')
+                             for m in list(members))
   for i in range(n):
     env = {**os.environ, 'HETJAX_COORDINATOR': coordinator, 'HETJAX_NUM_PROCESSES': str(n),
            'HETJAX_PROCESS_ID': str(i), 'JAX_PLATFORMS': 'cpu',
@@ -204,12 +210,12 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
     return 0
   code = codes[first.index]
   own = f': {first.error}' if first.error else ''
-  print(f'error: process {first.index} {first.describe(code, stall_s)} and was the first to stop'
+  print(f'error: process {first.index} {first.describe(code)} and was the first to go silent'
         f'{own}; the group was stopped (logs: {logs})', file=err)
   for m, c in zip(members, codes):
     if m is not first and (c != 0 or m.killed_by_launcher):
       own = f'; its error: {m.error}' if m.error else ''
-      print(f'  process {m.index} {m.describe(c, stall_s)} after process {first.index} stopped{own}',
+      print(f'  process {m.index} {m.describe(c)} after process {first.index} stopped{own}',
             file=err)
   return 2 if code == 2 else 1
 

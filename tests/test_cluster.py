@@ -86,7 +86,8 @@ def _compact(**group_changes):
     (_compact(memory_gb=0), 'memory_gb must be > 0'),
     (_compact(gpu=['T4']), 'gpu must be a string'),
     (dict(COMPACT, devices=['T4']), 'device group 0 must be a JSON object'),
-    (dict(COMPACT, links={**COMPACT['links'], 'inter_region': {'r1-mars': [1, 1]}}), 'two regions'),
+    (dict(COMPACT, links={**COMPACT['links'], 'inter_region': {'r1-mars': [1, 1]}}), "'r2' of the devices"),
+    (dict(COMPACT, links={**COMPACT['links'], 'inter_region': {'r1-r2-r3': [1, 1]}}), 'must be "A-B"'),
     (dict(COMPACT, links={'intra_host': [0, -1]}), 'gbps must be > 0'),
     (5, 'must be a JSON object'),
 ])
