@@ -206,6 +206,7 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
+  sys.stdout.reconfigure(line_buffering=True)  # progress lines show at once under | tee or > log
   logging.set_verbosity(logging.WARNING)
   from hetjax import distributed
   from hetjax.errors import HetjaxError

@@ -202,7 +202,7 @@ def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | No
 def _loop(state, tcfg, val, log, ckpt, max_bad_steps, print_fn) -> None:
   tokens_per_step = tcfg.batch_size * tcfg.seq_len
   if state.step < tcfg.steps:
-    print_fn(f'compiling (the first step takes longest; a line every {tcfg.log_every} steps)', flush=True)
+    print_fn(f'compiling (the first step takes longest; a line every {tcfg.log_every} steps)')
   if tcfg.eval_every and state.step == 0:
     val_loss = state.evaluate(val)
     if log:

@@ -45,6 +45,7 @@ def _losses(workdir):
   return [r['step'] for r in records], np.array([r['loss'] for r in records])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path):
   steps = 300
   straight = subprocess.Popen(_train_cmd(tmp_path / 'straight', steps), cwd=ROOT,

@@ -159,6 +159,7 @@ def test_bfloat16_import_and_destination_guard(hf_dirs, tmp_path):
   assert not [p for p in os.listdir(tmp_path) if 'partial' in p]
 
 
+@pytest.mark.slow
 def test_cli_convert_then_generate(hf_dirs, imported, tmp_path):
   """The CLI path: convert (refusing an existing dst) and generate from the converted checkpoint."""
   def run(*args):

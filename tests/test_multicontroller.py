@@ -14,6 +14,8 @@ from hetjax.models.config import get_model_config
 from hetjax.plan import Plan, Replica, Stage
 from hetjax.train import train
 
+pytestmark = pytest.mark.slow  # multi-process
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 # A 3-step run takes 15-60 s here; the launcher stops a group that hangs instead of the test hanging.

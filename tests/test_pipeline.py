@@ -57,6 +57,7 @@ def assert_same_training(pipe, data, ref_losses, ref_params):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['tiny_gpt', 'tiny_llama'])
 def test_uneven_tp_stages_match_single_device(name):
   cfg = get_model_config(name, num_layers=6)
@@ -73,6 +74,7 @@ def test_uneven_tp_stages_match_single_device(name):
                                   last['token_embed']['embedding'][...])
 
 
+@pytest.mark.slow
 def test_data_parallel_replicas_with_pair_permute_transport():
   cfg = get_model_config('tiny_llama', num_layers=4)
   plan = Plan([Replica([Stage(0, 1, [0]), Stage(1, 4, [1, 2])]),

@@ -21,6 +21,7 @@ def small_train_config(steps):
   return t
 
 
+@pytest.mark.slow
 def test_training_lowers_validation_loss(tmp_path):
   mcfg = get_model_config('tiny_gpt', num_layers=2, hidden=96, num_heads=4)
   lines = []
