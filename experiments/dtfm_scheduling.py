@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import importlib
 import io
 import json
@@ -65,6 +66,7 @@ flags.DEFINE_integer('evaluations', 5000, 'distinct candidates per search (DT-FM
 flags.DEFINE_float('c_pp_bytes', PAPER_C_PP, 'DT-FM c_pp in bytes (0: derive from the model)')
 flags.DEFINE_float('c_dp_bytes', PAPER_C_DP, 'DT-FM c_dp in bytes (0: derive from the model)')
 flags.DEFINE_string('out', 'runs/dtfm_scheduling', 'output directory')
+flags.DEFINE_string('csv', 'results.csv', 'result file name under --out (--table_only reads results*.csv)')
 
 
 # ------------------------------------------------------------------ scenarios
@@ -195,10 +197,11 @@ def main(argv):
   rows = []
   if FLAGS.table_only:
     methods = []
-    with open(os.path.join(FLAGS.out, 'results.csv')) as f:
-      for r in csv.DictReader(f):
-        if not r['method'].startswith('peer'):
-          rows.append({k: (v if k in ('scenario', 'method') else float(v)) for k, v in r.items()})
+    for name in sorted(glob.glob(os.path.join(FLAGS.out, 'results*.csv'))):
+      with open(name) as f:
+        for r in csv.DictReader(f):
+          if not r['method'].startswith('peer'):
+            rows.append({k: (v if k in ('scenario', 'method') else float(v)) for k, v in r.items()})
   for name in FLAGS.scenarios.split(','):
     cluster = scenario(name)
     c_pp, c_dp = cm.dtfm_workload(model, setup, 8, cluster.n // 8)
@@ -222,7 +225,7 @@ def main(argv):
   for r in rows:
     r['best_known_s'] = best[r['scenario']]
     r['reached_best'] = int(r['dtfm_cost_s'] <= best[r['scenario']] * (1 + 1e-9))
-  write_csv(os.path.join(FLAGS.out, 'results.csv'), rows)
+  write_csv(os.path.join(FLAGS.out, 'table.csv' if FLAGS.table_only else FLAGS.csv), rows)
   plot(rows, FLAGS.out)
   print_table(rows, FLAGS.out)
 
