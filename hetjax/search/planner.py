@@ -47,8 +47,8 @@ class SearchConfig:
   crossover_points: int = 5
   uneven_layers: bool = True
   time_limit: Optional[float] = None  # seconds per GA run
-  restart_after: int = 500      # candidates without improvement before the GA restarts half its population
-  stop_after: int = 1500        # candidates without improvement before the GA stops (0: run all evaluations)
+  restart_after: int = 300      # candidates without improvement before the GA restarts half its population
+  stop_after: int = 1000        # candidates without improvement before the GA stops (0: run all evaluations)
   progress_s: float = 5.0       # progress line this often during long searches (0: never)
   seeds: bool = True            # dtfm: start from partitions read from the link matrices
 
