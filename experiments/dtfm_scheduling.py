@@ -211,7 +211,8 @@ def main(argv):
         row = run_method(name, cluster, model, setup, method, seed)
         rows.append(row)
         print(f"{name:16s} {method:12s} seed {seed}: DT-FM cost {row['dtfm_cost_s']:8.3f} s "
-              f"({row['search_s']:.1f} s)", flush=True)
+              f"({row['search_s']:.1f} s, {row['search_cpu_s']:.1f} s CPU, {row['evaluations']} candidates)",
+              flush=True)
     if FLAGS.peer_dir:
       if FLAGS.table_only:
         FLAGS.peer_run_missing = False
@@ -219,6 +220,8 @@ def main(argv):
         rows.append(row)
         print(f"{name:16s} {row['method']:12s} seed {row['seed']}: DT-FM cost {row['dtfm_cost_s']:8.3f} s "
               f"({row['search_s']:.1f} s)", flush=True)
+    if rows and not FLAGS.table_only:   # partial results survive an interrupted sweep
+      write_csv(os.path.join(FLAGS.out, FLAGS.csv), rows)
   best = {}
   for r in rows:
     best[r['scenario']] = min(best.get(r['scenario'], np.inf), r['dtfm_cost_s'])
