@@ -51,6 +51,7 @@ class SearchConfig:
   stop_after: int = 1000        # candidates without improvement before the GA stops (0: run all evaluations)
   progress_s: float = 5.0       # progress line this often during long searches (0: never)
   seeds: bool = True            # dtfm: start from partitions read from the link matrices
+  seed_variants: int = 4        # dtfm: independent draws of those seeds (the clusterings are randomised)
 
 
 # ------------------------------------------------------------------ TP units
@@ -315,7 +316,9 @@ def plan_dtfm(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search
   else:
     pair = kl_weights(cm.dp_pair_cost(cluster, c_dp, d_dp), cluster.transfer_time(c_pp))
     cfg = dataclasses.replace(cfg, label='dtfm search', kl_steps=min(16, max(1, cluster.n // 2)))
-    seeds = dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, np.random.default_rng(seed + 7919)) if search.seeds else []
+    rng = np.random.default_rng(seed + 7919)
+    seeds = [a for _ in range(search.seed_variants if search.seeds else 0)
+             for a in dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, rng)]
   res = genetic_partition([d_dp] * d_pp, fit, cfg, seed, pair, initial=seeds)
   groups = groups_of(res.assign, d_pp)
   d = cm.dtfm_cost(cluster, groups, c_pp, c_dp, ev.cache)
