@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import importlib
 import io
 import json
@@ -64,9 +65,11 @@ flags.DEFINE_bool('table_only', False, 'rebuild the table from results.csv and t
 flags.DEFINE_string('peer_mode', 'default', "peer gain: 'default' (DT-FM) or 'baseline' (its hybrid)")
 flags.DEFINE_string('model', 'gpt3_xl', 'model (sets layers; c_pp/c_dp come from the flags below)')
 flags.DEFINE_integer('evaluations', 5000, 'distinct candidates per search (DT-FM: 5000)')
+flags.DEFINE_integer('seed_variants', 4, 'dtfm: independent draws of the structural seeds')
 flags.DEFINE_float('c_pp_bytes', PAPER_C_PP, 'DT-FM c_pp in bytes (0: derive from the model)')
 flags.DEFINE_float('c_dp_bytes', PAPER_C_DP, 'DT-FM c_dp in bytes (0: derive from the model)')
 flags.DEFINE_string('out', 'runs/dtfm_scheduling/', 'output directory')
+flags.DEFINE_string('csv', 'results.csv', 'result file name under --out (--table_only reads results*.csv)')
 
 
 # ------------------------------------------------------------------ scenarios
@@ -179,7 +182,7 @@ def peer_rows(name: str, cluster: Cluster, c_pp: float, c_dp: float, cache_path:
 # ------------------------------------------------------------------ main
 def run_method(name, cluster, model, setup, method, seed) -> dict:
   cfg = SearchConfig(method='dtfm' if method == 'dtfm_noseed' else method, evaluations=FLAGS.evaluations,
-                     seeds=method != 'dtfm_noseed', progress_s=0.0)
+                     seeds=method != 'dtfm_noseed', seed_variants=FLAGS.seed_variants, progress_s=0.0)
   t0, c0 = time.perf_counter(), time.process_time()
   plan = plan_training(cluster, model, setup, cfg, seed=seed, model_name=FLAGS.model)
   return {'scenario': name, 'method': method, 'seed': seed, 'dtfm_cost_s': plan.prediction['dtfm_cost'],
@@ -197,10 +200,11 @@ def main(argv):
   rows = []
   if FLAGS.table_only:
     methods = []
-    with open(os.path.join(FLAGS.out, 'results.csv')) as f:
-      for r in csv.DictReader(f):
-        if not r['method'].startswith('peer'):
-          rows.append({k: (v if k in ('scenario', 'method') else float(v)) for k, v in r.items()})
+    for name in sorted(glob.glob(os.path.join(FLAGS.out, 'results*.csv'))):
+      with open(name) as f:
+        for r in csv.DictReader(f):
+          if not r['method'].startswith('peer'):
+            rows.append({k: (v if k in ('scenario', 'method') else float(v)) for k, v in r.items()})
   for name in FLAGS.scenarios.split(','):
     cluster = scenario(name)
     c_pp, c_dp = cm.dtfm_workload(model, setup, 8, cluster.n // 8)
@@ -210,7 +214,8 @@ def main(argv):
         row = run_method(name, cluster, model, setup, method, seed)
         rows.append(row)
         print(f"{name:16s} {method:12s} seed {seed}: DT-FM cost {row['dtfm_cost_s']:8.3f} s "
-              f"({row['search_s']:.1f} s)", flush=True)
+              f"({row['search_s']:.1f} s, {row['search_cpu_s']:.1f} s CPU, {row['evaluations']} candidates)",
+              flush=True)
     if FLAGS.peer_dir:
       if FLAGS.table_only:
         FLAGS.peer_run_missing = False
@@ -218,13 +223,15 @@ def main(argv):
         rows.append(row)
         print(f"{name:16s} {row['method']:12s} seed {row['seed']}: DT-FM cost {row['dtfm_cost_s']:8.3f} s "
               f"({row['search_s']:.1f} s)", flush=True)
+    if rows and not FLAGS.table_only:   # partial results survive an interrupted sweep
+      write_csv(os.path.join(FLAGS.out, FLAGS.csv), rows)
   best = {}
   for r in rows:
     best[r['scenario']] = min(best.get(r['scenario'], np.inf), r['dtfm_cost_s'])
   for r in rows:
     r['best_known_s'] = best[r['scenario']]
     r['reached_best'] = int(r['dtfm_cost_s'] <= best[r['scenario']] * (1 + 1e-9))
-  write_csv(os.path.join(FLAGS.out, 'results.csv'), rows)
+  write_csv(os.path.join(FLAGS.out, 'table.csv' if FLAGS.table_only else FLAGS.csv), rows)
   plot(rows, FLAGS.out)
   print_table(rows, FLAGS.out)
 

@@ -282,3 +282,26 @@ def test_bad_dtfm_constant_gets_one_error_line(tmp_path):
                      cwd=root, env=env, capture_output=True, text=True, timeout=300)
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: train.c_dp_bytes'), r.stderr
+
+
+def test_per_stage_tp_candidates_are_valid_and_considered():
+  from hetjax.search.planner import mixed_tp_candidates
+  c = get_cluster('small_lab')   # 4 A100 (one host), 4 RTX3090 (2 hosts), 8 T4 (2 hosts)
+  m = get_model_config('gpt2_medium')
+  setup = cm.TrainSetup(global_batch=32, seq_len=1024)
+  cfg = SearchConfig(method='hetjax', population=20, evaluations=200, screen_evaluations=60, progress_s=0)
+  cands = mixed_tp_candidates(c, m, setup, cfg, np.random.default_rng(0))
+  assert cands
+  best_mixed = np.inf
+  for _, ev, groups in cands:
+    if ev.layout(groups)['deficit']:
+      continue
+    plan = ev.to_plan(groups)
+    plan.validate(c, m)
+    for k in range(plan.num_stages):
+      degrees = {r.stages[k].tp or len(r.stages[k].devices) for r in plan.replicas}
+      assert len(degrees) == 1 and c.same_host(plan.replicas[0].stages[k].devices)
+    assert len({r.stages[k].tp or len(r.stages[k].devices) for r in plan.replicas for k in range(plan.num_stages)}) > 1
+    best_mixed = min(best_mixed, cm.estimate(plan, c, m, setup)['total'])
+  p = plan_training(c, m, setup, cfg, seed=0, model_name='gpt2_medium')
+  assert p.search['mixed_tp'] and p.prediction['total'] <= best_mixed + 1e-9

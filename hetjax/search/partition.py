@@ -1,6 +1,8 @@
 """Balanced graph partition by a genetic algorithm (DT-FM's scheduler, after GCMA):
-multi-point crossover, partition-size repair, one Kernighan-Lin style pass of swaps per offspring,
-and steady-state replacement (an offspring replaces the worse of its parents if it is better).
+multi-point crossover, partition-size repair, a local search per offspring (one Kernighan-Lin style
+pass of swaps, then exact layer moves by linear assignment), steady-state replacement (an offspring
+replaces the worse of its parents if it is better) and restarts around the best when it stalls.
+Constructive starts: balanced clusterings (`clustered`) and partitions across lines (`transversal`).
 
 An individual is `assign`: group index per item, with fixed group sizes. The GA minimises a black-box
 `fitness(assign)`; the local search minimises the sum of pair weights W inside groups (the gain function).

@@ -15,6 +15,7 @@ Devices are first grouped into TP units (t devices of one host); partitioning wo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from typing import Optional
 
@@ -47,22 +48,45 @@ class SearchConfig:
   crossover_points: int = 5
   uneven_layers: bool = True
   time_limit: Optional[float] = None  # seconds per GA run
-  restart_after: int = 500      # candidates without improvement before the GA restarts half its population
-  stop_after: int = 1500        # candidates without improvement before the GA stops (0: run all evaluations)
+  restart_after: int = 300      # candidates without improvement before the GA restarts half its population
+  stop_after: int = 1000        # candidates without improvement before the GA stops (0: run all evaluations)
   progress_s: float = 5.0       # progress line this often during long searches (0: never)
   seeds: bool = True            # dtfm: start from partitions read from the link matrices
+  seed_variants: int = 4        # dtfm: independent draws of those seeds (the clusterings are randomised)
 
 
 # ------------------------------------------------------------------ TP units
 @dataclasses.dataclass
 class Units:
-  """Devices grouped into TP units of `tp` devices on one host; unit leader = devices[0]."""
+  """Devices grouped into TP units on one host; unit leader = devices[0]. tp: the units' TP degree,
+  0 when it differs between units (per-stage TP: a stage's units then share one degree)."""
   tp: int
   devices: list[list[int]]
 
   @property
   def leaders(self) -> list[int]:
     return [u[0] for u in self.devices]
+
+  @property
+  def sizes(self) -> np.ndarray:
+    return np.array([len(u) for u in self.devices])
+
+
+def make_units_by_kind(cluster: Cluster, tp_by_kind: dict) -> Optional[Units]:
+  """TP units of tp_by_kind[gpu] devices on each host; None if a host mixes GPU kinds or its device
+  count is not a multiple of its degree."""
+  units = []
+  for ids in cluster.hosts().values():
+    kinds = {cluster.devices[i].gpu for i in ids}
+    if len(kinds) != 1:
+      return None
+    t = tp_by_kind[kinds.pop()]
+    if len(ids) % t:
+      return None
+    units += [ids[i:i + t] for i in range(0, len(ids), t)]
+  units.sort(key=lambda u: u[0])
+  degrees = {len(u) for u in units}
+  return Units(degrees.pop() if len(degrees) == 1 else 0, units)
 
 
 def make_units(cluster: Cluster, tp: int) -> Optional[Units]:
@@ -124,11 +148,12 @@ class Evaluator:
                d_pp: int, d_dp: int, uneven: bool = True):
     self.cluster, self.model, self.setup, self.units = cluster, model, setup, units
     self.d_pp, self.d_dp, self.tp = d_pp, d_dp, units.tp
+    self.t = units.sizes                                              # TP degree of each unit
     self.m = setup.micro_batches(d_dp)
     lead = units.leaders
     self.mb_bytes = cm.boundary_bytes(model, setup)
     self.link = cluster.transfer_time(self.mb_bytes)[np.ix_(lead, lead)]   # per micro-batch, unit to unit
-    t = units.tp
+    t = self.t
     rate = np.array([min(cluster.tflops(d) for d in u) for u in units.devices]) * 1e12 * setup.efficiency
     per_layer_fwd = cm.stage_fwd_flops(model, setup, 1, False) / t
     bwd_factor = 3.0 if setup.recompute else 2.0
@@ -140,10 +165,10 @@ class Evaluator:
     self.uneven = uneven
     self.cache: dict = {}
     lay = model.num_layers / d_pp
-    c_dp = lay * model.block_params() * setup.grad_bytes / t
-    self.dp_pair = 2.0 * cluster.transfer_time(c_dp / d_dp)[np.ix_(lead, lead)]
     self.alpha = cluster.delay_ms[np.ix_(lead, lead)] / 1e3           # seconds, 0 on the diagonal
     self.inv_bw = 8.0 / (cluster.bandwidth_gbps[np.ix_(lead, lead)] * 1e9)  # seconds per byte
+    c_dp = lay * model.block_params() * setup.grad_bytes / t[:, None]   # each TP rank syncs its shard
+    self.dp_pair = 2.0 * (self.alpha + c_dp / d_dp * self.inv_bw)
     c_pp = self.mb_bytes * self.m
     pp_pair = cluster.transfer_time(c_pp)[np.ix_(lead, lead)]
     step = self.m * lay * self.layer_time
@@ -152,13 +177,13 @@ class Evaluator:
 
   def caps(self, group: list[int], stage: int) -> int:
     """Most layers the group's units can hold at this pipeline position."""
-    st, model = self.setup, self.model
-    per_layer = model.block_params() / self.tp * st.state_bytes_per_param + \
+    st, model, t = self.setup, self.model, int(self.t[group[0]])
+    per_layer = model.block_params() / t * st.state_bytes_per_param + \
         cm.in_flight('1f1b' if st.schedule == '1f1b' else 'gpipe', stage, self.d_pp, self.m) * \
-        cm.activation_bytes_per_layer(model, st, self.tp)
-    fixed = cm.stage_params(model, 0, stage == 0, stage == self.d_pp - 1) / self.tp * st.state_bytes_per_param
+        cm.activation_bytes_per_layer(model, st, t)
+    fixed = cm.stage_params(model, 0, stage == 0, stage == self.d_pp - 1) / t * st.state_bytes_per_param
     if stage == self.d_pp - 1:
-      fixed += st.micro_batch_size * st.seq_len * model.vocab_size * 6 / self.tp
+      fixed += st.micro_batch_size * st.seq_len * model.vocab_size * 6 / t
     free = self.mem[group].min() - fixed
     return int(max(0, free // per_layer))
 
@@ -200,7 +225,7 @@ class Evaluator:
     dp = 0.0
     if self.d_dp > 1:  # DT-FM's DP cost per group: max row of sum 2 * (alpha + c_dp / (D_DP beta))
       for s, g in enumerate(ordered):
-        c_dp = cm.stage_params(self.model, n[s], s == 0, s == self.d_pp - 1) * self.setup.grad_bytes / self.tp
+        c_dp = cm.stage_params(self.model, n[s], s == 0, s == self.d_pp - 1) * self.setup.grad_bytes / self.t[g[0]]
         ix = np.ix_(g, g)
         rows = 2.0 * (self.alpha[ix].sum(axis=1) + c_dp / self.d_dp * self.inv_bw[ix].sum(axis=1))
         dp = max(dp, float(rows.max()))
@@ -292,7 +317,9 @@ def plan_dtfm(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search
   else:
     pair = kl_weights(cm.dp_pair_cost(cluster, c_dp, d_dp), cluster.transfer_time(c_pp))
     cfg = dataclasses.replace(cfg, label='dtfm search', kl_steps=min(16, max(1, cluster.n // 2)))
-    seeds = dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, np.random.default_rng(seed + 7919)) if search.seeds else []
+    rng = np.random.default_rng(seed + 7919)
+    seeds = [a for _ in range(search.seed_variants if search.seeds else 0)
+             for a in dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, rng)]
   res = genetic_partition([d_dp] * d_pp, fit, cfg, seed, pair, initial=seeds)
   groups = groups_of(res.assign, d_pp)
   d = cm.dtfm_cost(cluster, groups, c_pp, c_dp, ev.cache)
@@ -301,6 +328,41 @@ def plan_dtfm(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search
           'objective': 'dtfm_cost', 'best': res.cost, 'history': res.history, 'evaluations': res.evaluations,
           'restarts': res.restarts, 'seconds': time.perf_counter() - t0}
   return finish(plan, cluster, model, setup, info, model_name)
+
+
+def mixed_tp_candidates(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search: SearchConfig,
+                        rng: np.random.Generator) -> list[tuple[float, 'Evaluator', list[list[int]]]]:
+  """Per-stage TP: one TP degree per GPU kind (at least two degrees in the plan), stages formed
+  inside a kind so that every replica of a stage shares its degree. For each (degrees, d_dp), the
+  units of each kind are clustered over fast DP links into its stages; returns (approximate step
+  time, evaluator, unit groups) per candidate. Constructive, not a GA search."""
+  kinds = sorted({d.gpu for d in cluster.devices})
+  if len(kinds) < 2 or search.tp:
+    return []
+  degrees = [t for t in (1, 2, 4, 8) if not (model.num_heads % t or model.num_kv_heads % t or model.ffn % t)]
+  out = []
+  for combo in itertools.product(degrees, repeat=len(kinds)):
+    units = make_units_by_kind(cluster, dict(zip(kinds, combo))) if len(set(combo)) > 1 else None
+    if units is None:
+      continue
+    kind_of = [cluster.devices[u[0]].gpu for u in units.devices]
+    counts = [kind_of.count(k) for k in kinds]
+    for d_dp in range(1, min(counts) + 1):
+      d_pp = len(units.devices) // d_dp
+      if any(c % d_dp for c in counts) or d_pp > model.num_layers or (search.d_pp and d_pp != search.d_pp) \
+          or setup.global_batch % (d_dp * setup.micro_batch_size):
+        continue
+      ev = Evaluator(cluster, model, setup, units, d_pp, d_dp, search.uneven_layers)
+      groups = []
+      for k in kinds:
+        ids = np.array([u for u in range(len(units.devices)) if kind_of[u] == k])
+        if len(ids) == d_dp:
+          groups.append(ids.tolist())
+          continue
+        a = clustered(ev.pair_weight[0][np.ix_(ids, ids)], [d_dp] * (len(ids) // d_dp), rng)
+        groups += [ids[g].tolist() for g in groups_of(a, len(ids) // d_dp)]
+      out.append((ev.step_time(groups), ev, groups))
+  return out
 
 
 def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search: SearchConfig,
@@ -328,7 +390,9 @@ def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, sear
                              _ga_config(search, max(1, search.evaluations // search.finalists), search.population), seed + 1000 + k,
                              ev.pair_weight, initial=[res.assign, index_order])
     finals.append((ev, full))
-  if min(f.cost for _, f in finals) >= INFEASIBLE:
+  mixed = sorted(mixed_tp_candidates(cluster, model, setup, search, np.random.default_rng(seed + 31)),
+                 key=lambda x: x[0])[:search.finalists]
+  if min(f.cost for _, f in finals) >= INFEASIBLE and all(c >= INFEASIBLE for c, _, _ in mixed):
     ev, full = min(finals, key=lambda x: x[1].cost)
     ev.uneven = False
     try:
@@ -340,10 +404,11 @@ def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, sear
                       f'tp={ev.tp} d_pp={ev.d_pp} d_dp={ev.d_dp}): {detail}; try recompute=True, a smaller '
                       f'micro-batch or more devices')
   # The GA ranks with a closed-form pipeline; pick the final plan by the exact simulation among the
-  # finalists' best partitions, each with uneven and with equal layers.
+  # finalists' best partitions and the best per-stage-TP candidates, each with uneven and equal layers.
   best = None
-  for ev, full in finals:
-    groups = groups_of(full.assign, ev.d_pp)
+  options = [(ev, groups_of(full.assign, ev.d_pp), full, full.cost) for ev, full in finals]
+  options += [(ev, groups, None, c) for c, ev, groups in mixed]
+  for ev, groups, full, approx in options:
     for uneven in ([True, False] if search.uneven_layers else [False]):
       ev.uneven = uneven
       cand = ev.to_plan(groups)
@@ -351,12 +416,16 @@ def plan_hetjax(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, sear
         continue
       t = cm.estimate(cand, cluster, model, setup, exact=True)['total']
       if best is None or t < best[0]:
-        best = (t, cand, ev, full)
-  _, plan, ev, full = best
+        best = (t, cand, ev, full, approx)
+  _, plan, ev, full, approx = best
   info = {'method': 'hetjax', 'seed': seed, 'shape': [ev.tp, ev.d_pp, ev.d_dp], 'objective': 'step_time_approx',
-          'best': full.cost, 'history': full.history,
+          'stage_tp': [s.tp or len(s.devices) for s in plan.replicas[0].stages],
+          'best': approx,
+          'history': full.history if full else [],
           'evaluations': sum(f.evaluations for _, f in finals) + sum(r.evaluations for _, _, _, r in screened),
           'screened': [{'shape': [e.tp, e.d_pp, e.d_dp], 'approx_step': c} for c, _, e, _ in screened],
+          'mixed_tp': [{'stage_tp': sorted({len(ev.units.devices[g[0]]) for g in grp}), 'd_pp': ev.d_pp,
+                        'd_dp': ev.d_dp, 'approx_step': c} for c, ev, grp in mixed],
           'seconds': time.perf_counter() - t0}
   return finish(plan, cluster, model, setup, info, model_name)
 
