@@ -19,6 +19,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model_overrides = model_overrides()
   c.workdir = ''                  # default: a fresh folder under runs/
   c.seed = 0
+  return c
+
+
+def add_training_data_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What training jobs add: data, fine-tuning start, AQ-SGD and DP compression settings."""
   c.data = ml_collections.ConfigDict(dict(path=''))  # '': shipped corpus; a text file, folder or .npy
   c.init_from = ''                # fine-tune from a converted HF checkpoint or a training workdir
   c.aqsgd = aqsgd_fields()

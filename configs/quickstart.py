@@ -9,7 +9,7 @@ from configs import base
 
 
 def get_config():
-  c = base.get_config()
+  c = base.add_training_data_fields(base.get_config())
   c.mode = 'train'
   c.model_overrides.num_layers = 6
   c.train = base.train_fields()

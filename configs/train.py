@@ -14,7 +14,7 @@ from configs import base
 
 
 def get_config():
-  c = base.get_config()
+  c = base.add_training_data_fields(base.get_config())
   c.mode = 'train'
   c.train = base.train_fields()
   c.pipeline = base.pipeline_fields()

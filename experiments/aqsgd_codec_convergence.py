@@ -1,5 +1,7 @@
-"""AQ-SGD against fp32 and direct quantization when fine-tuning (AQ-SGD paper, Fig. 3 / Table 2
-setting, scaled down): the codec path only, without the pipeline runtime.
+"""AQ-SGD against fp32 and direct quantization when fine-tuning: the codec path, two stages in one process.
+
+Reproduces: AQ-SGD paper, Fig. 3 / Table 2 setting, scaled down (the codec path only, without the
+pipeline runtime).
 
 A small GPT is pre-trained in fp32 on the first part of the shipped corpus, then fine-tuned for
 --epochs over a fixed set of windows it did not see, from the same parameters and seeds with each
@@ -42,7 +44,7 @@ from hetjax.models.config import get_model_config
 from hetjax.models.model import build_stages
 from hetjax.train import cross_entropy, make_optimizer
 
-flags.DEFINE_string('out', 'runs/aqsgd_codec_convergence', 'Output folder.')
+flags.DEFINE_string('out', 'runs/aqsgd_codec_convergence/', 'Output folder.')
 flags.DEFINE_integer('pretrain_steps', 300, 'fp32 pre-training steps on the first 80% of the corpus.')
 flags.DEFINE_integer('windows', 128, 'Fine-tuning set: fixed windows from the unseen 80-95% part.')
 flags.DEFINE_integer('epochs', 6, 'Fine-tuning epochs (the first is AQ-SGD\'s warm-up).')
