@@ -67,9 +67,18 @@ def plan_devices(plan: Plan, colocate: bool = False) -> list:
   devices = jax.devices()
   if colocate:
     return [devices[i % len(devices)] for i in range(max(plan.devices) + 1)]
-  if max(plan.devices) >= len(devices):
-    raise HetjaxError(f'the plan uses device {max(plan.devices)} but only {len(devices)} devices '
-                      f'exist (set XLA_FLAGS=--xla_force_host_platform_device_count or add hosts)')
+  top = max(plan.devices)
+  if top >= len(devices):
+    head = f'the plan uses device {top} but '
+    if jax.process_count() > 1:
+      raise HetjaxError(head + f'the {jax.process_count()} processes have {len(devices)} devices in '
+                        f'all; give hetjax.launch --devices counts that add up to {top + 1} (one per '
+                        f'host of the plan\'s cluster, e.g. --devices=2,2,4 for local_hetero)')
+    if devices[0].platform == 'cpu':
+      raise HetjaxError(head + f'only {len(devices)} devices exist; run with '
+                        f'XLA_FLAGS=--xla_force_host_platform_device_count={top + 1}')
+    raise HetjaxError(head + f'only {len(devices)} devices exist; plan over this machine\'s devices, '
+                      f'start one process per host, or set colocate')
   return devices
 
 
