@@ -178,3 +178,34 @@ def test_cli_convert_then_generate(hf_dirs, imported, tmp_path):
   assert r.returncode == 0, r.stderr
   ids = json.loads(r.stdout.strip().splitlines()[-1])['ids']
   np.testing.assert_array_equal(ids, generate(load_model(imported['gpt2'])[0], prompt[None], 8))
+
+
+def test_tokenizer_travels_with_the_model_text_in_text_out(hf_dirs, tmp_path):
+  """A converted model keeps its Hugging Face tokenizer: generate encodes the text prompt with it,
+  prints the decoded text, and export carries the tokenizer back."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = ['[UNK]'] + [f'w{i}' for i in range(VOCAB - 1)]
+  tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token='[UNK]'))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  src = tmp_path / 'hf'
+  subprocess.run(['cp', '-r', hf_dirs['llama'], str(src)], check=True)
+  tok.save(str(src / 'tokenizer.json'))
+  ckpt = tmp_path / 'ckpt'
+  hf.import_hf(str(src), str(ckpt), show_progress=False)
+  assert (ckpt / 'tokenizer' / 'tokenizer.json').is_file()
+  prompt = 'w5 w17 w3 w42'
+  r = subprocess.run([sys.executable, 'run.py', '--config=configs/generate.py',
+                      f'--config.checkpoint={ckpt}', f'--config.generate.prompt={prompt}',
+                      '--config.generate.max_new_tokens=5'], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  ids_line, text_line = r.stdout.strip().splitlines()[-2:]
+  ids = json.loads(ids_line)['ids'][0]
+  model = transformers.LlamaForCausalLM.from_pretrained(str(src))
+  prompt_ids = torch.tensor([tok.encode(prompt).ids])
+  want = model.generate(prompt_ids, max_new_tokens=5, do_sample=False)[0, 4:].tolist()
+  assert ids == want
+  assert json.loads(text_line)['text'] == tok.decode(ids)
+  out = tmp_path / 'back'
+  hf.export_hf(str(ckpt), str(out), show_progress=False)
+  assert (out / 'tokenizer.json').read_text() == (src / 'tokenizer.json').read_text()

@@ -104,3 +104,8 @@ def test_continuous_batching_equals_each_request_served_alone():
     assert req.output == generate(model, req.ids[None], req.max_new_tokens)[0].tolist(), req.id
     assert 0 <= req.first_token_s <= req.done_s
   assert sorted({req.replica for req in requests}) == [0, 1]
+
+
+def test_request_ids_outside_the_vocabulary():
+  with pytest.raises(HetjaxError, match=r'line 1: token ids must lie in \[0, 50\)'):
+    parse_requests(['{"ids": [1, 60]}'], ENCODE, 64, 8, vocab_size=50)

@@ -35,6 +35,7 @@ from hetjax.checkpoint.manager import (Checkpointer, StageSpec, model_config_of,
 from hetjax.checkpoint.repartition import check, flatten
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
+from hetjax.tokenizer import FOLDER as TOKENIZER_FOLDER, copy_tokenizer_files, tokenizer_folder
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -305,6 +306,7 @@ def import_hf(src: str, dst: str, dtype: str = '', overwrite: bool = False,
     ckpt = Checkpointer(tmp)
     ckpt.save(0, [(StageSpec(0, mcfg.num_layers, True, True), {'params': params})], meta)
     ckpt.close()
+    copy_tokenizer_files(src, os.path.join(tmp, TOKENIZER_FOLDER))  # text in, text out
   return mcfg
 
 
@@ -322,6 +324,7 @@ def export_hf(src: str, dst: str, dtype: str = '', overwrite: bool = False,
   check(template, saved)
   groups = expand(mcfg, template)
   with _staged(dst) as tmp:
+    copy_tokenizer_files(tokenizer_folder(src), tmp)
     writer = _ShardWriter(tmp, shard_bytes)
     for group in (progress(groups, 'export') if show_progress else groups):
       flat = ckpt.read([f'params/{n}' for r in group for n in r.ours], meta=meta)

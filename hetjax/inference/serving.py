@@ -38,7 +38,8 @@ class Request:
   output: list = dataclasses.field(default_factory=list)
 
 
-def parse_requests(lines, encode, max_len: int, default_new_tokens: int) -> list[Request]:
+def parse_requests(lines, encode, max_len: int, default_new_tokens: int,
+                   vocab_size: int | None = None) -> list[Request]:
   """Requests from JSON lines: {"prompt": text} or {"ids": [...]}, optional "max_new_tokens",
   "arrival_s" and "id". Errors name the line."""
   out = []
@@ -61,6 +62,8 @@ def parse_requests(lines, encode, max_len: int, default_new_tokens: int) -> list
       raise HetjaxError(f'requests line {n}: {e}') from None
     if not len(ids):
       raise HetjaxError(f'requests line {n}: empty prompt')
+    if vocab_size and (ids.min() < 0 or ids.max() >= vocab_size):
+      raise HetjaxError(f'requests line {n}: token ids must lie in [0, {vocab_size})')
     if new < 1 or not np.isfinite(arrival) or arrival < 0:
       raise HetjaxError(f'requests line {n}: max_new_tokens must be >= 1 and arrival_s >= 0')
     if len(ids) + new > max_len:

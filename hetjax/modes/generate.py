@@ -15,9 +15,10 @@ from hetjax.errors import HetjaxError
 from hetjax.inference.generate import generate
 from hetjax.models.config import model_config_from
 from hetjax.models.model import Stage, build_model
+from hetjax.tokenizer import tokenizer_for
 
 
-def parse_prompt(gcfg, prompt_ids: str = '') -> np.ndarray:
+def parse_prompt(gcfg, prompt_ids: str = '', tokenizer=None) -> np.ndarray:
   """Token ids [1, T] from `prompt_ids` ("1,2,3") or, failing that, the byte-tokenized text prompt."""
   ids = prompt_ids or gcfg.get('prompt_ids', '')
   if ids:
@@ -27,11 +28,14 @@ def parse_prompt(gcfg, prompt_ids: str = '') -> np.ndarray:
       raise HetjaxError(f'prompt_ids must be comma-separated integers, got {ids!r}') from None
   if not gcfg.prompt:
     raise HetjaxError('give a prompt: --config.generate.prompt=TEXT or --config.prompt_ids=1,2,3')
-  return ByteTokenizer().encode(gcfg.prompt)[None]
+  ids = (tokenizer or ByteTokenizer()).encode(gcfg.prompt)
+  if not len(ids):
+    raise HetjaxError('the prompt encodes to no tokens')
+  return ids[None]
 
 
-def sample(model: Stage, gcfg, seed: int, prompt_ids: str = '') -> np.ndarray:
-  return generate(model, parse_prompt(gcfg, prompt_ids), gcfg.max_new_tokens,
+def sample(model: Stage, gcfg, seed: int, prompt_ids: str = '', tokenizer=None) -> np.ndarray:
+  return generate(model, parse_prompt(gcfg, prompt_ids, tokenizer), gcfg.max_new_tokens,
                   temperature=gcfg.temperature, top_k=gcfg.top_k, top_p=gcfg.top_p, seed=seed)
 
 
@@ -67,14 +71,15 @@ def run(cfg, workdir: str) -> None:
     model, _ = load_model(cfg.checkpoint)
   else:
     model = build_model(model_config_from(cfg), cfg.seed)
+  tokenizer = tokenizer_for(cfg.get('checkpoint', ''))
+  g = cfg.generate
   if cfg.get('plan'):
-    g = cfg.generate
     ids = serve_engine(cfg, model).generate(
-        parse_prompt(g, cfg.get('prompt_ids', '')), g.max_new_tokens, temperature=g.temperature,
-        top_k=g.top_k, top_p=g.top_p, seed=cfg.seed)
+        parse_prompt(g, cfg.get('prompt_ids', ''), tokenizer), g.max_new_tokens,
+        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=cfg.seed)
   else:
-    ids = sample(model, cfg.generate, cfg.seed, cfg.get('prompt_ids', ''))
+    ids = sample(model, g, cfg.seed, cfg.get('prompt_ids', ''), tokenizer)
   if is_leader():
     print_ids(ids)
     if not (cfg.get('prompt_ids') or cfg.generate.get('prompt_ids')):  # a text prompt: show text too
-      print(json.dumps({'text': ByteTokenizer().decode(ids[0])}))
+      print(json.dumps({'text': tokenizer.decode(ids[0])}))

@@ -9,7 +9,6 @@ import time
 import numpy as np
 
 from hetjax.checkpoint.manager import load_model
-from hetjax.data import ByteTokenizer
 from hetjax.distributed import is_leader
 from hetjax.errors import HetjaxError
 from hetjax.inference.dispatch import poisson_arrivals
@@ -18,9 +17,10 @@ from hetjax.metrics import write_json
 from hetjax.models.config import model_config_from
 from hetjax.models.model import build_model
 from hetjax.modes.generate import serve_engine
+from hetjax.tokenizer import tokenizer_for
 
 
-def _requests(cfg, tokenizer, max_len):
+def _requests(cfg, tokenizer, max_len, vocab):
   new = cfg.generate.max_new_tokens
   if cfg.requests:
     try:
@@ -28,12 +28,12 @@ def _requests(cfg, tokenizer, max_len):
         lines = f.readlines()
     except OSError as e:
       raise HetjaxError(f'cannot read requests {cfg.requests}: {e.strerror}') from None
-    return parse_requests(lines, tokenizer.encode, max_len, new)
+    return parse_requests(lines, tokenizer.encode, max_len, new, vocab)
   rng = np.random.default_rng(cfg.seed)
   arrivals = poisson_arrivals(cfg.rate, cfg.num_requests, cfg.seed)
-  lines = [json.dumps({'ids': rng.integers(0, 256, cfg.prompt_len).tolist(), 'arrival_s': float(t)})
+  lines = [json.dumps({'ids': rng.integers(0, vocab, cfg.prompt_len).tolist(), 'arrival_s': float(t)})
            for t in arrivals]
-  return parse_requests(lines, tokenizer.encode, max_len, new)
+  return parse_requests(lines, tokenizer.encode, max_len, new, vocab)
 
 
 def run(cfg, workdir: str) -> None:
@@ -43,8 +43,8 @@ def run(cfg, workdir: str) -> None:
   if not cfg.plan:
     raise HetjaxError('serve needs a plan: --config.plan=PLAN.json (from configs/plan_inference.py)')
   model = load_model(cfg.checkpoint)[0] if cfg.checkpoint else build_model(model_config_from(cfg), cfg.seed)
-  tokenizer = ByteTokenizer()
-  requests = _requests(cfg, tokenizer, model.cfg.max_len)
+  tokenizer = tokenizer_for(cfg.checkpoint)
+  requests = _requests(cfg, tokenizer, model.cfg.max_len, model.cfg.vocab_size)
   engine = serve_engine(cfg, model)
   say = print if is_leader() else (lambda *a, **k: None)
   say(engine.plan.table())
