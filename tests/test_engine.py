@@ -93,3 +93,20 @@ def test_bad_inputs():
   with pytest.raises(HetjaxError, match='does not divide'):
     ServeEngine(Plan([Replica([Stage(0, 4, [0, 1, 2])])], num_layers=4, kind='serve'), llama,
                 nnx.state(build_model(llama)))
+
+
+@pytest.mark.parametrize('codec, bound', [('fp32', 1e-4), ('bf16', 0.05), (8, 0.05)])
+def test_quantized_exchange_keeps_logits_within_a_bound(codec, bound):
+  """Activations between stages through a lossy codec: the head's logits stay within `bound` (max
+  abs difference, logits of std ~ 1 here) of single-device logits; fp32 is exact to rounding."""
+  from hetjax.compression.codecs import make_codec
+  from hetjax.inference.engine import pad_prompts
+  cfg, model = lively_model('tiny_llama')
+  prompts = np.random.default_rng(4).integers(0, cfg.vocab_size, (3, 6)).astype(np.int32)
+  want = np.asarray(model(jnp.asarray(prompts))[0][:, -1])
+  engine = ServeEngine(PLANS['tp_4_2_1'], cfg, nnx.state(model), codec=make_codec(codec))
+  got = engine.prefill_logits([[pad_prompts(list(prompts))]])[(0, 0)]
+  err = np.abs(got - want).max()
+  assert err <= bound * max(1.0, np.abs(want).std()), (codec, err)
+  if codec != 'fp32':
+    assert err > 0  # the codec really is in the path

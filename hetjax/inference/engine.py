@@ -20,7 +20,7 @@ from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
 from hetjax.models.model import split_state
 from hetjax.parallel.exchange import DevicePutTransport, Exchange
-from hetjax.parallel.generation import GenerationHandler, GroupBatch
+from hetjax.parallel.generation import LOGITS, GenerationHandler, GroupBatch
 from hetjax.parallel.meshes import build_replica_groups, place
 from hetjax.parallel.runtime import Runtime, sum_over_processes
 from hetjax.parallel.schedules import decode, global_order, relabel
@@ -95,6 +95,17 @@ class ServeEngine:
                                 seed, keep)
     events = self.runtime.run(order, handler, profile)
     return self._gather(batches, num_tokens, tokens), events
+
+  def prefill_logits(self, batches: list[list[GroupBatch]]):
+    """The head's logits [B, V] at each group's last prompt position (checks of what the exchange
+    does to the numbers, e.g. a quantizing codec), as host arrays where the head runs."""
+    order = self._order([len(g) for g in batches], 1, prefill=True)
+    logits: dict = {}
+    cache_len = {r: max(b.prompts.shape[1] for b in g) for r, g in enumerate(batches) if g}
+    handler = GenerationHandler(self.stages, batches, cache_len, StateStore(), self.cfg.hidden,
+                                LOGITS, 0, lambda r, m, t, y: logits.__setitem__((r, m), np.asarray(y)))
+    self.runtime.run(order, handler)
+    return logits
 
   def steps(self, groups: list[list], num_steps: int, cache_len: dict, store: StateStore,
             first_step: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

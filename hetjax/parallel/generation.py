@@ -25,6 +25,9 @@ from hetjax.parallel.runtime import Message
 from hetjax.sampling import sample_logits
 
 
+LOGITS = ('logits',)  # a `sampling` value: the head returns logits instead of a token
+
+
 def cache_sharding(group: StageGroup) -> NamedSharding:
   """[B, S, kv_heads, head_dim], split over KV heads like the attention weights."""
   return NamedSharding(group.mesh, P(None, None, 'tp', None))
@@ -49,8 +52,11 @@ def _programs(key: _Key):
   out = group.replicated
 
   def finish(y, rng):
-    """The head samples a token per row; other stages pass their hidden states on."""
-    return sample_logits(y[:, -1], rng, *sampling) if group.has_head else y
+    """The head samples a token per row (or, with sampling LOGITS, returns the last position's
+    logits); other stages pass their hidden states on."""
+    if not group.has_head:
+      return y
+    return y[:, -1] if sampling == LOGITS else sample_logits(y[:, -1], rng, *sampling)
 
   def prefill(params, x, cache, lengths, rng):
     y, cache = nnx.merge(graphdef, params)(x, 0, cache, last_index=lengths - 1)
