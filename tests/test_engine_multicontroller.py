@@ -13,6 +13,8 @@ from hetjax.models.model import build_model
 from hetjax.plan import Plan, Replica, Stage
 from tests.test_multicontroller import LAUNCH_TIMEOUT_S, ROOT, env
 
+pytestmark = pytest.mark.slow  # spawns processes
+
 PROMPT = [5, 17, 99, 3, 42]
 TOKENS = 6
 

@@ -60,6 +60,7 @@ def test_bad_serve_flags_give_one_line(tmp_path, flags, message):
   assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_serve_writes_completions_equal_to_generation(tmp_path):
   from hetjax.inference.generate import generate
   from hetjax.models.config import get_model_config
