@@ -16,6 +16,7 @@ hexgen_scheduling_summary.csv and hexgen_scheduling.png, prints the table last.
   python experiments/hexgen_scheduling.py --lengths=128 --evaluations=3000 --slo_scale=16
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -64,7 +65,7 @@ def main(argv):
     systems = [('homogeneous', 'homogeneous', homo, base)]
     for name, spec in SETTINGS.items():
       c = get_cluster(spec)
-      systems += [(name, 'symmetric', c, hexgen.dataclasses.replace(base, symmetric=True)),
+      systems += [(name, 'symmetric', c, dataclasses.replace(base, symmetric=True)),
                   (name, 'hetjax', c, base)]
     for setting, system, cluster, cfg in systems:
       res = hexgen.plan_serving(cluster, model, setup, cfg, seed=a.seed, model_name='llama2_70b')
