@@ -13,9 +13,11 @@ minimises one request's latency (a sum over stages).
 
 Pipelined decode (costmodel/inference.py) makes more stages worth having: a replica with S stages
 decodes S request groups at once, and splitting the weights over more stages leaves memory for more
-KV cache. So the DP's pool-level layout is expanded three ways -- the fewest stages memory needs,
-every TP group of the chosen degree as a stage, and every TP group of the smallest degree that fits
--- and each is scored exactly by `replica_cost` with one request group per stage.
+KV cache. So the DP runs twice (free choice of pools, and every pool used), each pool-level layout
+is expanded three ways -- the fewest stages memory needs, every TP group of the chosen degree as a
+stage, and every TP group of the smallest degree that fits -- each with the DP's layer split and a
+balanced one (search/layers.assign_layers: the slowest stage as fast as the caps allow), and each
+candidate is scored exactly by `replica_cost` with one request group per stage.
 
 Objectives (fitness is minimised):
   'rate'     maximise the requests/s served within the SLO: sum over replicas of the best
@@ -40,7 +42,7 @@ from hetjax.cluster import Cluster
 from hetjax.costmodel import inference as icm
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
-from hetjax.search.layers import equal_layers
+from hetjax.search.layers import assign_layers, equal_layers
 
 OBJECTIVES = ('rate', 'latency')
 INF = float('inf')
@@ -171,21 +173,24 @@ class Planner:
       best, arg = np.where(better, cost, best), np.where(better, t, arg)
     return best, arg
 
-  def _dp(self, counts: Sequence[int], b: int) -> tuple[float, list[tuple[int, int, int]]]:
-    """Min latency (DP estimate) of a batch of b and its stages [(pool, tp, layers)], or (inf, [])."""
+  def _dp(self, counts: Sequence[int], b: int, use_all: bool = False
+          ) -> tuple[float, list[tuple[int, int, int]]]:
+    """Min latency (DP estimate) of a batch of b and its stages [(pool, tp, layers)], or (inf, []).
+    use_all: every pool with devices takes at least one layer (more stages for pipelined decode)."""
     L = self.model.num_layers
     active = [q for q, c in enumerate(counts) if c > 0]
     costs = {q: self._pool_cost(q, counts[q], b) for q in active}
     diff = np.arange(L + 1)[None, :] - np.arange(L + 1)[:, None]   # [j, j'] = j' - j
     best, best_path = INF, None
-    for fi, f in enumerate(active):
+    for fi, f in enumerate(active[:1] if use_all else active):
       # dp[last][j]: min seconds with j layers placed, last used pool `last`
       dp = {f: costs[f][0].copy()}
       back: dict[int, tuple] = {f: (None, None)}
+      prev = f
       for q in active[fi + 1:]:
         c_ext = np.where(diff >= 0, costs[q][0][np.clip(diff, 0, L)], INF)
         cand, cand_arg = np.full(L + 1, INF), None
-        for last, row in dp.items():
+        for last, row in ({prev: dp[prev]} if use_all else dp).items():
           tot = row[:, None] + c_ext + self._hop(last, q, b)
           j_best = tot.argmin(axis=0)
           val = tot[j_best, np.arange(L + 1)]
@@ -196,7 +201,8 @@ class Planner:
           cand_arg[upd] = np.stack([np.full(upd.sum(), last), j_best[upd]], axis=1)
         dp[q] = cand
         back[q] = cand_arg
-      for last, row in dp.items():
+        prev = q
+      for last, row in ({prev: dp[prev]} if use_all else dp).items():
         val = row[L] + (self._back(last, f, b) if last != f else 0.0)
         if val < best:
           best, best_path = val, (f, last, back, costs)
@@ -264,8 +270,25 @@ class Planner:
     if self.cfg.symmetric:
       st = self.symmetric_stages(counts)
       return [st] if st else []
-    st = self._dp(counts, b)[1]
-    return self.expand(st, counts, b) if st else []
+    out = []
+    for use_all in (False, True):
+      st = self._dp(counts, b, use_all)[1]
+      for layout in self.expand(st, counts, b) if st else []:
+        for v in (layout, self.balanced(layout, counts, b)):
+          if v and v not in out:
+            out.append(v)
+    return out
+
+  def balanced(self, stages: list[tuple[int, int, int]], counts: Sequence[int], b: int
+               ) -> list[tuple[int, int, int]]:
+    """The same stages with layers re-split to minimise the slowest stage (the pipelined bottleneck)
+    within the memory caps; [] if they cannot hold the model."""
+    opts = [{t: (per, cap) for t, per, cap, _ in self._pool_options(q, counts[q], b)}[t] for q, t, _ in stages]
+    try:
+      n = assign_layers(self.model.num_layers, [o[0] for o in opts], [0.0] * len(stages), [o[1] for o in opts])
+    except HetjaxError:
+      return []
+    return [(q, t, k) for (q, t, _), k in zip(stages, n)]
 
   def inner(self, counts: Sequence[int]) -> ReplicaChoice:
     """Best layout and batch limit of a replica with `counts` devices per pool (cached)."""
