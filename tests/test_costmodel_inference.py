@@ -104,3 +104,22 @@ def test_search_splits_the_weights_over_stages_when_memory_bounds_the_batch():
   apart = planner.score(((1, 0), (0, 1)))
   assert [r.batch for r in apart[1]] == [2, 2]
   assert res.fitness < 2 * apart[0]          # fitness is minus the capacity: more than twice as much
+
+
+def test_virtual_cpu_devices_share_one_host():
+  """JAX's CPU devices are threads on one host's cores: TP does not add compute and pipelined groups
+  do not overlap, so neither helps in the model."""
+  c = Cluster.from_dict({'name': 'cpu', 'devices': [{'gpu': 'CPU', 'host': 'h', 'region': 'r', 'count': 4}],
+                         'links': {'intra_host': [0.0, 1e6], 'intra_region': [0.0, 1e6],
+                                   'inter_region_default': [0.0, 1e6]}})
+  m = get_model_config('tiny_gpt')
+  setup = icm.ServeSetup(prompt_len=32, gen_len=8, batch=2)
+  one = icm.replica_cost(c, m, [icm.StageLayout(4, [0])], setup)
+  tp2 = icm.replica_cost(c, m, [icm.StageLayout(4, [0, 1])], setup)
+  assert tp2['decode'] == pytest.approx(one['decode'], rel=1e-3)     # free links: no all-reduce cost
+  two = [icm.StageLayout(2, [0]), icm.StageLayout(2, [1])]
+  alone = icm.replica_cost(c, m, two, setup, groups=1)
+  both = icm.replica_cost(c, m, two, setup, groups=2)
+  assert alone['latency'] == pytest.approx(one['latency'], rel=1e-3)
+  assert both['requests_per_s'] == pytest.approx(alone['requests_per_s'], rel=1e-3)
+  assert both['latency'] == pytest.approx(2 * alone['latency'], rel=1e-3)

@@ -25,6 +25,11 @@ So M <= S groups cost no more per token than one (C dominates while stages are b
 replica's throughput is M B gen_len / round. M = 1 is a replica that serves one batch at a time; the
 engine's serving rounds use M = min(waiting groups, S), so `replica_cost` defaults to M = S.
 The KV cache holds M B sequences; the prefill workspace is one group's.
+
+Shared compute. Devices of a kind in SHARED_COMPUTE (JAX's virtual CPU devices) are threads of one
+process on one host's cores: a TP group of t of them has one device's rate and bandwidth, not t
+times, and all of a host's stages are one resource, so the busiest resource of the token period is
+the host with the sum of its stages' times (pipelining gains nothing there).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ import numpy as np
 from hetjax.cluster import Cluster
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
+
+
+SHARED_COMPUTE = ('CPU',)   # device kinds whose devices on one host share the host's cores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,19 +195,27 @@ def check_stage(cluster: Cluster, model: ModelConfig, devices: Sequence[int], wh
 
 
 def pipelined_time(prefill: Sequence[float], decode: np.ndarray, hops_prefill: Sequence[float],
-                   hops_decode: Sequence[float], groups: int) -> dict:
+                   hops_decode: Sequence[float], groups: int,
+                   resources: Optional[Sequence] = None) -> dict:
   """Seconds of one round of schedules.decode(S, M = groups, T) from per-stage times (module doc).
 
   prefill[s]: stage s's prefill of one group; decode[s, i]: its decode step i of one group (T - 1
   steps); hops_prefill / hops_decode: every transfer of one group on the ring (the S - 1 forward
-  hops, and for decode the token's return), each a resource of its own like a stage."""
+  hops, and for decode the token's return), each a resource of its own like a stage. resources[s]:
+  the compute resource stage s runs on (default: its own); stages sharing one add up."""
   if groups < 1:
     raise HetjaxError(f'groups must be >= 1, got {groups}')
   decode = np.asarray(decode, np.float64).reshape(len(prefill), -1)
-  busiest_p = max(max(prefill), max(hops_prefill, default=0.0))
+  if resources is not None:
+    keys = sorted(set(resources), key=list(resources).index)
+    prefill_r = [sum(p for p, r in zip(prefill, resources) if r == k) for k in keys]
+    decode_r = np.stack([decode[[i for i, r in enumerate(resources) if r == k]].sum(axis=0) for k in keys])
+  else:
+    prefill_r, decode_r = prefill, decode
+  busiest_p = max(max(prefill_r), max(hops_prefill, default=0.0))
   wave = sum(prefill) + sum(hops_prefill) + (groups - 1) * busiest_p
   ring = decode.sum(axis=0) + sum(hops_decode)                        # C per decode step
-  busiest = np.maximum(decode.max(axis=0), max(hops_decode, default=0.0))
+  busiest = np.maximum(decode_r.max(axis=0), max(hops_decode, default=0.0))
   period = np.maximum(ring, groups * busiest)
   return {'prefill': wave, 'decode': float(period.sum()), 'latency': wave + float(period.sum()),
           'period': period, 'ring': ring, 'busiest': busiest}
@@ -227,12 +243,14 @@ def replica_cost(cluster: Cluster, model: ModelConfig, stages: Sequence[StageLay
     t = len(st.devices)
     alpha, beta = group_link(cluster, st.devices)
     spec = cluster.spec(st.devices[0])
-    tfl = min(cluster.tflops(d) for d in st.devices)
-    lc = layer_cost(model, setup, tfl, spec.mem_bw_gbs, t, alpha, beta)
+    tfl, bw = min(cluster.tflops(d) for d in st.devices), spec.mem_bw_gbs
+    if spec.name in SHARED_COMPUTE:      # t threads of one host: one device's rate in all
+      tfl, bw = tfl / t, bw / t
+    lc = layer_cost(model, setup, tfl, bw, t, alpha, beta)
     p_s, d_s = st.num_layers * lc.prefill, st.num_layers * lc.decode_step
     tp += st.num_layers * lc.tp_comm
     if k == len(stages) - 1:
-      h = head_time(model, setup, tfl, spec.mem_bw_gbs, t) / setup.gen_len   # one call
+      h = head_time(model, setup, tfl, bw, t) / setup.gen_len   # one call
       p_s, d_s = p_s + h, d_s + h
     prefill.append(p_s)
     decode.append(d_s)
@@ -251,7 +269,9 @@ def replica_cost(cluster: Cluster, model: ModelConfig, stages: Sequence[StageLay
   hops_d = [pp_hop(cluster, a, c, act) for a, c in zip(leaders, leaders[1:])]
   back = pp_hop(cluster, leaders[-1], leaders[0], 4 * b)      # sampled token ids return to stage 0
   decode = np.stack(decode)
-  pipe = pipelined_time(prefill, decode, hops_p, hops_d + [back], m_groups)
+  resources = [cluster.devices[st.devices[0]].host if cluster.spec(st.devices[0]).name in SHARED_COMPUTE
+               else k for k, st in enumerate(stages)]
+  pipe = pipelined_time(prefill, decode, hops_p, hops_d + [back], m_groups, resources)
   steps = setup.gen_len - 1
   n = m_groups * b
   return {'latency': pipe['latency'], 'prefill': pipe['prefill'], 'decode': pipe['decode'],
