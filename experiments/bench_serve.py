@@ -1,0 +1,378 @@
+"""Serving benchmarks: decode vs Hugging Face and the memory roofline, pipelined decode, plans measured vs predicted.
+
+Reproduces: no paper table; issue 10's section 4 (predicted vs measured per-batch decode latency of
+serve plans) and section 6 (bench_serve) on this machine, with one small GPT-2-shaped model:
+  a. single-device decode tokens/s of hetjax (inference/generate.py) vs Hugging Face transformers
+     (torch CPU) with the same weights (a random HF model converted by checkpoint/hf.py), prompt
+     128, 32 new tokens, batch 1 and 16, timed alternately; the ratio;
+  b. decode vs the memory roofline: bytes of weights + KV cache read per step / this machine's
+     copy bandwidth (numpy and jax copies, read + write bytes), over the measured step time;
+  c. pipelined decode: S stages on S devices with M = S request groups in flight vs one device
+     (ServeEngine), throughput ratio, next to the cost model's prediction;
+  d. serving: tokens/s and p99 latency of the HexGen plan (search/hexgen.py, what mode=plan_inference
+     runs) vs the symmetric plan on the same devices (inference/serving.Server, Poisson arrivals);
+  e. predicted vs measured per-batch decode latency of serve plans (1-3 stages, TP 1/2/4, batch 1
+     and 8), the cost model calibrated once by a matmul probe (compute) and the copy probe (memory).
+JAX's 8 CPU devices here are threads sharing this machine's cores, which the cost model knows
+(costmodel/inference.SHARED_COMPUTE): TP and pipelining cannot add compute on one CPU. The GPU
+checks are in experiments/gpu_serve_check.sh.
+
+  python experiments/bench_serve.py                          # ~5 minutes on 2 loaded CPU cores
+  python experiments/bench_serve.py --parts=a,b --batches=1,16
+
+Writes bench_serve.csv (one row per measurement, column `part`) and bench_serve.png, prints the
+tables last. Timings exclude compilation (one warm-up per shape) and keep the best of --repeats.
+"""
+
+import os
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import print_table, save_figure, wrote, write_csv  # (sets sys.path)
+from absl import app, flags
+
+import dataclasses
+import tempfile
+import time
+
+import numpy as np
+
+flags.DEFINE_string('out', 'runs/bench_serve/', 'Output folder (bench_serve.csv, bench_serve.png).')
+flags.DEFINE_list('parts', ['a', 'b', 'c', 'd', 'e'], 'Which benchmarks to run (a-e, see the docstring).')
+flags.DEFINE_integer('layers', 6, 'Model blocks (GPT-2 family).')
+flags.DEFINE_integer('hidden', 512, 'Model width (heads of 64).')
+flags.DEFINE_integer('vocab', 8192, 'Vocabulary size.')
+flags.DEFINE_integer('prompt_len', 128, 'Prompt tokens.')
+flags.DEFINE_integer('new_tokens', 32, 'Generated tokens per request.')
+flags.DEFINE_list('batches', ['1', '16'], 'Batch sizes of parts a and b.')
+flags.DEFINE_list('stages', ['2', '4'], 'Part c: pipeline depths S (M = S groups).')
+flags.DEFINE_integer('group_batch', 4, 'Part c: requests per group.')
+flags.DEFINE_integer('requests', 24, 'Part d: requests served per plan.')
+flags.DEFINE_float('rate', 4.0, 'Part d: Poisson arrival rate (requests/s).')
+flags.DEFINE_integer('serve_tokens', 16, 'Parts d and e: new tokens per request.')
+flags.DEFINE_integer('serve_prompt', 32, 'Parts d and e: prompt tokens.')
+flags.DEFINE_integer('repeats', 2, 'Timed runs per point (the best is kept).')
+flags.DEFINE_integer('torch_threads', 1, 'Threads of torch (0: its default). On this loaded 2-core machine 1 thread was\n'
+                     '~7x faster than 2 for transformers decode.')
+flags.DEFINE_integer('seed', 0, 'Seed of weights, prompts and arrivals.')
+FLAGS = flags.FLAGS
+
+
+def say(msg):
+  print(msg, flush=True)
+
+
+def best_of(fn, repeats):
+  fn()   # warm-up (compilation)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+# ------------------------------------------------------------------ the model, in both libraries
+def make_models(workdir):
+  """A random Hugging Face GPT-2, and the same weights in hetjax via checkpoint/hf.import_hf."""
+  import torch
+  import transformers
+  from hetjax.checkpoint import hf
+  from hetjax.checkpoint.manager import load_model
+  torch.manual_seed(FLAGS.seed)
+  if FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.torch_threads)
+  hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      n_layer=FLAGS.layers, n_embd=FLAGS.hidden, n_head=FLAGS.hidden // 64, vocab_size=FLAGS.vocab,
+      n_positions=max(256, FLAGS.prompt_len + FLAGS.new_tokens), layer_norm_epsilon=1e-5,
+      bos_token_id=0, eos_token_id=0)).eval()
+  src, dst = os.path.join(workdir, 'hf'), os.path.join(workdir, 'hetjax')
+  hf_model.save_pretrained(src)
+  hf.import_hf(src, dst, show_progress=False)
+  model, _ = load_model(dst)
+  return hf_model, model
+
+
+def hf_decode(hf_model, prompt, new_tokens):
+  """Greedy generation with the KV cache; returns (ids [B, N], decode seconds of steps 1..N-1)."""
+  import torch
+  with torch.no_grad():
+    ids = torch.as_tensor(prompt, dtype=torch.long)
+    out = hf_model(ids, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1)
+    past, toks = out.past_key_values, [token]
+    t0 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+      out = hf_model(token[:, None], past_key_values=past, use_cache=True)
+      past, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+      toks.append(token)
+    return torch.stack(toks, 1).numpy(), time.perf_counter() - t0
+
+
+def copy_bandwidth():
+  """Bytes moved (read + write) per second by a 256 MB copy: numpy and jitted jax, best of 3."""
+  import jax
+  import jax.numpy as jnp
+  x = np.ones(1 << 26, np.float32)
+  y = np.empty_like(x)
+  t_np = min(_timed(lambda: np.copyto(y, x)) for _ in range(3))
+  xj = jnp.asarray(x)
+  f = jax.jit(lambda a: a * 1.0000001)
+  f(xj).block_until_ready()
+  t_jax = min(_timed(lambda: f(xj).block_until_ready()) for _ in range(3))
+  return {'numpy': 2 * x.nbytes / t_np, 'jax': 2 * x.nbytes / t_jax}
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def part_ab(hf_model, model, bandwidth, rows):
+  from hetjax.inference.generate import generate
+  cfg = model.cfg
+  P, N = FLAGS.prompt_len, FLAGS.new_tokens
+  bw = max(bandwidth.values())
+  for batch in map(int, FLAGS.batches):
+    prompt = np.random.default_rng(FLAGS.seed).integers(0, cfg.vocab_size, (batch, P))
+    generate(model, prompt, N)
+    hf_decode(hf_model, prompt, N)                          # warm-ups
+    ours, theirs = [], []
+    for _ in range(FLAGS.repeats):                          # alternate the two libraries
+      ids, t = generate(model, prompt, N, return_timing=True)
+      ours.append(t['decode_s'])
+      hf_ids, s = hf_decode(hf_model, prompt, N)
+      theirs.append(s)
+    same = float(np.mean(ids == hf_ids))
+    tok_ours, tok_hf = batch * (N - 1) / min(ours), batch * (N - 1) / min(theirs)
+    rows.append({'part': 'a', 'what': f'decode batch {batch}', 'hetjax': tok_ours, 'reference': tok_hf,
+                 'ratio': tok_ours / tok_hf, 'unit': 'tokens/s (reference: HF transformers torch CPU)',
+                 'note': f'greedy ids equal: {same:.0%}'})
+    say(f'a. batch {batch}: hetjax {tok_ours:,.0f} tok/s, transformers {tok_hf:,.0f} tok/s, '
+        f'ratio {tok_ours / tok_hf:.2f} (same greedy ids: {same:.0%})')
+    # b. bytes read per decode step: every weight once + the KV cache at the mean context
+    v = np.dtype(cfg.param_dtype).itemsize
+    ctx = P + N / 2
+    step_bytes = cfg.num_params() * v + cfg.num_layers * batch * ctx * cfg.kv_bytes_per_token(v)
+    roof = step_bytes / bw
+    step = min(ours) / (N - 1)
+    rows.append({'part': 'b', 'what': f'decode batch {batch}', 'hetjax': step * 1e3, 'reference': roof * 1e3,
+                 'ratio': roof / step, 'unit': 'ms per step (reference: memory roofline)',
+                 'note': f'{step_bytes / 1e6:.0f} MB per step at {bw / 1e9:.1f} GB/s copy bandwidth'})
+    say(f'b. batch {batch}: step {step * 1e3:.2f} ms, roofline {roof * 1e3:.2f} ms '
+        f'({step_bytes / 1e6:.0f} MB / {bw / 1e9:.1f} GB/s): {roof / step:.0%} of the roofline')
+
+
+# ------------------------------------------------------------------ plans on this machine's devices
+def serve_plan(stage_devices, layers, max_batch=0, name='bench'):
+  """One replica: stage k gets `layers[k]` blocks on devices `stage_devices[k]`."""
+  from hetjax.plan import Plan, Replica, Stage
+  pos, stages = 0, []
+  for devs, n in zip(stage_devices, layers):
+    stages.append(Stage(pos, pos + n, list(devs)))
+    pos += n
+  return Plan([Replica(stages, max_batch=max_batch)], num_layers=pos, kind='serve', model=name,
+              cluster='local', seq_len=FLAGS.serve_prompt, gen_len=FLAGS.serve_tokens)
+
+
+def local_machine(bandwidth):
+  """This machine as a cluster: 8 CPU devices on one host, compute from the matmul probe of
+  cluster.local_cluster (one device), memory bandwidth from the copy probe -- calibrated once."""
+  from hetjax import cluster as hc
+  local = hc.local_cluster(n=1, probe_size=1024)
+  tflops = local.tflops(0)
+  # The catalog has no per-device bandwidth field: this run's CPU entry gets the measured one.
+  hc.GPU_CATALOG['CPU'] = dataclasses.replace(hc.GPU_CATALOG['CPU'], mem_bw_gbs=max(bandwidth.values()) / 1e9,
+                                              memory_gb=8.0)
+  import jax
+  n = len(jax.devices())
+  devices = [hc.Device(i, 'CPU', 'localhost', 'local', tflops=tflops) for i in range(n)]
+  delay_ms, gbps = _link_probe()
+  c = hc.Cluster('local', devices, np.full((n, n), delay_ms), np.full((n, n), gbps))
+  say(f'calibrated once: {tflops * 1e3:.1f} GFLOP/s (matmul probe), {max(bandwidth.values()) / 1e9:.1f} GB/s '
+      f'(copy probe), links {delay_ms:.3f} ms (all-reduce probe) + {gbps:.1f} Gbit/s (device_put probe)')
+  return c
+
+
+def _link_probe():
+  """(alpha ms, beta Gbit/s) of the ring model between two devices: alpha from a small all-reduce
+  (2 (t - 1) = 2 ring steps at t = 2), beta from an 4 MB device_put."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  d = jax.devices()
+  mesh = Mesh(np.array(d[:2]), ('tp',))
+  small = jax.device_put(jnp.ones((2, 64), jnp.float32), NamedSharding(mesh, P('tp')))
+  psum = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, 'tp'), mesh=mesh, in_specs=P('tp'),
+                               out_specs=P('tp')))
+  psum(small).block_until_ready()
+  alpha = min(_timed(lambda: psum(small).block_until_ready()) for _ in range(7)) / 2
+  x = jax.device_put(jnp.ones((1 << 20,), jnp.float32), d[0])
+  jax.device_put(x, d[1]).block_until_ready()
+  big = min(_timed(lambda: jax.device_put(x, d[1]).block_until_ready()) for _ in range(3))
+  return alpha * 1e3, x.nbytes * 8 / big / 1e9
+
+
+def engine_for(plan, model):
+  from flax import nnx
+  from hetjax.inference.engine import ServeEngine
+  return ServeEngine(plan, model.cfg, nnx.state(model))
+
+
+def groups_of(cfg, groups, batch, prompt_len, seed):
+  from hetjax.inference.engine import pad_prompts
+  rng = np.random.default_rng(seed)
+  return [pad_prompts(list(rng.integers(0, cfg.vocab_size, (batch, prompt_len)))) for _ in range(groups)]
+
+
+def part_c(model, machine, rows):
+  from hetjax.costmodel import inference as icm
+  cfg, B, T, P = model.cfg, FLAGS.group_batch, FLAGS.serve_tokens, FLAGS.serve_prompt
+  one = engine_for(serve_plan([[0]], [cfg.num_layers]), model)
+  base = groups_of(cfg, 1, B, P, 1)
+  t_one = best_of(lambda: one.run([base], T), FLAGS.repeats)
+  setup = icm.ServeSetup(prompt_len=P, gen_len=T, batch=B, bytes_per_value=4)
+  pred_one = icm.replica_cost(machine, cfg, [icm.StageLayout(cfg.num_layers, [0])], setup)
+  for S in map(int, FLAGS.stages):
+    from hetjax.search.layers import equal_layers
+    layers = equal_layers(cfg.num_layers, S)
+    eng = engine_for(serve_plan([[k] for k in range(S)], layers), model)
+    groups = groups_of(cfg, S, B, P, 2)
+    t_pipe = best_of(lambda: eng.run([groups], T), FLAGS.repeats)
+    ratio = (S * B * T / t_pipe) / (B * T / t_one)
+    pred = icm.replica_cost(machine, cfg, [icm.StageLayout(n, [k]) for k, n in enumerate(layers)], setup)
+    pred_ratio = pred['tokens_per_s'] / pred_one['tokens_per_s']
+    rows.append({'part': 'c', 'what': f'S={S} stages, M={S} groups of {B}', 'hetjax': S * B * T / t_pipe,
+                 'reference': B * T / t_one, 'ratio': ratio, 'unit': 'tokens/s (reference: one device, one group)',
+                 'note': f'cost model predicts {pred_ratio:.2f}'})
+    say(f'c. S={S}: pipelined {S * B * T / t_pipe:,.0f} tok/s vs one device {B * T / t_one:,.0f} tok/s: '
+        f'ratio {ratio:.2f} (predicted {pred_ratio:.2f})')
+
+
+def part_d(model, machine, rows):
+  from hetjax.costmodel import inference as icm
+  from hetjax.inference import serving
+  from hetjax.search import hexgen
+  cfg = model.cfg
+  setup = icm.ServeSetup(prompt_len=FLAGS.serve_prompt, gen_len=FLAGS.serve_tokens, bytes_per_value=4)
+  ref = hexgen.reference_latency(machine, cfg, setup)
+  deadline = 8 * ref
+  hcfg = hexgen.HexGenConfig(objective='rate', deadline=deadline, max_batch=16, population=16,
+                             evaluations=200)
+  rng = np.random.default_rng(FLAGS.seed)
+  arrivals = np.cumsum(rng.exponential(1 / FLAGS.rate, FLAGS.requests))
+  prompts = rng.integers(0, cfg.vocab_size, (FLAGS.requests, FLAGS.serve_prompt))
+  for system, sym in (('hetjax', False), ('symmetric', True)):
+    res = hexgen.plan_serving(machine, cfg, setup, dataclasses.replace(hcfg, symmetric=sym), FLAGS.seed, 'bench')
+    plan = res.plan
+    shape = ' | '.join('+'.join(f'{s.num_layers}L@tp{s.tp}' for s in r.stages) + f' b{r.max_batch}'
+                       for r in plan.replicas)
+    server = serving.Server(engine_for(plan, model), 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed)
+    warm = [serving.Request('w', prompts[0], FLAGS.serve_tokens)]
+    server.serve(warm, progress=lambda *a, **k: None)          # compiles the programs
+    server = serving.Server(server.engine, 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed)
+    reqs = [serving.Request(str(i), prompts[i], FLAGS.serve_tokens, float(a)) for i, a in enumerate(arrivals)]
+    t0 = time.perf_counter()
+    server.serve(reqs, progress=lambda *a, **k: None)
+    out = serving.summary(reqs, time.perf_counter() - t0, deadline)
+    for what, key in (('tokens/s', 'tokens_per_s'), ('p99 latency s', 'latency_p99_s')):
+      rows.append({'part': 'd', 'what': f'{system}: {what}', 'hetjax': out[key],
+                   'reference': res.plan.prediction['tokens_per_s'] if key == 'tokens_per_s' else deadline,
+                   'ratio': float('nan'), 'unit': f'{what} (reference: predicted capacity / deadline)',
+                   'note': shape})
+    say(f'd. {system}: plan {shape}; {out["tokens_per_s"]:,.1f} tok/s, p99 {out["latency_p99_s"]:.2f} s, '
+        f'SLO attainment {out.get("slo_attainment", float("nan")):.0%} at deadline {deadline:.2f} s')
+  het, sym = [r for r in rows if r['part'] == 'd' and r['what'].endswith('tokens/s')][-2:]
+  rows.append({'part': 'd', 'what': 'hetjax / symmetric tokens/s', 'hetjax': het['hetjax'],
+               'reference': sym['hetjax'], 'ratio': het['hetjax'] / sym['hetjax'], 'unit': 'ratio', 'note': ''})
+
+
+PLANS_E = [  # (stage devices, layer split): 1-3 stages, TP 1/2/4, asymmetric
+    ([[0]], None),
+    ([[0, 1]], None),
+    ([[0, 1, 2, 3]], None),
+    ([[0, 1], [2]], (2, 1)),
+    ([[0], [1, 2, 3, 4], [5]], (1, 2, 1)),
+]
+
+
+def part_e(model, machine, rows):
+  from hetjax.costmodel import inference as icm
+  cfg, T, P = model.cfg, FLAGS.serve_tokens, FLAGS.serve_prompt
+  for devs, split in PLANS_E:
+    weights = split or (1,)
+    layers = [cfg.num_layers * w // sum(weights) for w in weights]
+    layers[-1] += cfg.num_layers - sum(layers)
+    eng = engine_for(serve_plan(devs, layers), model)
+    name = ' + '.join(f'{n}L@tp{len(d)}' for d, n in zip(devs, layers))
+    for batch in (1, 8):
+      g = groups_of(cfg, 1, batch, P, 3)
+      full = best_of(lambda: eng.run([g], T), FLAGS.repeats)
+      first = best_of(lambda: eng.run([g], 1), FLAGS.repeats)
+      measured = (full - first) / (T - 1)
+      setup = icm.ServeSetup(prompt_len=P, gen_len=T, batch=batch, bytes_per_value=4)
+      pred = icm.replica_cost(machine, cfg, [icm.StageLayout(n, d) for d, n in zip(devs, layers)], setup,
+                              groups=1)['step']
+      rows.append({'part': 'e', 'what': f'{name}, batch {batch}', 'hetjax': measured * 1e3,
+                   'reference': pred * 1e3, 'ratio': measured / pred,
+                   'unit': 'ms per decode step of one batch (reference: cost model)',
+                   'note': 'within 20%' if abs(measured / pred - 1) <= 0.2 else 'OUTSIDE 20%'})
+      say(f'e. {name} batch {batch}: measured {measured * 1e3:.2f} ms, predicted {pred * 1e3:.2f} ms, '
+          f'ratio {measured / pred:.2f}')
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  parts = sorted({r['part'] for r in rows})
+  fig, axes = plt.subplots(1, len(parts), figsize=(4.5 * len(parts), 4), squeeze=False)
+  for ax, p in zip(axes[0], parts):
+    rr = [r for r in rows if r['part'] == p]
+    x = np.arange(len(rr))
+    ax.bar(x - 0.2, [r['hetjax'] for r in rr], 0.4, label='hetjax (measured)')
+    ax.bar(x + 0.2, [r['reference'] for r in rr], 0.4, label='reference')
+    ax.set_xticks(x, [r['what'] for r in rr], rotation=30, ha='right', fontsize=7)
+    ax.set_title(f'part {p}: {rr[0]["unit"]}', fontsize=8)
+    ax.legend(fontsize=7)
+  save_figure(fig, path)
+
+
+def main(argv):
+  del argv
+  import jax
+  os.makedirs(FLAGS.out, exist_ok=True)
+  t0 = time.time()
+  load = os.getloadavg()[0]
+  say(f'{len(jax.devices())} JAX CPU devices on {os.cpu_count()} cores, load average {load:.1f}')
+  parts = set(FLAGS.parts)
+  rows = []
+  bandwidth = copy_bandwidth()
+  say(f'copy bandwidth (read + write): numpy {bandwidth["numpy"] / 1e9:.1f} GB/s, '
+      f'jax {bandwidth["jax"] / 1e9:.1f} GB/s')
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model, model = make_models(tmp)
+  machine = local_machine(bandwidth) if parts & {'c', 'd', 'e'} else None
+  if parts & {'a', 'b'}:
+    part_ab(hf_model, model, bandwidth, rows)
+  if 'c' in parts:
+    part_c(model, machine, rows)
+  if 'd' in parts:
+    part_d(model, machine, rows)
+  if 'e' in parts:
+    part_e(model, machine, rows)
+  tag = os.path.join(FLAGS.out, 'bench_serve')
+  write_csv(f'{tag}.csv', rows)
+  plot(rows, f'{tag}.png')
+  wrote(FLAGS.out, 'bench_serve.csv', 'bench_serve.png')
+  print(f'total {time.time() - t0:.0f} s; load average {load:.1f} at the start, '
+        f'{os.getloadavg()[0]:.1f} at the end (a shared machine: ratios, not absolute times)')
+  print_table([{k: r[k] for k in ('part', 'what', 'hetjax', 'reference', 'ratio', 'note')} for r in rows],
+              precision='.3g')
+
+
+if __name__ == '__main__':
+  app.run(main)
