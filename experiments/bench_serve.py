@@ -13,6 +13,9 @@ serve plans) and section 6 (bench_serve) on this machine, with one small GPT-2-s
      runs) vs the symmetric plan on the same devices (inference/serving.Server, Poisson arrivals);
   e. predicted vs measured per-batch decode latency of serve plans (1-3 stages, TP 1/2/4, batch 1
      and 8), the cost model calibrated once by a matmul probe (compute) and the copy probe (memory).
+  g. (a GPU, experiments/gpu_serve_check.sh) decode tokens/s of --gpu_models at --gpu_batches with
+     the stages colocated on the one GPU, the fraction of the HBM roofline, and the pipelined-decode
+     ratio (2 colocated stages, 2 groups, vs 1 stage).
 JAX's 8 CPU devices here are threads sharing this machine's cores, which the cost model knows
 (costmodel/inference.SHARED_COMPUTE): TP and pipelining cannot add compute on one CPU. The GPU
 checks are in experiments/gpu_serve_check.sh.
@@ -40,7 +43,7 @@ import time
 import numpy as np
 
 flags.DEFINE_string('out', 'runs/bench_serve/', 'Output folder (bench_serve.csv, bench_serve.png).')
-flags.DEFINE_list('parts', ['a', 'b', 'c', 'd', 'e'], 'Which benchmarks to run (a-e, see the docstring).')
+flags.DEFINE_list('parts', ['a', 'b', 'c', 'd', 'e'], 'Which benchmarks to run (a-e, and g on a GPU; see the docstring).')
 flags.DEFINE_integer('layers', 6, 'Model blocks (GPT-2 family).')
 flags.DEFINE_integer('hidden', 512, 'Model width (heads of 64).')
 flags.DEFINE_integer('vocab', 8192, 'Vocabulary size.')
@@ -49,13 +52,17 @@ flags.DEFINE_integer('new_tokens', 32, 'Generated tokens per request.')
 flags.DEFINE_list('batches', ['1', '16'], 'Batch sizes of parts a and b.')
 flags.DEFINE_list('stages', ['2', '4'], 'Part c: pipeline depths S (M = S groups).')
 flags.DEFINE_integer('group_batch', 4, 'Part c: requests per group.')
-flags.DEFINE_integer('requests', 24, 'Part d: requests served per plan.')
-flags.DEFINE_float('rate', 4.0, 'Part d: Poisson arrival rate (requests/s).')
+flags.DEFINE_integer('requests', 16, 'Part d: requests served per plan.')
+flags.DEFINE_float('rate', 2.0, 'Part d: Poisson arrival rate (requests/s).')
+flags.DEFINE_integer('serve_devices', 4, 'Part d: CPU devices the plans may use.')
 flags.DEFINE_integer('serve_tokens', 16, 'Parts d and e: new tokens per request.')
 flags.DEFINE_integer('serve_prompt', 32, 'Parts d and e: prompt tokens.')
 flags.DEFINE_integer('repeats', 2, 'Timed runs per point (the best is kept).')
 flags.DEFINE_integer('torch_threads', 1, 'Threads of torch (0: its default). On this loaded 2-core machine 1 thread was\n'
                      '~7x faster than 2 for transformers decode.')
+flags.DEFINE_list('gpu_models', ['gpt2_medium', 'llama2_7b'], 'Part g: model presets (random bf16 weights).')
+flags.DEFINE_list('gpu_batches', ['1', '16', '64'], 'Part g: decode batch sizes.')
+flags.DEFINE_bool('gpu_on_cpu', False, 'Part g on CPU devices (a smoke test of the GPU script).')
 flags.DEFINE_integer('seed', 0, 'Seed of weights, prompts and arrivals.')
 FLAGS = flags.FLAGS
 
@@ -197,6 +204,12 @@ def local_machine(bandwidth):
   return c
 
 
+def measured_setup(**kw):
+  """The cost model's workload in fp32, with efficiencies 1: the probes measured achieved rates."""
+  from hetjax.costmodel import inference as icm
+  return icm.ServeSetup(bytes_per_value=4, compute_efficiency=1.0, memory_efficiency=1.0, **kw)
+
+
 def _link_probe():
   """(alpha ms, beta Gbit/s) of the ring model between two devices: alpha from a small all-reduce
   (2 (t - 1) = 2 ring steps at t = 2), beta from an 4 MB device_put."""
@@ -234,7 +247,7 @@ def part_c(model, machine, rows):
   one = engine_for(serve_plan([[0]], [cfg.num_layers]), model)
   base = groups_of(cfg, 1, B, P, 1)
   t_one = best_of(lambda: one.run([base], T), FLAGS.repeats)
-  setup = icm.ServeSetup(prompt_len=P, gen_len=T, batch=B, bytes_per_value=4)
+  setup = measured_setup(prompt_len=P, gen_len=T, batch=B)
   pred_one = icm.replica_cost(machine, cfg, [icm.StageLayout(cfg.num_layers, [0])], setup)
   for S in map(int, FLAGS.stages):
     from hetjax.search.layers import equal_layers
@@ -257,7 +270,8 @@ def part_d(model, machine, rows):
   from hetjax.inference import serving
   from hetjax.search import hexgen
   cfg = model.cfg
-  setup = icm.ServeSetup(prompt_len=FLAGS.serve_prompt, gen_len=FLAGS.serve_tokens, bytes_per_value=4)
+  machine = machine.subset(range(FLAGS.serve_devices))
+  setup = measured_setup(prompt_len=FLAGS.serve_prompt, gen_len=FLAGS.serve_tokens)
   ref = hexgen.reference_latency(machine, cfg, setup)
   deadline = 8 * ref
   hcfg = hexgen.HexGenConfig(objective='rate', deadline=deadline, max_batch=16, population=16,
@@ -270,13 +284,13 @@ def part_d(model, machine, rows):
     plan = res.plan
     shape = ' | '.join('+'.join(f'{s.num_layers}L@tp{s.tp}' for s in r.stages) + f' b{r.max_batch}'
                        for r in plan.replicas)
-    server = serving.Server(engine_for(plan, model), 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed)
-    warm = [serving.Request('w', prompts[0], FLAGS.serve_tokens)]
-    server.serve(warm, progress=lambda *a, **k: None)          # compiles the programs
-    server = serving.Server(server.engine, 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed)
-    reqs = [serving.Request(str(i), prompts[i], FLAGS.serve_tokens, float(a)) for i, a in enumerate(arrivals)]
-    t0 = time.perf_counter()
-    server.serve(reqs, progress=lambda *a, **k: None)
+    engine = engine_for(plan, model)
+    for timed in (False, True):      # the first pass compiles every (replica, batch shape) it meets
+      server = serving.Server(engine, 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed)
+      reqs = [serving.Request(str(i), prompts[i], FLAGS.serve_tokens, float(a)) for i, a in enumerate(arrivals)]
+      say(f'd. {system}: {"timed" if timed else "warm-up"} pass over {len(reqs)} requests')
+      t0 = time.perf_counter()
+      server.serve(reqs, progress=lambda *a, **k: None)
     out = serving.summary(reqs, time.perf_counter() - t0, deadline)
     for what, key in (('tokens/s', 'tokens_per_s'), ('p99 latency s', 'latency_p99_s')):
       rows.append({'part': 'd', 'what': f'{system}: {what}', 'hetjax': out[key],
@@ -310,10 +324,8 @@ def part_e(model, machine, rows):
     name = ' + '.join(f'{n}L@tp{len(d)}' for d, n in zip(devs, layers))
     for batch in (1, 8):
       g = groups_of(cfg, 1, batch, P, 3)
-      full = best_of(lambda: eng.run([g], T), FLAGS.repeats)
-      first = best_of(lambda: eng.run([g], 1), FLAGS.repeats)
-      measured = (full - first) / (T - 1)
-      setup = icm.ServeSetup(prompt_len=P, gen_len=T, batch=batch, bytes_per_value=4)
+      measured = decode_step_time(eng, g, T)
+      setup = measured_setup(prompt_len=P, gen_len=T, batch=batch)
       pred = icm.replica_cost(machine, cfg, [icm.StageLayout(n, d) for d, n in zip(devs, layers)], setup,
                               groups=1)['step']
       rows.append({'part': 'e', 'what': f'{name}, batch {batch}', 'hetjax': measured * 1e3,
@@ -322,6 +334,57 @@ def part_e(model, machine, rows):
                    'note': 'within 20%' if abs(measured / pred - 1) <= 0.2 else 'OUTSIDE 20%'})
       say(f'e. {name} batch {batch}: measured {measured * 1e3:.2f} ms, predicted {pred * 1e3:.2f} ms, '
           f'ratio {measured / pred:.2f}')
+
+
+def decode_step_time(eng, groups, T):
+  """Seconds per decode step of a round: (T tokens - 1 token) / (T - 1), best of --repeats."""
+  full = best_of(lambda: eng.run([groups], T), FLAGS.repeats)
+  first = best_of(lambda: eng.run([groups], 1), FLAGS.repeats)
+  return (full - first) / (T - 1)
+
+
+def part_g(rows):
+  """GPU checks: one device, stages colocated (ServeEngine(colocate=True))."""
+  import jax
+  from flax import nnx
+  from hetjax.inference.engine import ServeEngine
+  from hetjax.models.config import get_model_config
+  from hetjax.models.model import build_model
+  if jax.devices()[0].platform != 'gpu' and not FLAGS.gpu_on_cpu:
+    say('g. no GPU on this machine: part g skipped (run experiments/gpu_serve_check.sh where there is one)')
+    return
+  say(f'g. device: {jax.devices()[0].device_kind}')
+  hbm = copy_bandwidth()['jax']
+  T, P = FLAGS.new_tokens, FLAGS.prompt_len
+  for name in FLAGS.gpu_models:
+    cfg = get_model_config(name, dtype='bfloat16', param_dtype='bfloat16',
+                           max_len=max(P + T, get_model_config(name).max_len))
+    model = build_model(cfg, FLAGS.seed)
+    state = nnx.state(model)
+    one = ServeEngine(serve_plan([[0]], [cfg.num_layers]), cfg, state, colocate=True)
+    for batch in map(int, FLAGS.gpu_batches):
+      g = groups_of(cfg, 1, batch, P, 4)
+      step = decode_step_time(one, g, T)
+      step_bytes = cfg.num_params() * 2 + cfg.num_layers * batch * (P + T / 2) * cfg.kv_bytes_per_token(2)
+      rows.append({'part': 'g', 'what': f'{name} batch {batch}', 'hetjax': batch / step,
+                   'reference': step_bytes / hbm / step, 'ratio': step_bytes / hbm / step,
+                   'unit': 'decode tokens/s (reference and ratio: fraction of the HBM roofline)',
+                   'note': f'{hbm / 1e9:.1f} GB/s copy bandwidth'})
+      say(f'g. {name} batch {batch}: {batch / step:,.0f} tok/s, {step * 1e3:.2f} ms per step, '
+          f'{step_bytes / hbm / step:.0%} of the HBM roofline')
+    batch = int(FLAGS.gpu_batches[min(1, len(FLAGS.gpu_batches) - 1)])
+    half = cfg.num_layers // 2
+    two = ServeEngine(serve_plan([[0], [1]], [half, cfg.num_layers - half]), cfg, state, colocate=True)
+    base = groups_of(cfg, 1, batch, P, 5)
+    pair = groups_of(cfg, 2, batch, P, 6)
+    t_one = best_of(lambda: one.run([base], T), FLAGS.repeats)
+    t_two = best_of(lambda: two.run([pair], T), FLAGS.repeats)
+    ratio = (2 * batch / t_two) / (batch / t_one)
+    rows.append({'part': 'g', 'what': f'{name} 2 stages x 2 groups of {batch}', 'hetjax': 2 * batch * T / t_two,
+                 'reference': batch * T / t_one, 'ratio': ratio,
+                 'unit': 'tokens/s (reference: 1 stage, 1 group)', 'note': 'stages colocated on one GPU'})
+    say(f'g. {name}: pipelined (2 colocated stages, 2 groups) / one stage = {ratio:.2f}')
+    del one, two, model, state
 
 
 def plot(rows, path):
@@ -350,11 +413,15 @@ def main(argv):
   say(f'{len(jax.devices())} JAX CPU devices on {os.cpu_count()} cores, load average {load:.1f}')
   parts = set(FLAGS.parts)
   rows = []
+  if 'g' in parts and len(parts) > 1:
+    raise app.UsageError('run part g (the GPU checks) on its own: --parts=g')
   bandwidth = copy_bandwidth()
   say(f'copy bandwidth (read + write): numpy {bandwidth["numpy"] / 1e9:.1f} GB/s, '
       f'jax {bandwidth["jax"] / 1e9:.1f} GB/s')
-  with tempfile.TemporaryDirectory() as tmp:
-    hf_model, model = make_models(tmp)
+  hf_model = model = None
+  if parts & {'a', 'b', 'c', 'd', 'e'}:
+    with tempfile.TemporaryDirectory() as tmp:
+      hf_model, model = make_models(tmp)
   machine = local_machine(bandwidth) if parts & {'c', 'd', 'e'} else None
   if parts & {'a', 'b'}:
     part_ab(hf_model, model, bandwidth, rows)
@@ -364,6 +431,8 @@ def main(argv):
     part_d(model, machine, rows)
   if 'e' in parts:
     part_e(model, machine, rows)
+  if 'g' in parts:
+    part_g(rows)
   tag = os.path.join(FLAGS.out, 'bench_serve')
   write_csv(f'{tag}.csv', rows)
   plot(rows, f'{tag}.png')

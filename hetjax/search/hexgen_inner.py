@@ -125,10 +125,19 @@ class Planner:
     self.tps = icm.allowed_tp(model, cfg.max_tp)
     self.batches = [b for b in (2 ** k for k in range(12)) if b <= cfg.max_batch]
     self._inner: dict[tuple, ReplicaChoice] = {}
+    self._options: dict[tuple, list] = {}
+    self._hops: dict[tuple, float] = {}
+    self._exact: dict[tuple, Optional[dict]] = {}
 
   # ---- per pool, per batch: layer time and stage cap for each TP degree
   def _pool_options(self, q: int, count: int, b: int) -> list[tuple[int, float, int, int]]:
     """(tp, seconds per layer, layers per stage cap, number of TP groups) for pool q with `count` devices."""
+    key = (q, count, b)
+    if key not in self._options:
+      self._options[key] = self._pool_options_uncached(q, count, b)
+    return self._options[key]
+
+  def _pool_options_uncached(self, q: int, count: int, b: int) -> list[tuple[int, float, int, int]]:
     pool, setup = self.pools[q], dataclasses.replace(self.setup, batch=b)
     d0 = pool.devices[0]
     spec = self.cluster.spec(d0)
@@ -147,6 +156,11 @@ class Planner:
 
   def _hop(self, p: int, q: int, b: int) -> float:
     """PP cost between the leaders of pools p and q over a whole request (prefill + decode steps)."""
+    if (p, q, b) not in self._hops:
+      self._hops[(p, q, b)] = self._hop_uncached(p, q, b)
+    return self._hops[(p, q, b)]
+
+  def _hop_uncached(self, p: int, q: int, b: int) -> float:
     a, c = self.pools[p].devices[0], self.pools[q].devices[0]
     act = b * self.model.hidden * self.setup.bytes_per_value
     steps = self.setup.gen_len - 1
@@ -260,11 +274,14 @@ class Planner:
   def exact(self, stages: list[tuple[int, int, int]], b: int, groups: Optional[int] = None
             ) -> Optional[dict]:
     """replica_cost of a layout (one group of b requests per stage by default); None if it does not fit."""
-    try:
-      return icm.replica_cost(self.cluster, self.model, self.devices(stages),
-                              dataclasses.replace(self.setup, batch=b), groups=groups)
-    except HetjaxError:
-      return None
+    key = (tuple(stages), b, groups)
+    if key not in self._exact:
+      try:
+        self._exact[key] = icm.replica_cost(self.cluster, self.model, self.devices(stages),
+                                            dataclasses.replace(self.setup, batch=b), groups=groups)
+      except HetjaxError:
+        self._exact[key] = None
+    return self._exact[key]
 
   def layouts(self, counts: tuple[int, ...], b: int) -> list[list[tuple[int, int, int]]]:
     if self.cfg.symmetric:
