@@ -155,4 +155,5 @@ def test_run_py_plan_inference_and_offload_policy(tmp_path):
   pol = json.load(open(tmp_path / 'b' / 'policy.json'))
   assert abs(sum(pol['weights']) - 1) < 1e-6 and 'tok/s' in r.stdout
   r = run('--config=configs/plan_inference.py', '--config.objective=fastest', f'--config.workdir={tmp_path / "c"}')
-  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith('error: objective must be one of')
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode == 2 and last.startswith('error: ') and 'objective must be one of' in last
