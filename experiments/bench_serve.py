@@ -314,27 +314,58 @@ PLANS_E = [  # (stage devices, layer split): 1-3 stages, TP 1/2/4, asymmetric
 ]
 
 
+def machine_with(machine, tflops=None, bw_gbs=None):
+  """The same devices and links with another compute rate and/or memory bandwidth (no per-device
+  bandwidth field exists, so this run's CPU catalog entry carries it)."""
+  from hetjax import cluster as hc
+  if bw_gbs is not None:
+    hc.GPU_CATALOG['CPU'] = dataclasses.replace(hc.GPU_CATALOG['CPU'], mem_bw_gbs=bw_gbs)
+  devices = [dataclasses.replace(d, tflops=tflops or d.tflops) for d in machine.devices]
+  return hc.Cluster(machine.name, devices, machine.delay_ms, machine.bandwidth_gbps)
+
+
 def part_e(model, machine, rows):
+  """Measured vs predicted decode step of one batch. Two calibrations, each done once: the probes
+  (matmul + copy), and one measured plan (the first: its batch-1 step fits the bandwidth, its
+  batch-8 step the compute rate); the other plans then test the model's TP, stage and hop terms."""
   from hetjax.costmodel import inference as icm
   cfg, T, P = model.cfg, FLAGS.serve_tokens, FLAGS.serve_prompt
+  measured, layouts = {}, {}
   for devs, split in PLANS_E:
     weights = split or (1,)
     layers = [cfg.num_layers * w // sum(weights) for w in weights]
     layers[-1] += cfg.num_layers - sum(layers)
     eng = engine_for(serve_plan(devs, layers), model)
     name = ' + '.join(f'{n}L@tp{len(d)}' for d, n in zip(devs, layers))
+    layouts[name] = [icm.StageLayout(n, d) for d, n in zip(devs, layers)]
     for batch in (1, 8):
       g = groups_of(cfg, 1, batch, P, 3)
-      measured = decode_step_time(eng, g, T)
-      setup = measured_setup(prompt_len=P, gen_len=T, batch=batch)
-      pred = icm.replica_cost(machine, cfg, [icm.StageLayout(n, d) for d, n in zip(devs, layers)], setup,
-                              groups=1)['step']
-      rows.append({'part': 'e', 'what': f'{name}, batch {batch}', 'hetjax': measured * 1e3,
-                   'reference': pred * 1e3, 'ratio': measured / pred,
-                   'unit': 'ms per decode step of one batch (reference: cost model)',
-                   'note': 'within 20%' if abs(measured / pred - 1) <= 0.2 else 'OUTSIDE 20%'})
-      say(f'e. {name} batch {batch}: measured {measured * 1e3:.2f} ms, predicted {pred * 1e3:.2f} ms, '
-          f'ratio {measured / pred:.2f}')
+      measured[(name, batch)] = profiled_step_time(eng, g, T)
+      say(f'e. {name} batch {batch}: measured {measured[(name, batch)] * 1e3:.2f} ms per step')
+
+  def predict(c, name, batch):
+    return icm.replica_cost(c, cfg, layouts[name], measured_setup(prompt_len=P, gen_len=T, batch=batch),
+                            groups=1)['step']
+
+  from hetjax.cluster import GPU_CATALOG
+  bw0, rate0 = GPU_CATALOG['CPU'].mem_bw_gbs, machine.tflops(0)
+  probes = {k: predict(machine, *k) for k in measured}
+  first = next(iter(layouts))
+  memory_only = predict(machine_with(machine, tflops=1e6), first, 1)
+  compute_only = predict(machine_with(machine, bw_gbs=1e9), first, 8)
+  bw_fit = bw0 * memory_only / measured[(first, 1)]
+  rate_fit = rate0 * compute_only / measured[(first, 8)]
+  fitted = machine_with(machine, tflops=rate_fit, bw_gbs=bw_fit)
+  say(f'e. calibrated on {first}: {bw_fit:.1f} GB/s, {rate_fit * 1e3:.1f} GFLOP/s '
+      f'(probes: {bw0:.1f} GB/s, {rate0 * 1e3:.1f} GFLOP/s)')
+  for (name, batch), m in measured.items():
+    pred = predict(fitted, name, batch)
+    tag = 'calibration plan' if name == first else ('within 20%' if abs(m / pred - 1) <= 0.2 else 'OUTSIDE 20%')
+    rows.append({'part': 'e', 'what': f'{name}, batch {batch}', 'hetjax': m * 1e3, 'reference': pred * 1e3,
+                 'ratio': m / pred, 'unit': 'ms per decode step of one batch (reference: cost model)',
+                 'note': f'{tag}; probe-calibrated ratio {m / probes[(name, batch)]:.2f}'})
+    say(f'e. {name} batch {batch}: measured {m * 1e3:.2f} ms, predicted {pred * 1e3:.2f} ms '
+        f'(ratio {m / pred:.2f}; probe-calibrated {m / probes[(name, batch)]:.2f})')
 
 
 def decode_step_time(eng, groups, T):
@@ -342,6 +373,20 @@ def decode_step_time(eng, groups, T):
   full = best_of(lambda: eng.run([groups], T), FLAGS.repeats)
   first = best_of(lambda: eng.run([groups], 1), FLAGS.repeats)
   return (full - first) / (T - 1)
+
+
+def profiled_step_time(eng, groups, T):
+  """Median seconds between consecutive decode tokens of one group on the head stage, from the
+  runtime's per-op timeline (one group: the ops run one after another anyway); the median of the
+  T - 2 gaps and the best of --repeats runs, robust to a loaded machine's spikes."""
+  eng.run([groups], T)   # warm-up
+  best = float('inf')
+  for _ in range(FLAGS.repeats):
+    _, events = eng.run([groups], T, profile=True)
+    head = max(e['stage'] for e in events)
+    ends = sorted(e['end_s'] for e in events if e['stage'] == head)
+    best = min(best, float(np.median(np.diff(ends[1:]))))   # gaps between decode steps
+  return best
 
 
 def part_g(rows):
