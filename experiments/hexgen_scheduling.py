@@ -38,6 +38,7 @@ SETTINGS = {'full_budget': 'hexgen_full_budget', 'half_budget': 'hexgen_half_bud
 
 
 flags.DEFINE_string('out', 'runs/hexgen_scheduling/', 'Output folder (CSVs and hexgen_scheduling.png).')
+flags.DEFINE_list('settings', list(SETTINGS), 'Heterogeneous settings to plan (the homogeneous one always runs).')
 flags.DEFINE_list('lengths', ['32', '64', '128'], 'Prompt = output lengths.')
 flags.DEFINE_list('rates', '0.125,1,2,4,8,16,24,32,48,64,96,128,192'.split(','), 'Request rates (req/s).')
 flags.DEFINE_float('slo_scale', 8.0, 'Deadline = this x the single-request latency on the homogeneous setting.')
@@ -63,8 +64,10 @@ def main(argv):
     base = hexgen.HexGenConfig(objective='rate', deadline=deadline, evaluations=a.evaluations,
                                population=a.population, max_batch=64)
     systems = [('homogeneous', 'homogeneous', homo, base)]
-    for name, spec in SETTINGS.items():
-      c = get_cluster(spec)
+    for name in a.settings:
+      if name not in SETTINGS:
+        raise app.UsageError(f'--settings: choose from {", ".join(SETTINGS)}')
+      c = get_cluster(SETTINGS[name])
       systems += [(name, 'symmetric', c, dataclasses.replace(base, symmetric=True)),
                   (name, 'hetjax', c, base)]
     for setting, system, cluster, cfg in systems:
