@@ -267,7 +267,6 @@ def part_c(model, machine, rows):
 
 
 def part_d(model, machine, rows):
-  from hetjax.costmodel import inference as icm
   from hetjax.inference import serving
   from hetjax.search import hexgen
   cfg = model.cfg
@@ -430,7 +429,6 @@ def part_g(rows):
                  'reference': batch * T / t_one, 'ratio': ratio,
                  'unit': 'tokens/s (reference: 1 stage, 1 group)', 'note': 'stages colocated on one GPU'})
     say(f'g. {name}: pipelined (2 colocated stages, 2 groups) / one stage = {ratio:.2f}')
-    del one, two, model, state
 
 
 def plot(rows, path):

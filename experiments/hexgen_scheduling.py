@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, save_figure, wrote, write_csv  # (sets sys.path)
 from absl import app, flags
 
-import numpy as np
 
 from hetjax.cluster import get_cluster
 from hetjax.costmodel.inference import ServeSetup, plan_stages, service_time_fn
