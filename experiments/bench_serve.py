@@ -20,7 +20,7 @@ JAX's 8 CPU devices here are threads sharing this machine's cores, which the cos
 (costmodel/inference.SHARED_COMPUTE): TP and pipelining cannot add compute on one CPU. The GPU
 checks are in experiments/gpu_serve_check.sh.
 
-  python experiments/bench_serve.py                          # ~5 minutes on 2 loaded CPU cores
+  python experiments/bench_serve.py                          # ~5-10 minutes on 2 loaded CPU cores
   python experiments/bench_serve.py --parts=a,b --batches=1,16
 
 Writes bench_serve.csv (one row per measurement, column `part`) and bench_serve.png, prints the
