@@ -3,7 +3,9 @@
 Reproduces: the HexGen paper's (ICML 2024) end-to-end comparison -- Llama-2-70B on the full- and
 half-budget heterogeneous settings vs the homogeneous A100 setting, SLO attainment against request
 rate (see /work/shared/paper_facts/hexgen_setups.json) -- with symmetric plans on the same GPUs as a
-second baseline, on hetjax's cost model and dispatch simulator.
+second baseline, on hetjax's cost model and dispatch simulator. Replicas decode pipelined: one
+request group per stage (costmodel/inference.py), and a simulated round takes up to max_batch
+requests per stage.
 
 For each setting x system the planner maximises the request rate served within the deadline
 (slo_scale x the single-request latency on the homogeneous setting), then the dispatch simulator
@@ -16,6 +18,7 @@ hexgen_scheduling_summary.csv and hexgen_scheduling.png, prints the table last.
   python experiments/hexgen_scheduling.py --lengths=128 --evaluations=3000 --slo_scale=16
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -25,10 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, save_figure, wrote, write_csv  # (sets sys.path)
 from absl import app, flags
 
-import numpy as np
 
 from hetjax.cluster import get_cluster
-from hetjax.costmodel.inference import ServeSetup
+from hetjax.costmodel.inference import ServeSetup, plan_stages, service_time_fn
 from hetjax.inference import dispatch
 from hetjax.models.config import get_model_config
 from hetjax.search import hexgen
@@ -37,6 +39,7 @@ SETTINGS = {'full_budget': 'hexgen_full_budget', 'half_budget': 'hexgen_half_bud
 
 
 flags.DEFINE_string('out', 'runs/hexgen_scheduling/', 'Output folder (CSVs and hexgen_scheduling.png).')
+flags.DEFINE_list('settings', list(SETTINGS), 'Heterogeneous settings to plan (the homogeneous one always runs).')
 flags.DEFINE_list('lengths', ['32', '64', '128'], 'Prompt = output lengths.')
 flags.DEFINE_list('rates', '0.125,1,2,4,8,16,24,32,48,64,96,128,192'.split(','), 'Request rates (req/s).')
 flags.DEFINE_float('slo_scale', 8.0, 'Deadline = this x the single-request latency on the homogeneous setting.')
@@ -62,13 +65,15 @@ def main(argv):
     base = hexgen.HexGenConfig(objective='rate', deadline=deadline, evaluations=a.evaluations,
                                population=a.population, max_batch=64)
     systems = [('homogeneous', 'homogeneous', homo, base)]
-    for name, spec in SETTINGS.items():
-      c = get_cluster(spec)
-      systems += [(name, 'symmetric', c, hexgen.dataclasses.replace(base, symmetric=True)),
+    for name in a.settings:
+      if name not in SETTINGS:
+        raise app.UsageError(f'--settings: choose from {", ".join(SETTINGS)}')
+      c = get_cluster(SETTINGS[name])
+      systems += [(name, 'symmetric', c, dataclasses.replace(base, symmetric=True)),
                   (name, 'hetjax', c, base)]
     for setting, system, cluster, cfg in systems:
       res = hexgen.plan_serving(cluster, model, setup, cfg, seed=a.seed, model_name='llama2_70b')
-      reps = dispatch.replicas_from_plan(res.plan, cluster, model, setup)
+      reps = replica_states(res.plan, cluster, model, setup)
       policies = ['shortest_completion'] + (['round_robin'] if system == 'hetjax' else [])
       for pol in policies:
         for row in dispatch.sweep(reps, rates, deadline, pol, a.requests, a.seed):
@@ -96,6 +101,16 @@ def main(argv):
         f'hexgen_homogeneous; attainment with shortest-expected-completion dispatch, {a.requests} '
         f'Poisson requests per rate')
   print_table(summary, precision='.3f')
+
+
+def replica_states(plan, cluster, model, setup):
+  """One dispatch ReplicaState per replica whose rounds take up to max_batch requests per stage,
+  as the engine's serving rounds do (dispatch.replicas_from_plan caps a round at max_batch)."""
+  out = []
+  for i, r in enumerate(plan.replicas):
+    n = len(r.stages) * max(1, r.max_batch)
+    out.append(dispatch.ReplicaState(service_time_fn(cluster, model, plan_stages(plan, i), setup, n), n))
+  return out
 
 
 def plot(rows, path):
