@@ -115,8 +115,11 @@ class Server:
       groups = [list(g) for g in np.array_split(np.arange(take), min(take, len(engine.replicas[r])) or 1)
                 if len(g)] if take else []
       layout.append([[reqs[i] for i in g] for g in groups])
-      batches.append([pad_prompts([reqs[i].ids for i in g]) for g in groups])
     num_tokens = max(q.max_new_tokens for groups in layout for g in groups for q in g)
+    for r, groups in enumerate(layout):
+      # Full-size groups and power-of-two prompt widths: few shapes, few compilations.
+      batches.append([pad_prompts([q.ids for q in g], self.max_batch[r],
+                                  max_width=engine.cfg.max_len - num_tokens) for g in groups])
     t0 = now()
 
     def on_token(r, m, t, token):
