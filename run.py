@@ -47,7 +47,8 @@ def run_config(cfg) -> str | None:
     modes = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'hetjax', 'modes'))
                    if f.endswith('.py') and not f.startswith('_'))
     raise HetjaxError(f'unknown mode {cfg.mode!r}; choose one of: {", ".join(modes)}') from None
-  if not cfg.get('workdir') and cfg.mode in PRINT_ONLY_MODES:
+  writes_files = bool(cfg.get('offload') and cfg.offload.policy)  # offload_metrics.json, disk tier
+  if not cfg.get('workdir') and cfg.mode in PRINT_ONLY_MODES and not writes_files:
     mode.run(cfg, None)
     return None
   existed = bool(cfg.get('workdir')) and os.path.exists(cfg.workdir)
