@@ -2,6 +2,8 @@
 epoch, exact wire bytes, checkpoints that carry the buffers."""
 
 import dataclasses
+import gzip
+import json
 import os
 import signal
 import subprocess
@@ -176,3 +178,51 @@ def test_checkpoint_carries_the_buffers_and_resumes_exactly(tmp_path, capsys):
   assert out.count('start empty') == 1 and '1.fwd.0.send' in out
   assert not third.pipe.buffers.filled((1, 'fwd', 0, 'send')).any()
   assert np.isfinite(third.train_step(next(third.data))['loss'])
+
+
+def _run_cmd(workdir, plan_path, corpus, steps):
+  return [sys.executable, 'run.py', '--config=configs/train.py', f'--config.workdir={workdir}',
+          f'--config.pipeline.plan={plan_path}', '--config.pipeline.codec=aqsgd4',
+          '--config.aqsgd.warmup_epochs=1', '--config.aqsgd.buffers=disk',
+          f'--config.data.path={corpus}', '--config.model=tiny_gpt',
+          f'--config.train.steps={steps}', '--config.train.batch_size=4',
+          f'--config.train.seq_len={SEQ}', '--config.train.warmup_steps=5',
+          '--config.train.log_every=1', '--config.train.eval_every=0',
+          '--config.ckpt.every=10', '--config.ckpt.keep=2']
+
+
+@pytest.mark.slow
+def test_aqsgd_run_resumes_exactly_after_sigkill(tmp_path):
+  """mode=train over a 2-stage plan with disk buffers: killed after a checkpoint past warm-up,
+  the resumed run logs the straight run's losses and bytes."""
+  from tests.test_checkpoint import _losses
+  plan().save(str(tmp_path / 'plan.json'))
+  corpus = tmp_path / 'corpus.txt'
+  with gzip.open(data_lib.DEFAULT_CORPUS) as f:
+    corpus.write_bytes(f.read()[:2000])  # 59 training windows: an epoch is 15 steps
+  steps = 40
+  cmd = lambda name: _run_cmd(tmp_path / name, tmp_path / 'plan.json', corpus, steps)
+  straight = subprocess.run(cmd('straight'), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert straight.returncode == 0, straight.stderr
+  assert 'buffers 2.fwd.0.send: disk' in straight.stdout
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(cmd('killed'), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      is_checkpoint(str(killed / 'checkpoints')) and '20' in os.listdir(killed / 'checkpoints')):
+    time.sleep(0.01)  # past warm-up (15 steps) and a checkpoint with filled buffers
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  resumed = subprocess.run(cmd('killed'), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr
+  assert 'resumed from' in resumed.stdout and 'start empty' not in resumed.stdout
+  a_steps, a = _losses(tmp_path / 'straight')
+  b_steps, b = _losses(killed)
+  assert a_steps == b_steps == list(range(1, steps + 1))
+  np.testing.assert_array_equal(b, a)
+  bytes_of = lambda d: [r['bytes_sent'] for r in map(json.loads,
+                                                     open(d / 'metrics.jsonl')) if 'bytes_sent' in r]
+  sent = bytes_of(tmp_path / 'straight')
+  assert bytes_of(killed) == sent
+  assert sent[:15] == [sent[0]] * 15 and sent[-1] < sent[0]  # warm-up in fp32, then 4-bit deltas
