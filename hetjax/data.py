@@ -110,7 +110,9 @@ class BatchIterator:
   def batch(self, step: int) -> dict:
     ids = self.sample_ids(step)
     w = self.windows(ids)
-    return {'inputs': w[:, :-1], 'targets': w[:, 1:], 'ids': ids}
+    # 'epoch': epochs completed before this batch (AQ-SGD sends in full precision while warming up).
+    return {'inputs': w[:, :-1], 'targets': w[:, 1:], 'ids': ids,
+            'epoch': np.float32(step * self.batch_size / self.num_samples)}
 
   def __iter__(self):
     return self

@@ -242,6 +242,23 @@ class BufferStore:
     self._pool.shutdown(wait=True)
 
 
+class StoreRows:
+  """One key of a BufferStore behind the exchange's per-(key, replica, side) state interface
+  (gather/scatter by sample id), so AQ-SGD's buffers live where cfg.aqsgd places them."""
+
+  def __init__(self, store: BufferStore, key):
+    self.store, self.key = store, key
+
+  def gather(self, ids):
+    return self.store.gather(self.key, ids)
+
+  def scatter(self, ids, state) -> None:
+    self.store.scatter(self.key, ids, state)
+
+  def reset(self) -> None:
+    self.store.reset(self.key)
+
+
 def from_config(acfg, num_samples: int, workdir: str, say=print) -> BufferStore:
   """The store that --config.aqsgd describes (buffers, buffer_dtype, buffer_budget_gb); disk
   buffers go to <workdir>/aqsgd_buffers."""

@@ -36,9 +36,17 @@ def pipeline_state_factory(cfg, mcfg, workdir):
     raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put' or 'pair', got {pcfg.transport!r}")
   codec, grad_codec = make_codec(pcfg.codec, cfg.get('aqsgd')), make_codec(pcfg.grad_codec)
 
+  stateful = any(getattr(c, 'stateful', False) for c in (codec, grad_codec))
+
   def make_state(model, data, seed):
+    store, warmup = None, 0
+    if stateful:  # AQ-SGD: buffers for every training sample, placed as cfg.aqsgd says
+      from hetjax.compression.buffers import from_config
+      store = from_config(cfg.aqsgd, data.num_samples, workdir, say)
+      warmup = cfg.aqsgd.warmup_epochs
     pipe = Pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
-                    transport=transports[kind](), init_state=nnx.state(model))
+                    transport=transports[kind](), init_state=nnx.state(model), buffers=store,
+                    warmup_epochs=warmup)
     return PipelineTrainState(pipe, model, data, seed, profile_every=pcfg.profile_every)
   return make_state
 

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from hetjax.compression import aqsgd, buffers as buffers_lib
 from hetjax.compression.codecs import Identity
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
@@ -214,7 +215,11 @@ class Pipeline:
 
   def __init__(self, plan: Plan, cfg: ModelConfig, tcfg, *, seed: int = 0, codec=None,
                transport=None, grad_codec=None, profile: bool = False, colocate: bool = False,
-               init_state: nnx.State | None = None):
+               init_state: nnx.State | None = None, buffers: buffers_lib.BufferStore | None = None,
+               warmup_epochs: int = 0):
+    """`buffers`: where a stateful codec (AQ-SGD) keeps its per-sample memory (one store per
+    process; default: SampleState rows in device memory). While a batch's 'epoch' is below
+    `warmup_epochs` everything travels in full precision and only fills the buffers."""
     if plan.kind != 'train':
       raise HetjaxError(f'the pipeline trainer runs training plans, got kind={plan.kind!r}')
     self.plan, self.cfg, self.tcfg = plan, cfg, tcfg
@@ -228,6 +233,8 @@ class Pipeline:
                       'eval': Exchange(transport, Identity()),
                       'tied': Exchange(transport, Identity())}
     self.runtime = Runtime(self.groups, self.exchanges)
+    self.buffers, self.warmup_epochs = buffers, warmup_epochs
+    self._buffer_keys = self._attach_buffers(buffers, tcfg.seq_len) if buffers is not None else {}
     self.store = StateStore()
     self.tied = cfg.tie_embeddings and len(self.groups) > 1
     self.profile = profile
@@ -247,6 +254,11 @@ class Pipeline:
     groups, runners, M = self.groups, self.runners, self.micro
     inputs, targets, mb, act_shape = self._split(batch)
     ids = batch.get('ids')
+    for ex in (self.exchanges['act'], self.exchanges['grad']):
+      aqsgd.check_batch(ex.codec, batch)
+    if self.buffers is not None:
+      self.buffers.warming_up = buffers_lib.warming_up(float(batch.get('epoch', 0.0)),
+                                                       self.warmup_epochs)
     sent_before = self._bytes()
     handler = TrainHandler(self, inputs, targets, None if ids is None else np.asarray(ids), mb,
                            act_shape)
@@ -312,6 +324,61 @@ class Pipeline:
         flat[TIED] = flat[TIED].replace(flat[TIED][...] + other)
         grads[s] = nnx.from_flat_state(list(flat.items()))
     return grads
+
+  # ---- per-sample codec state (AQ-SGD buffers)
+  def _boundaries(self):
+    """(exchange, message key, sender stage, receiver stage, layer) of every stage boundary; the
+    layer where the boundary lies names its buffers, so they survive a plan with the same cut."""
+    n = len(self.groups)
+    for s in range(n - 1):
+      yield self.exchanges['act'], (s, 'fwd'), s, s + 1, self.groups[s].end
+    for s in range(1, n):
+      yield self.exchanges['grad'], (s, 'bwd'), s, s - 1, self.groups[s].start
+
+  def _attach_buffers(self, store, seq_len: int) -> dict:
+    """Back each stateful exchange's (key, replica, side) memory that this process holds by a key
+    of `store`, reserved now (so buffers that do not fit fail before training). Returns
+    {store key: (owning stage, one sample's state spec)}."""
+    keys = {}
+    mine = lambda d: d.process_index == jax.process_index()
+    for ex, key, src, dst, layer in self._boundaries():
+      if not ex.stateful:
+        continue
+      spec = ex.codec.state_spec((1, seq_len, self.cfg.hidden), jnp.float32)
+      for r in range(self.groups[dst].dp):
+        for side, stage in (('send', src), ('recv', dst)):
+          group = self.groups[stage]
+          if not mine(group.leader(r)):
+            continue
+          store_key = (layer, key[1], r, side)
+          store.reserve(store_key, spec)
+          ex.states[(key, r, side)] = buffers_lib.StoreRows(store, store_key)
+          keys[store_key] = (stage, spec)
+    return keys
+
+  def codec_state(self, stage: int) -> dict:
+    """Checkpoint form of the buffers stage `stage` holds on this process: {name: {'filled',
+    'leaf<i>'}} (copies: the store keeps changing while an asynchronous save writes)."""
+    if self.buffers is None:
+      return {}
+    saved = self.buffers.state_dict()
+    out = {}
+    for key, (owner, _) in self._buffer_keys.items():
+      if owner == stage:
+        entry = saved[buffers_lib.key_name(key)]
+        out[buffers_lib.key_name(key)] = {'filled': entry['filled'].astype(np.uint8),
+                                          **{f'leaf{i}': np.array(a) for i, a in enumerate(entry['leaves'])}}
+    return out
+
+  def load_codec_state(self, saved: dict) -> list[str]:
+    """Load buffers saved by `codec_state` ({name: entry}, any stages); returns the names of this
+    run's buffers that start empty (not in the checkpoint, or saved with other shapes)."""
+    if self.buffers is None:
+      return []
+    entries = {name: {'filled': np.asarray(e['filled']).astype(bool),
+                      'leaves': [e[f'leaf{i}'] for i in range(len(e) - 1)]}
+               for name, e in saved.items()}
+    return self.buffers.load_state_dict(entries, {k: spec for k, (_, spec) in self._buffer_keys.items()})
 
   # ---- state access
   def stage_params(self) -> list:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from hetjax.checkpoint.manager import Checkpointer, StageSpec
+from hetjax.checkpoint.manager import Checkpointer, StageSpec, tensor_index
 from hetjax.models.model import Stage, merge_states
 from hetjax.parallel.pipeline import Pipeline
 from hetjax.parallel.timeline import draw_gantt, write_chrome_trace
@@ -52,10 +52,42 @@ class PipelineTrainState:
              {'params': r.params, 'opt_state': r.opt_state, 'extra': {}})
             for g, r in zip(self.pipe.groups, self.pipe.runners) if r is not None]
 
+  def _with_codec_state(self):
+    """_local() with each stage's codec buffers (AQ-SGD) under extra/codec."""
+    out = []
+    for s, (spec, tensors) in zip(self._local_stages(), self._local()):
+      state = self.pipe.codec_state(s)
+      out.append((spec, {**tensors, 'extra': {'codec': state} if state else {}}))
+    return out
+
+  def _local_stages(self):
+    return [s for s, r in enumerate(self.pipe.runners) if r is not None]
+
+  def _restore_codec_state(self, ckpt: Checkpointer, step: int) -> None:
+    """Load the buffers the checkpoint holds for this run's boundaries (same name and shape);
+    the others start empty, said in one line."""
+    if self.pipe.buffers is None:
+      return
+    index = tensor_index(ckpt.meta(step))
+    want = {}
+    for s in self._local_stages():
+      for name, entry in self.pipe.codec_state(s).items():
+        if all(list(index.get(f'extra/codec/{name}/{k}', (None, None))[1] or []) == list(np.shape(a))
+               for k, a in entry.items()):
+          want[name] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), entry)
+    got = {}
+    if want:
+      (read,), _ = ckpt.restore([{'extra': {'codec': want}}], step, whole_model=False)
+      got = read['extra']['codec']
+    fresh = self.pipe.load_codec_state(got)
+    if fresh and jax.process_index() == 0:
+      print(f'note: the checkpoint has no codec buffers for {", ".join(fresh)} (other stage '
+            f'boundaries or shapes); they start empty and warm up again')
+
   def save(self, ckpt: Checkpointer) -> None:
     meta = {'model': dataclasses.asdict(self.mcfg), 'data': self.data.state(),
             'rng': np.asarray(jax.random.key_data(self.rng)).tolist()}
-    ckpt.save(self.step, self._local(), meta)
+    ckpt.save(self.step, self._with_codec_state(), meta)
 
   def restore(self, ckpt: Checkpointer, step: int | None = None) -> None:
     """Load a checkpoint written under any plan (or by single-device training) onto the stages."""
@@ -68,3 +100,4 @@ class PipelineTrainState:
     self.data.restore(meta['data'])
     self.rng = jax.random.wrap_key_data(np.asarray(meta['rng'], np.uint32))
     self.step = int(meta['step'])
+    self._restore_codec_state(ckpt, self.step)
