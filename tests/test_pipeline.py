@@ -145,3 +145,20 @@ def test_pipeline_checkpoint_resumes_tied_stages_on_their_own_devices(tmp_path):
     table = runner.params['token_embed']['embedding'][...]
     assert table.sharding.device_set == set(group.mesh.devices.flat)
   np.testing.assert_allclose(b.train_step(data[1])['loss'], a.train_step(data[1])['loss'], rtol=1e-6)
+
+
+def test_a_non_finite_step_leaves_parameters_and_optimizer_state_unchanged():
+  cfg = get_model_config('tiny_gpt')
+  plan = Plan([Replica([Stage(0, 2, [0]), Stage(2, 4, [1])])], num_layers=4, micro_batches=2,
+              micro_batch_size=2)
+  pipe = Pipeline(plan, cfg, train_config())
+  data = batches(2, 4)
+  pipe.step(data[0])
+  first = pipe.runners[0]
+  first.params = jax.tree.map(lambda x: x * np.float32('nan'), first.params)  # poison stage 0
+  before = [jax.tree.map(np.asarray, (r.params, r.opt_state)) for r in pipe.runners]
+  metrics = pipe.step(data[1])
+  assert not np.isfinite(metrics['loss'])
+  after = [jax.tree.map(np.asarray, (r.params, r.opt_state)) for r in pipe.runners]
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)

@@ -276,8 +276,11 @@ class Pipeline:
     sq, loss, sent = sum_over_processes(np.array([sq, loss_sum, sent]))
     norm = float(np.sqrt(sq)) / M  # of the mean gradient over micro-batches
     scale = (1.0 if norm < self.clip_norm else self.clip_norm / norm) / M
+    # A non-finite step leaves parameters and optimizer state as they were (every process sees the
+    # same summed loss and norm, so all skip together); the training loop decides what follows.
+    finite = bool(np.isfinite(norm) and np.isfinite(loss))
     for s, run in enumerate(runners):
-      if run is not None:
+      if run is not None and finite:
         run.params, run.opt_state = run.programs.update(run.params, run.opt_state, grads[s],
                                                         jnp.float32(scale))
     jax.block_until_ready([r.params for r in runners if r is not None])

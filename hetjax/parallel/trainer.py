@@ -17,6 +17,7 @@ from hetjax.parallel.timeline import draw_gantt, write_chrome_trace
 
 
 class PipelineTrainState:
+  skips_bad_updates = True  # Pipeline.step applies no update when the loss or norm is not finite
 
   def __init__(self, pipeline: Pipeline, model: Stage, data, seed: int = 0, profile_every: int = 0):
     """profile_every > 0: every N-th step waits for each op and logs per-stage times."""
