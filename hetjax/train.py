@@ -179,8 +179,8 @@ def train(mcfg: ModelConfig, tcfg, workdir: str, seed: int = 0, corpus: str | No
   else:
     state = make_state(model, data, seed)
   if max_bad_steps and not getattr(state, 'skips_bad_updates', False):
-    raise HetjaxError('train.max_bad_steps > 0 needs a runtime that can skip an update; the '
-                      'pipeline runtime cannot yet (use 0: stop at the first bad step)')
+    raise HetjaxError('train.max_bad_steps > 0 needs a training state that can skip an update '
+                      '(use 0: stop at the first bad step)')
   log = MetricsLog(workdir) if is_leader() else None
   if log is None:  # other processes of a multi-controller run stay quiet
     print_fn = lambda *args, **kwargs: None
