@@ -36,9 +36,12 @@ def pipeline_state_factory(cfg, mcfg, workdir):
     raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put' or 'pair', got {pcfg.transport!r}")
   codec, grad_codec = make_codec(pcfg.codec, cfg.get('aqsgd')), make_codec(pcfg.grad_codec)
 
+  from hetjax.parallel.emulated_link import from_environment
+  transport = from_environment(transports[kind](), say)  # launcher --emulate: user-space latency
+
   def make_state(model, data, seed):
     pipe = Pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
-                    transport=transports[kind](), init_state=nnx.state(model))
+                    transport=transport, init_state=nnx.state(model))
     return PipelineTrainState(pipe, model, data, seed, profile_every=pcfg.profile_every)
   return make_state
 
