@@ -165,3 +165,45 @@ def test_sigkill_of_the_launcher_leaves_nothing_after_the_sweep(tmp_path):
   assert not groups_of(p.pid) and not netns_of(p.pid)
   assert not [l for l in subprocess.run(['ip', 'link'], capture_output=True, text=True).stdout
               .splitlines() if re.search(r'\bv\d+x\d+@', l)]
+
+
+class SleepingTransport:
+  """A synthetic link: each move takes latency + bytes / bandwidth."""
+  name = 'sleeping'
+
+  def __init__(self, latency_s, bytes_per_s):
+    self.latency_s, self.bytes_per_s = latency_s, bytes_per_s
+
+  def move(self, wire, wire_shape, src, dst):
+    time.sleep(self.latency_s + wire.nbytes / self.bytes_per_s)
+    return wire
+
+
+def test_link_calibration_recovers_a_known_synthetic_link():
+  from hetjax import calibration
+  d = jax.devices()
+  link = SleepingTransport(0.02, 50e6)  # 20 ms, 400 Mbit/s
+  sizes = (64 * 1024, 2 * 1024 * 1024)
+  one_way = tuple(calibration.ping_pong(link, d[0], d[1], s, reps=3) for s in sizes)
+  fit = calibration.fit_link(sizes, one_way)
+  # stated factor: within 1.5x of the synthetic link (sleep overshoots a little on a busy machine)
+  assert 0.02 / 1.5 < fit.latency_s < 0.02 * 1.5, fit
+  assert 0.4 / 1.5 < fit.bandwidth_gbps < 0.4 * 1.5, fit
+  with pytest.raises(HetjaxError):
+    calibration.fit_link(sizes, (0.01, 0.01))
+
+
+@pytest.mark.slow  # a subprocess compiling under load: up to a minute here
+def test_calibrate_mode_writes_a_measured_cluster(tmp_path):
+  r = subprocess.run([sys.executable, 'run.py', '--config=configs/calibrate.py',
+                      '--config.model_overrides.num_layers=1', '--config.calibrate.seq_len=16',
+                      '--config.calibrate.micro_batch_size=2', '--config.calibrate.reps=2',
+                      f'--config.workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  import json
+  from hetjax.cluster import Cluster
+  d = json.load(open(tmp_path / 'cluster.json'))
+  assert d['measured'] is True and d['date'] and len(d['devices']) == 2
+  cluster = Cluster.from_dict(d)
+  assert np.all(cluster.tflops_array() > 0) and cluster.bandwidth_gbps[0, 1] > 0
