@@ -1,7 +1,8 @@
 """Calibration by measurement: per-layer compute rates and link bandwidth/latency.
 
 - Compute: one transformer block at the run's shapes (micro-batch x sequence x hidden), jitted
-  forward and backward, timed on a device (median of reps after a warm-up). The rate is the
+  forward and backward, timed on a device (mean over >= 0.3 s after a warm-up, so that a CFS
+  quota shows as its average rate). The rate is the
   block's analytic FLOPs (ModelConfig.block_flops_per_token; backward = 2x forward) over the time.
 - Links: a ping-pong over the real transport (`.move(wire, wire_shape, src, dst)`) at two message
   sizes. Half the round trip is t(s) = latency + s / bandwidth; two sizes give both.
@@ -35,14 +36,17 @@ class LayerRate:
     return 3 * self.forward_flops / (self.forward_s + self.backward_s) / 1e12
 
 
-def _median_time(fn, reps: int) -> float:
+MIN_WINDOW_S = 0.3  # many CFS periods: a quota-limited process shows its average rate, not a burst
+
+
+def _mean_time(fn, reps: int) -> float:
+  """Mean time of fn over at least `reps` calls and MIN_WINDOW_S seconds, after a warm-up."""
   jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
+  calls, start = 0, time.perf_counter()
+  while calls < reps or time.perf_counter() - start < MIN_WINDOW_S:
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+    calls += 1
+  return (time.perf_counter() - start) / calls
 
 
 def measure_layer(mcfg: ModelConfig, micro_batch: int, seq_len: int, device, reps: int = 5,
@@ -69,8 +73,8 @@ def measure_layer(mcfg: ModelConfig, micro_batch: int, seq_len: int, device, rep
       return vjp(g)
 
     g = jnp.ones_like(x)
-    forward_s = _median_time(lambda: fwd(params, x), reps)
-    both_s = _median_time(lambda: bwd(params, x, g), reps)
+    forward_s = _mean_time(lambda: fwd(params, x), reps)
+    both_s = _mean_time(lambda: bwd(params, x, g), reps)
   flops = micro_batch * seq_len * mcfg.block_flops_per_token(seq_len)
   return LayerRate(forward_s, max(both_s - forward_s, 1e-9), flops)
 

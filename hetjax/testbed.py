@@ -24,8 +24,10 @@ import numpy as np
 from hetjax.errors import HetjaxError
 
 CGROUP_ROOT = '/sys/fs/cgroup'
-PERIOD_US = 100_000
-MIN_QUOTA = 0.01  # cores; CFS refuses quotas under 1 ms per 100 ms period
+# CFS throttles per period: a process runs at full speed until its quota of the period is spent.
+# A short period keeps that burstiness below a layer's time, so the quota reads as a slower device.
+PERIOD_US = 10_000
+MIN_QUOTA = 0.1  # cores; CFS refuses quotas under 1 ms
 PREFIX = 'hetjax-'
 
 
@@ -186,7 +188,7 @@ class ComputeQuotas:
     self.close()
 
   def _make(self, name: str, share: Share) -> list[str]:
-    quota_us = max(1000, int(round(share.quota * PERIOD_US)))
+    quota_us = max(1000, int(round(share.quota * PERIOD_US)))  # >= MIN_QUOTA by plan_quotas
     if self.version == 2:
       path = f'{CGROUP_ROOT}/{name}'
       _write(f'{CGROUP_ROOT}/cgroup.subtree_control', '+cpu +cpuset')
