@@ -116,8 +116,9 @@ def ping_pong(transport, src, dst, nbytes: int, reps: int = 5) -> float | None:
 
 
 def calibrated_cluster(name: str, rates_tflops, delay_ms, bandwidth_gbps, gpus, memory_gb,
-                       date: str, details: dict) -> dict:
-  """A configs/clusters/*.json full-form dict, one host per process, marked as measured."""
+                       date: str, details: dict, hosts=None, regions=None) -> dict:
+  """A configs/clusters/*.json full-form dict, one device per host (default names p<i>), marked
+  as measured."""
   n = len(rates_tflops)
   delay, bw = np.array(delay_ms, float), np.array(bandwidth_gbps, float)
   delay, bw = (delay + delay.T) / 2, (bw + bw.T) / 2
@@ -126,7 +127,8 @@ def calibrated_cluster(name: str, rates_tflops, delay_ms, bandwidth_gbps, gpus, 
   if not (np.all(np.isfinite(rates_tflops)) and np.all(np.asarray(rates_tflops) > 0)):
     raise HetjaxError(f'calibration measured non-positive or non-finite rates: {list(rates_tflops)}')
   return {'name': name, 'measured': True, 'date': date,
-          'devices': [{'id': i, 'gpu': gpus[i], 'host': f'p{i}', 'region': 'measured',
+          'devices': [{'id': i, 'gpu': gpus[i], 'host': hosts[i] if hosts else f'p{i}',
+                       'region': regions[i] if regions else 'measured',
                        'tflops': float(rates_tflops[i]), 'memory_gb': float(memory_gb[i])}
                       for i in range(n)],
           'delay_ms': delay.tolist(), 'bandwidth_gbps': bw.tolist(), 'calibration': details}

@@ -89,7 +89,9 @@ def run(cfg, workdir: str) -> None:
              'links': links, 'load_average': load, 'processes': jax.process_count()}
   cluster = calibration.calibrated_cluster(
       f'calibrated_{cfg.model}', rates, delay, bw, gpus, memory,
-      time.strftime('%Y-%m-%d %H:%M:%S'), details)
+      time.strftime('%Y-%m-%d %H:%M:%S'), details,
+      hosts=[base.devices[h[0]].host for h in hosts[:n]] if base else None,
+      regions=[base.devices[h[0]].region for h in hosts[:n]] if base else None)
   Cluster.from_dict(cluster)  # what is written must load as a cluster
 
   say(f'{"device":>7} {"fwd ms/layer":>13} {"bwd ms/layer":>13} {"TFLOP/s":>9} {"efficiency":>10}')
