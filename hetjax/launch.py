@@ -254,7 +254,7 @@ def launch_emulated(command: list[str], args, devices: list[int], options: dict)
       print(describe_network(network, args.emulate, args.bandwidth_scale), flush=True)
       print(f'emulating {args.emulate} compute: {cpus:g} cores shared in proportion to device speed',
             flush=True)
-      print(bed.table(args.bandwidth_scale), flush=True)
+      print(bed.table(), flush=True)
       os.environ['HETJAX_LINK_DELAY_MS'] = json.dumps(delays.tolist())
       try:
         return launch(command, n, devices, network=bed, **options)

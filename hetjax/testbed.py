@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import numpy as np
 
@@ -124,7 +125,6 @@ def _alive(pid: int) -> bool:
 
 def _remove_group(path: str) -> None:
   """Kill what is left inside, then rmdir (retried briefly while the kernel reaps the tasks)."""
-  import time
   procs = os.path.join(path, 'cgroup.procs')
   for _ in range(50):
     try:
@@ -178,7 +178,8 @@ class ComputeQuotas:
     sweep_stale()
     try:
       for i, share in enumerate(self.shares):
-        self.groups.append(self._make(f'{PREFIX}{os.getpid()}-p{i}', share))
+        self.groups.append([])  # filled as folders are made: a failure half-way is cleaned up too
+        self._make(f'{PREFIX}{os.getpid()}-p{i}', share, self.groups[-1])
     except BaseException:
       self.close()
       raise
@@ -187,28 +188,24 @@ class ComputeQuotas:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def _make(self, name: str, share: Share) -> list[str]:
+  def _make(self, name: str, share: Share, made: list[str]) -> None:
     quota_us = max(1000, int(round(share.quota * PERIOD_US)))  # >= MIN_QUOTA by plan_quotas
     if self.version == 2:
       path = f'{CGROUP_ROOT}/{name}'
       _write(f'{CGROUP_ROOT}/cgroup.subtree_control', '+cpu +cpuset')
       os.makedirs(path)
-      made = [path]
+      made.append(path)
       _write(f'{path}/cpu.max', f'{quota_us} {PERIOD_US}')
       _write(f'{path}/cpuset.cpus', str(share.core))
-      return made
-    made = []
+      return
     cpu, cpuset = f'{CGROUP_ROOT}/cpu/{name}', f'{CGROUP_ROOT}/cpuset/{name}'
     for path in (cpu, cpuset):
       os.makedirs(path)
       made.append(path)
-    self.groups.append(made)  # cleaned up even if a write below fails
     _write(f'{cpu}/cpu.cfs_period_us', str(PERIOD_US))
     _write(f'{cpu}/cpu.cfs_quota_us', str(quota_us))
     _write(f'{cpuset}/cpuset.mems', _read(f'{CGROUP_ROOT}/cpuset/cpuset.mems'))
     _write(f'{cpuset}/cpuset.cpus', str(share.core))
-    self.groups.pop()
-    return made
 
   def wrap(self, i: int, command: list[str]) -> list[str]:
     """`command` run inside process i's groups (a shell joins them, then execs the command)."""
@@ -235,7 +232,7 @@ class Testbed:
     # Join the cgroups first: `ip netns exec` remounts /sys, hiding the cgroup folders.
     return self.quotas.wrap(i, self.network.wrap(i, command))
 
-  def table(self, scale: float) -> str:
+  def table(self) -> str:
     """What was applied: processes (quota, core) and links (bandwidth, latency)."""
     lines = [f'{"process":>8} {"quota (cores)":>14} {"core":>5}']
     for i, s in enumerate(self.quotas.shares):

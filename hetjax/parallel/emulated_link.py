@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -40,7 +41,7 @@ class EmulatedLatencyTransport:
     return got
 
 
-def process_delays(matrix_ms) -> callable:
+def process_delays(matrix_ms) -> Callable:
   """delay_s(src, dst) from a per-process matrix of one-way delays in ms."""
   m = np.asarray(matrix_ms, float)
   if m.ndim != 2 or m.shape[0] != m.shape[1] or not np.all(np.isfinite(m)) or np.any(m < 0):
