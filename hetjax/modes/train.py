@@ -30,18 +30,17 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   if is_leader():
     plan.save(os.path.join(workdir, 'plan.json'))
   transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport}
+  from hetjax.parallel.emulated_link import with_environment  # launcher --emulate: user-space latency
+  transports = {k: with_environment(v, say) for k, v in transports.items()}
   kind = pcfg.transport if pcfg.transport != 'auto' else (
       'pair' if jax.process_count() > 1 else 'device_put')
   if kind not in transports:
     raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put' or 'pair', got {pcfg.transport!r}")
   codec, grad_codec = make_codec(pcfg.codec, cfg.get('aqsgd')), make_codec(pcfg.grad_codec)
 
-  from hetjax.parallel.emulated_link import from_environment
-  transport = from_environment(transports[kind](), say)  # launcher --emulate: user-space latency
-
   def make_state(model, data, seed):
     pipe = Pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
-                    transport=transport, init_state=nnx.state(model))
+                    transport=transports[kind](), init_state=nnx.state(model))
     return PipelineTrainState(pipe, model, data, seed, profile_every=pcfg.profile_every)
   return make_state
 

@@ -64,3 +64,8 @@ def from_environment(transport, say=print):
   say(f'EMULATED latency (user space, not the kernel): the receiver of each transfer waits the '
       f'one-way delay {np.asarray(matrix).tolist()} ms')
   return EmulatedLatencyTransport(transport, delays)
+
+
+def with_environment(make_transport, say=print):
+  """A transport factory whose transports are wrapped by `from_environment`."""
+  return lambda: from_environment(make_transport(), say)
