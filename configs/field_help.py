@@ -56,6 +56,15 @@ HELP = {
     'aqsgd.group_size': 'AQ-SGD scales: 0 = one per hidden channel, else groups of this many values',
     'aqsgd.buffer_budget_gb': 'refuse activation buffers larger than this (0: no limit)',
     'dp.grad_bits': 'data-parallel gradient compression: 0 = fp32 all-reduce; 2, 4 or 8 bits with error feedback',
+    # calibration (configs/calibrate.py)
+    'calibrate:cluster': "'' or a cluster whose hosts' GPU names and memory the calibrated file keeps",
+    'calibrate.micro_batch_size': 'calibration: sequences per micro-batch of the timed block',
+    'calibrate.seq_len': 'calibration: tokens per sequence of the timed block',
+    'calibrate.reps': 'calibration: timed repetitions per measurement (the median is kept)',
+    'calibrate.devices': 'calibration in one process: how many local devices to measure',
+    'calibrate.small_bytes': 'calibration: the smaller ping-pong message (bytes)',
+    'calibrate.large_bytes': 'calibration: the larger ping-pong message (bytes)',
+    'calibrate.out': "calibration: also write the cluster file here ('' = only <workdir>/cluster.json)",
     # generation
     'generate.prompt': 'text prompt (byte-tokenized)',
     'generate.prompt_ids': "token ids '1,2,3' instead of a text prompt",

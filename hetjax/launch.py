@@ -230,7 +230,39 @@ def describe_network(network, cluster: str, scale: float) -> str:
     off = [rates[i, j] for i, j in pairs]
     shaped = f'{min(off):.0f}-{max(off):.0f}'
   return (f'emulating {cluster}: {network.n} network namespaces, each pair of processes on its own '
-          f'link shaped with tc tbf to {shaped} Mbit/s (bandwidth x{scale:g}); no added latency')
+          f'link shaped with tc tbf to {shaped} Mbit/s (bandwidth x{scale:g}); latency is '
+          f'emulated in user space by the transport (not by the kernel)')
+
+
+def launch_emulated(command: list[str], args, devices: list[int], options: dict) -> int:
+  """--emulate: shaped links (netem), per-process CPU quotas (testbed) and the one-way delays that
+  the transport waits in user space (HETJAX_LINK_DELAY_MS, read by hetjax.parallel.emulated_link)."""
+  import json
+  from hetjax import netem, testbed
+  from hetjax.cluster import get_cluster
+  from hetjax.errors import HetjaxError
+  n = args.num_processes
+  try:
+    cluster = get_cluster(args.emulate)
+    cpus = args.cpus or len(os.sched_getaffinity(0))
+    shares = testbed.plan_quotas(testbed.host_speeds(cluster, n), cpus,
+                                 sorted(os.sched_getaffinity(0)))
+    delays = testbed.host_delays_ms(cluster, n)
+    with netem.EmulatedNetwork.for_cluster(args.emulate, n, args.bandwidth_scale) as network, \
+        testbed.ComputeQuotas(shares) as quotas:
+      bed = testbed.Testbed(network, quotas, delays)
+      print(describe_network(network, args.emulate, args.bandwidth_scale), flush=True)
+      print(f'emulating {args.emulate} compute: {cpus:g} cores shared in proportion to device speed',
+            flush=True)
+      print(bed.table(), flush=True)
+      os.environ['HETJAX_LINK_DELAY_MS'] = json.dumps(delays.tolist())
+      try:
+        return launch(command, n, devices, network=bed, **options)
+      finally:
+        os.environ.pop('HETJAX_LINK_DELAY_MS', None)
+  except HetjaxError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -250,6 +282,9 @@ def main(argv=None) -> int:
   parser.add_argument('--emulate', default='', help='cluster whose links to emulate (needs root)')
   parser.add_argument('--bandwidth_scale', type=float, default=1.0,
                       help='multiply the cluster\'s Gbit/s by this before shaping')
+  parser.add_argument('--cpus', type=float, default=0,
+                      help='with --emulate: total CPU cores shared out as per-process quotas in '
+                           'proportion to device speed (default: all cores this launcher may use)')
   args, rest = parser.parse_known_args(argv)
   if rest and rest[0] == '--':
     rest = rest[1:]
@@ -261,17 +296,7 @@ def main(argv=None) -> int:
   options = dict(grace_s=args.grace, timeout_s=args.timeout, stall_s=args.stall, logs=args.logs)
   if not args.emulate:
     return launch(rest, args.num_processes, devices, **options)
-  from hetjax import netem
-  from hetjax.errors import HetjaxError
-  try:
-    with netem.EmulatedNetwork.for_cluster(args.emulate, args.num_processes,
-                                           args.bandwidth_scale) as network:
-      print(describe_network(network, args.emulate, args.bandwidth_scale), flush=True)
-      return launch(rest, args.num_processes, devices, network=network, **options)
-  except HetjaxError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-
+  return launch_emulated(rest, args, devices, options)
 
 if __name__ == '__main__':
   sys.exit(main())

@@ -172,6 +172,8 @@ TINY = {
     'configs/plan_inference.py': ['--config.evaluations=20', '--config.population=8',
                                   '--config.num_requests=50', '--config.draw=false'],
     'configs/offload_policy.py': [],
+    'configs/calibrate.py': ['--config.model_overrides.num_layers=1', '--config.calibrate.seq_len=16',
+                             '--config.calibrate.micro_batch_size=2', '--config.calibrate.reps=1'],
     'configs/serve.py': ['--config.num_requests=2', '--config.generate.max_new_tokens=2'],
 }
 

@@ -30,6 +30,8 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   if is_leader():
     plan.save(os.path.join(workdir, 'plan.json'))
   transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport}
+  from hetjax.parallel.emulated_link import with_environment  # launcher --emulate: user-space latency
+  transports = {k: with_environment(v, say) for k, v in transports.items()}
   kind = pcfg.transport if pcfg.transport != 'auto' else (
       'pair' if jax.process_count() > 1 else 'device_put')
   if kind not in transports:

@@ -1,0 +1,134 @@
+"""Calibration by measurement: per-layer compute rates and link bandwidth/latency.
+
+- Compute: one transformer block at the run's shapes (micro-batch x sequence x hidden), jitted
+  forward and backward, timed on a device (mean over >= 0.3 s after a warm-up, so that a CFS
+  quota shows as its average rate). The rate is the
+  block's analytic FLOPs (ModelConfig.block_flops_per_token; backward = 2x forward) over the time.
+- Links: a ping-pong over the real transport (`.move(wire, wire_shape, src, dst)`) at two message
+  sizes. Half the round trip is t(s) = latency + s / bandwidth; two sizes give both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hetjax.errors import HetjaxError
+from hetjax.models.config import ModelConfig
+from hetjax.models.layers import Block, sharding_scope
+
+
+@dataclasses.dataclass
+class LayerRate:
+  forward_s: float      # one block, one micro-batch
+  backward_s: float
+  forward_flops: float
+
+  @property
+  def tflops(self) -> float:
+    """Achieved rate over forward + backward (backward counted as 2x forward FLOPs)."""
+    return 3 * self.forward_flops / (self.forward_s + self.backward_s) / 1e12
+
+
+MIN_WINDOW_S = 0.3  # many CFS periods: a quota-limited process shows its average rate, not a burst
+
+
+def _mean_time(fn, reps: int) -> float:
+  """Mean time of fn over at least `reps` calls and MIN_WINDOW_S seconds, after a warm-up."""
+  jax.block_until_ready(fn())  # compile and warm up
+  calls, start = 0, time.perf_counter()
+  while calls < reps or time.perf_counter() - start < MIN_WINDOW_S:
+    jax.block_until_ready(fn())
+    calls += 1
+  return (time.perf_counter() - start) / calls
+
+
+def measure_layer(mcfg: ModelConfig, micro_batch: int, seq_len: int, device, reps: int = 5,
+                  seed: int = 0) -> LayerRate:
+  """Forward and backward time of one block at (micro_batch, seq_len) on `device`."""
+  if micro_batch < 1 or seq_len < 1 or reps < 1:
+    raise HetjaxError(f'calibration needs positive micro_batch, seq_len and reps, got '
+                      f'{micro_batch}, {seq_len}, {reps}')
+  with jax.default_device(device):
+    with sharding_scope():
+      block = Block(mcfg, nnx.Rngs(seed))
+    graph, params = nnx.split(block)
+    x = jax.random.normal(jax.random.key(seed), (micro_batch, seq_len, mcfg.hidden), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(seq_len), (micro_batch, seq_len))
+
+    def forward(p, x):
+      return nnx.merge(graph, p)(x, positions)[0]
+
+    fwd = jax.jit(forward)
+
+    @jax.jit
+    def bwd(p, x, g):  # backward only: the VJP of a recomputed forward, minus the forward below
+      _, vjp = jax.vjp(forward, p, x)
+      return vjp(g)
+
+    g = jnp.ones_like(x)
+    forward_s = _mean_time(lambda: fwd(params, x), reps)
+    both_s = _mean_time(lambda: bwd(params, x, g), reps)
+  flops = micro_batch * seq_len * mcfg.block_flops_per_token(seq_len)
+  return LayerRate(forward_s, max(both_s - forward_s, 1e-9), flops)
+
+
+@dataclasses.dataclass
+class LinkFit:
+  latency_s: float
+  bandwidth_gbps: float
+  one_way_s: tuple[float, float]  # measured at the two sizes
+
+
+def fit_link(sizes: tuple[int, int], one_way_s: tuple[float, float]) -> LinkFit:
+  """latency + size / bandwidth through the two points; a non-increasing pair (noise) is refused."""
+  (s1, s2), (t1, t2) = sizes, one_way_s
+  if not s2 > s1 or not t2 > t1:
+    raise HetjaxError(f'link calibration: the larger message ({s2} B, {t2 * 1e3:.3f} ms) was not '
+                      f'slower than the smaller ({s1} B, {t1 * 1e3:.3f} ms); rerun on a quieter '
+                      f'machine or with larger sizes')
+  bytes_per_s = (s2 - s1) / (t2 - t1)
+  return LinkFit(max(t1 - s1 / bytes_per_s, 0.0), bytes_per_s * 8 / 1e9, (t1, t2))
+
+
+def ping_pong(transport, src, dst, nbytes: int, reps: int = 5) -> float | None:
+  """Half the median round trip of an nbytes float32 message src -> dst -> src, as seen on the
+  process owning src (None on the other processes, which take part)."""
+  n = max(1, nbytes // 4)
+  shape = jax.ShapeDtypeStruct((n,), jnp.float32)
+  mine = lambda d: d.process_index == jax.process_index()
+  msg = jax.device_put(jnp.ones((n,), jnp.float32), src) if mine(src) else None
+  times = []
+  for _ in range(reps + 1):  # the first trip compiles
+    t = time.perf_counter()
+    back = transport.move(msg, shape, src, dst)
+    got = transport.move(back, shape, dst, src)
+    if got is not None:
+      jax.block_until_ready(got)
+    times.append(time.perf_counter() - t)
+  return statistics.median(times[1:]) / 2 if mine(src) else None
+
+
+def calibrated_cluster(name: str, rates_tflops, delay_ms, bandwidth_gbps, gpus, memory_gb,
+                       date: str, details: dict, hosts=None, regions=None) -> dict:
+  """A configs/clusters/*.json full-form dict, one device per host (default names p<i>), marked
+  as measured."""
+  n = len(rates_tflops)
+  delay, bw = np.array(delay_ms, float), np.array(bandwidth_gbps, float)
+  delay, bw = (delay + delay.T) / 2, (bw + bw.T) / 2
+  np.fill_diagonal(delay, 0.0)
+  np.fill_diagonal(bw, 0.0)
+  if not (np.all(np.isfinite(rates_tflops)) and np.all(np.asarray(rates_tflops) > 0)):
+    raise HetjaxError(f'calibration measured non-positive or non-finite rates: {list(rates_tflops)}')
+  return {'name': name, 'measured': True, 'date': date,
+          'devices': [{'id': i, 'gpu': gpus[i], 'host': hosts[i] if hosts else f'p{i}',
+                       'region': regions[i] if regions else 'measured',
+                       'tflops': float(rates_tflops[i]), 'memory_gb': float(memory_gb[i])}
+                      for i in range(n)],
+          'delay_ms': delay.tolist(), 'bandwidth_gbps': bw.tolist(), 'calibration': details}

@@ -1,0 +1,107 @@
+"""mode=calibrate: measure each device's per-layer compute rate and the links between them, and
+write a calibrated cluster file (see hetjax/calibration.py for the method).
+
+One process: the first calibrate.devices local devices, links over DevicePutTransport. Several
+processes (hetjax.launch): one device per process, links over PairPermuteTransport, with the
+launcher's emulated latency (if any) applied as in training. The fitted efficiency of each device
+(measured rate / catalog peak) is reported; the file's `tflops` are the measured rates, so plan with
+--config.train.efficiency=1.0 over it."""
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from hetjax import calibration
+from hetjax.cluster import Cluster, get_cluster, gpu_spec
+from hetjax.distributed import is_leader
+from hetjax.errors import HetjaxError
+from hetjax.metrics import write_json
+from hetjax.models.config import model_config_from
+
+
+def _devices(ccfg):
+  if jax.process_count() > 1:
+    return [next(d for d in jax.devices() if d.process_index == p) for p in range(jax.process_count())]
+  if not 1 <= ccfg.devices <= len(jax.local_devices()):
+    raise HetjaxError(f'calibrate.devices must be in 1..{len(jax.local_devices())}, got {ccfg.devices}')
+  return jax.local_devices()[:ccfg.devices]
+
+
+def _gather(values: np.ndarray) -> np.ndarray:
+  """Element-wise max over processes of arrays each process filled where it measured (else -inf)."""
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  return np.max(np.asarray(multihost_utils.process_allgather(values)), axis=0)
+
+
+def run(cfg, workdir: str) -> None:
+  from hetjax.parallel.emulated_link import from_environment
+  from hetjax.parallel.exchange import DevicePutTransport, PairPermuteTransport
+  say = print if is_leader() else (lambda *a, **k: None)
+  ccfg, mcfg = cfg.calibrate, model_config_from(cfg)
+  devices = _devices(ccfg)
+  n = len(devices)
+  base = get_cluster(cfg.cluster) if cfg.cluster else None
+  if base is not None and len(base.hosts()) < n:
+    raise HetjaxError(f'cluster {cfg.cluster!r} has {len(base.hosts())} hosts; {n} devices measured')
+  load = os.getloadavg()[0]
+  say(f'calibrating {n} device(s) at micro-batch {ccfg.micro_batch_size} x seq {ccfg.seq_len}, '
+      f'{cfg.model}; machine load {load:.1f} on {os.cpu_count()} cores (measurements share it)')
+
+  mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
+  fwd, bwd, flops = (np.full(n, -np.inf) for _ in range(3))
+  for i in mine:
+    r = calibration.measure_layer(mcfg, ccfg.micro_batch_size, ccfg.seq_len, devices[i], ccfg.reps,
+                                  cfg.seed)
+    fwd[i], bwd[i], flops[i] = r.forward_s, r.backward_s, r.forward_flops
+  fwd, bwd, flops = _gather(fwd), _gather(bwd), _gather(flops)
+  rates = 3 * flops / (fwd + bwd) / 1e12
+
+  multi = jax.process_count() > 1
+  transport = from_environment(PairPermuteTransport() if multi else DevicePutTransport(), say)
+  sizes = (int(ccfg.small_bytes), int(ccfg.large_bytes))
+  times = np.full((2, n, n), -np.inf)
+  for i in range(n):
+    for j in range(i + 1, n):
+      for k, size in enumerate(sizes):
+        t = calibration.ping_pong(transport, devices[i], devices[j], size, ccfg.reps)
+        if t is not None:
+          times[k, i, j] = times[k, j, i] = t
+  times = _gather(times)
+  delay, bw, links = np.zeros((n, n)), np.zeros((n, n)), {}
+  for i in range(n):
+    for j in range(i + 1, n):
+      fit = calibration.fit_link(sizes, (times[0, i, j], times[1, i, j]))
+      delay[i, j] = delay[j, i] = fit.latency_s * 1e3
+      bw[i, j] = bw[j, i] = fit.bandwidth_gbps
+      links[f'{i}-{j}'] = {'one_way_ms': [t * 1e3 for t in fit.one_way_s], 'bytes': list(sizes)}
+
+  hosts = list(base.hosts().values()) if base else [[None]] * n
+  gpus = [base.devices[h[0]].gpu if base else 'CPU' for h in hosts[:n]]
+  memory = [base.memory_bytes(h[0]) / 1e9 if base else gpu_spec('CPU').memory_gb for h in hosts[:n]]
+  efficiency = [rates[i] / gpu_spec(gpus[i]).tflops for i in range(n)]
+  details = {'model': cfg.model, 'micro_batch_size': ccfg.micro_batch_size, 'seq_len': ccfg.seq_len,
+             'layer_forward_s': fwd.tolist(), 'layer_backward_s': bwd.tolist(),
+             'layer_forward_flops': flops.tolist(), 'fitted_efficiency': efficiency,
+             'links': links, 'load_average': load, 'processes': jax.process_count()}
+  cluster = calibration.calibrated_cluster(
+      f'calibrated_{cfg.model}', rates, delay, bw, gpus, memory,
+      time.strftime('%Y-%m-%d %H:%M:%S'), details,
+      hosts=[base.devices[h[0]].host for h in hosts[:n]] if base else None,
+      regions=[base.devices[h[0]].region for h in hosts[:n]] if base else None)
+  Cluster.from_dict(cluster)  # what is written must load as a cluster
+
+  say(f'{"device":>7} {"fwd ms/layer":>13} {"bwd ms/layer":>13} {"TFLOP/s":>9} {"efficiency":>10}')
+  for i in range(n):
+    say(f'{i:>7} {fwd[i] * 1e3:>13.3f} {bwd[i] * 1e3:>13.3f} {rates[i]:>9.4f} {efficiency[i]:>10.3f}')
+  say(f'{"link":>7} {"latency ms":>13} {"Gbit/s":>13}')
+  for i in range(n):
+    for j in range(i + 1, n):
+      say(f'{f"{i}-{j}":>7} {delay[i, j]:>13.3f} {bw[i, j]:>13.3f}')
+  if is_leader():
+    for path in filter(None, (os.path.join(workdir, 'cluster.json'), ccfg.out)):
+      write_json(path, cluster)
+      print(f'wrote {path}')
