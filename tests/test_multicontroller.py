@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,70 @@ def test_a_frozen_process_is_named_not_the_peers_that_exit_first(tmp_path):
   summary = [l for l in stderr.splitlines() if not l.startswith('[p')]
   assert summary[0].startswith('error: process 1 was frozen'), stderr
   assert len(summary) <= 3, summary  # one line per failed process, no gloo/gRPC noise
+
+
+THREE_STAGES = [Stage(0, 2, [0]), Stage(2, 4, [1]), Stage(4, 6, [2])]
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+
+
+def test_three_processes_killed_and_restarted_resume_exactly(tmp_path):
+  """Every process writes its own stage; SIGKILL of the whole group after the first committed
+  step; the restarted group resumes and matches an uninterrupted run. Then one device, under
+  another split, resumes the processes' checkpoint and matches too."""
+  steps, every = 40, 10
+  Plan([Replica(THREE_STAGES)], num_layers=6, micro_batches=4, micro_batch_size=2).save(
+      str(tmp_path / 'plan.json'))
+  ckpt_args = [f'--config.ckpt.every={every}', '--config.ckpt.keep=0']
+
+  def start(workdir):
+    return subprocess.Popen(launch_args(3, '1', tmp_path / 'plan.json', workdir, steps) + ckpt_args,
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  straight = start(tmp_path / 'straight')
+  killed = tmp_path / 'killed'
+  proc = start(killed)
+  committed = killed / 'checkpoints' / str(every) / 'meta.json'
+  deadline = time.monotonic() + 300
+  while not committed.exists():
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.02)
+  for pid in _children(proc.pid) + [proc.pid]:  # the whole group at once
+    os.kill(pid, signal.SIGKILL)
+  proc.wait()
+  assert _metrics(killed)[-1]['step'] < steps, 'the run finished before it could be killed'
+  assert straight.wait(timeout=2 * LAUNCH_TIMEOUT_S) == 0, straight.stderr.read()[-3000:]
+
+  r = subprocess.run(launch_args(3, '1', tmp_path / 'plan.json', killed, steps) + ckpt_args,
+                     cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=2 * LAUNCH_TIMEOUT_S)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resumed from' in r.stdout, r.stdout[-2000:]
+  want, got = _metrics(tmp_path / 'straight'), _metrics(killed)
+  assert [x['step'] for x in got] == [x['step'] for x in want] == list(range(1, steps + 1))
+  assert [x['loss'] for x in got] == [x['loss'] for x in want]  # exact
+  step_dirs = sorted(int(d) for d in os.listdir(killed / 'checkpoints') if d.isdigit())
+  assert step_dirs == list(range(every, steps + 1, every))
+  assert sorted(os.listdir(killed / 'checkpoints' / str(steps))) == [
+      'index-p0.json', 'index-p1.json', 'index-p2.json', 'meta.json',
+      'p0_stage0_0_2.npz', 'p1_stage0_2_4.npz', 'p2_stage0_4_6.npz']  # each process its own stage
+
+  # One device (one stage holding all layers) resumes the processes' step 30.
+  single = tmp_path / 'single'
+  shutil.copytree(killed, single)
+  shutil.rmtree(single / 'checkpoints' / str(steps))
+  tcfg = base.train_fields()
+  tcfg.update(steps=steps, batch_size=8, seq_len=32, eval_every=0, log_every=1)
+  ckpt_cfg = base.checkpoint_fields()
+  ckpt_cfg.update(every=every, keep=0, async_save=False)
+  said = []
+  train(get_model_config('tiny_gpt', num_layers=6), tcfg, str(single), seed=0,
+        print_fn=lambda *a: said.append(' '.join(map(str, a))), ckpt_cfg=ckpt_cfg)
+  assert any('resumed from' in l and f'at step {steps - every}' in l for l in said), said
+  tail = [x['loss'] for x in _metrics(single)[steps - every:]]
+  assert max(abs(a - b['loss']) for a, b in zip(tail, want[steps - every:])) < 1e-3
 
 
 def test_killing_one_process_stops_the_group_with_a_clear_error(tmp_path):

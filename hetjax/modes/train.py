@@ -56,12 +56,7 @@ def run(cfg, workdir: str) -> None:
     source = f'from {cfg.init_from}' if init_model is not None else cfg.model
     print(f'model {source}: {mcfg.num_params():,} parameters; workdir {workdir}')
   make_state = pipeline_state_factory(cfg, mcfg, workdir)
-  ckpt_cfg = cfg.get('ckpt')
-  if ckpt_cfg is not None and jax.process_count() > 1:
-    ckpt_cfg = None  # orbax saves collectively; per-process stage writes are not wired up yet
-    if is_leader():
-      print('note: multi-controller runs do not write checkpoints yet')
-  state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=ckpt_cfg,
+  state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=cfg.get('ckpt'),
                 resume=cfg.get('resume'), make_state=make_state,
                 corpus=cfg.data.path if 'data' in cfg else None, init_model=init_model)
   if make_state is not None:
