@@ -14,6 +14,13 @@ import jax
 HEARTBEAT_TIMEOUT_S = 20  # a dead peer is noticed within about this long
 
 
+def lost_processes() -> list[int]:
+  """Processes an earlier attempt of this job lost (`hetjax.launch --on_failure=replan` restarts
+  the job without them and says so in HETJAX_LOST, e.g. '2' or '2,0'); empty on a first attempt."""
+  lost = os.environ.get('HETJAX_LOST', '')
+  return [int(x) for x in lost.split(',') if x]
+
+
 def launched() -> bool:
   return 'HETJAX_NUM_PROCESSES' in os.environ
 

@@ -220,3 +220,51 @@ def test_launcher_names_the_frozen_process_and_keeps_noise_in_the_logs(tmp_path)
                                '  process 2 exited with code 1 after process 1 stopped'], r.stderr
   log = (tmp_path / 'p0.log').read_text()
   assert '[Gloo] Rank 0 is connected' in log and log.count('Connection closed by peer') == 40
+
+
+def test_a_lost_process_is_replanned_away_and_the_run_continues(tmp_path):
+  """--on_failure=replan: process 2 of 3 is SIGKILLed after the first checkpoint; the job restarts
+  on 2 processes, re-plans, resumes and finishes; its losses equal an uninterrupted 2-process run
+  on the new plan from the same checkpoint."""
+  steps, every = 40, 10
+  Plan([Replica(THREE_STAGES)], num_layers=6, micro_batches=4, micro_batch_size=2).save(
+      str(tmp_path / 'plan.json'))
+  ckpt_args = [f'--config.ckpt.every={every}', '--config.ckpt.keep=0']
+  workdir = tmp_path / 'elastic'
+  args = launch_args(3, '1', tmp_path / 'plan.json', workdir, steps) + ckpt_args
+  args.insert(args.index('--'), '--on_failure=replan')
+  args[args.index('--grace=30')] = '--grace=5'
+  proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  committed = workdir / 'checkpoints' / str(every) / 'meta.json'
+  deadline = time.monotonic() + 300
+  while not committed.exists():
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  victim = next(pid for pid in _children(proc.pid)
+                if b'HETJAX_PROCESS_ID=2\x00' in open(f'/proc/{pid}/environ', 'rb').read())
+  os.kill(victim, signal.SIGKILL)
+  stdout, stderr = proc.communicate(timeout=2 * LAUNCH_TIMEOUT_S)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'replanning: original process 2 is lost' in stderr, stderr[-3000:]
+  rows = _metrics(workdir)
+  (event,) = [r for r in rows if r.get('event') == 'replan']
+  assert event['lost_processes'] == [2] and event['processes'] == 2
+  assert event['plan'] == [[0, 3, [0]], [3, 6, [1]]]
+  resumed = event['resumed_from']
+  assert resumed % every == 0 and every <= resumed < steps and event['steps_redone'] >= 0
+  after = rows[rows.index(event) + 1:]
+  assert [r['step'] for r in rows if 'loss' in r] == list(range(1, steps + 1))
+  assert [r['step'] for r in after] == list(range(resumed + 1, steps + 1))
+
+  # The same checkpoint, the new plan, 2 processes, no failure.
+  reference = tmp_path / 'reference'
+  shutil.copytree(workdir / 'checkpoints' / str(resumed), reference / 'checkpoints' / str(resumed))
+  shutil.copy(workdir / 'plan.json', tmp_path / 'new_plan.json')
+  r = subprocess.run(launch_args(2, '1', tmp_path / 'new_plan.json', reference, steps) + ckpt_args,
+                     cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=2 * LAUNCH_TIMEOUT_S)
+  assert r.returncode == 0, r.stderr[-3000:]
+  want = _metrics(reference)
+  assert [x['step'] for x in want] == list(range(resumed + 1, steps + 1))
+  assert [x['loss'] for x in after] == [x['loss'] for x in want]  # exact
