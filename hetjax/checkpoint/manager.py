@@ -8,8 +8,9 @@ On disk (<dir> is <workdir>/checkpoints for a training run, or a converted check
   <dir>/<step>/stage<i>_<a>_<b>/     orbax PyTree of stage i (layers a..b): {'params', 'opt_state',
                                      'extra'} nested by global name (see repartition.py)
 
-Each stage is its own item, so a stage's tensors are written as one unit. Names are global, so a reader with any stage plan takes the tensors it needs from
-whichever items hold them and reads only those (orbax partial restore). Orbax writes a step into a
+Each stage is its own item, so a stage's tensors are written as one unit. Names are global, so a
+reader with any stage plan takes the tensors it needs from whichever items hold them and reads only
+those (orbax partial restore). Orbax writes a step into a
 temporary folder and renames it once every item is complete: a crash mid-save leaves the previous
 step intact, and the next open deletes the half-written folder.
 
