@@ -164,7 +164,7 @@ def test_three_processes_killed_and_restarted_resume_exactly(tmp_path):
   step_dirs = sorted(int(d) for d in os.listdir(killed / 'checkpoints') if d.isdigit())
   assert step_dirs == list(range(every, steps + 1, every))
   assert sorted(os.listdir(killed / 'checkpoints' / str(steps))) == [
-      'index-p0.json', 'index-p1.json', 'index-p2.json', 'meta.json',
+      '_CHECKPOINT_METADATA', 'index-p0.json', 'index-p1.json', 'index-p2.json', 'meta.json',
       'p0_stage0_0_2.npz', 'p1_stage0_2_4.npz', 'p2_stage0_4_6.npz']  # each process its own stage
 
   # One device (one stage holding all layers) resumes the processes' step 30.

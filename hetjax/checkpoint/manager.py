@@ -221,6 +221,8 @@ class Checkpointer:
       parts.sort(key=lambda p: (p['start'], p['end']))
       full = {**meta, 'format': FORMAT, 'step': step, 'stages': parts}
       _write_atomic(os.path.join(tmp, 'meta.json'), lambda f: f.write(json.dumps(full).encode()))
+      # An empty step record: orbax (in a one-process reader listing steps) warns without one.
+      _write_atomic(os.path.join(tmp, '_CHECKPOINT_METADATA'), lambda f: f.write(b'{}'))
       final = os.path.join(self.directory, str(step))
       shutil.rmtree(final, ignore_errors=True)  # the same step from a run that was rolled back
       os.rename(tmp, final)  # the commit
