@@ -55,6 +55,18 @@ def _has_gpu() -> bool:
     return False
 
 
+BARRIER_TIMEOUT_S = 1800  # a checkpoint of a large stage may take this long to write
+
+
+def barrier(name: str) -> None:
+  """Wait until every process reaches the barrier `name` (unique per use). The coordinator's
+  barrier, not a device collective: it works with any number of devices per process."""
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
+
+
 def is_leader() -> bool:
   """Process 0 writes the run's files (metrics, plan, config)."""
   return jax.process_index() == 0

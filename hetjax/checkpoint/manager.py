@@ -184,12 +184,12 @@ class Checkpointer:
 
   def _save_by_process(self, step: int, stages, meta: Mapping) -> None:
     """A multi-controller save (see the module doc); every process calls it."""
-    from jax.experimental.multihost_utils import sync_global_devices
+    from hetjax.distributed import barrier
     me, tmp = jax.process_index(), os.path.join(self.directory, f'.tmp-{step}')
     if me == 0:
       shutil.rmtree(tmp, ignore_errors=True)  # a save a killed run left half-done
       os.makedirs(tmp)
-    sync_global_devices(f'hetjax-ckpt-{step}-open')
+    barrier(f'hetjax-ckpt-{step}-open')
     index = []
     try:
       for i, (spec, tree) in enumerate(stages):
@@ -212,7 +212,7 @@ class Checkpointer:
     except OSError as e:
       raise HetjaxError(f'saving checkpoint step {step} in {self.directory} failed: '
                         f'{_reason(e)}') from None
-    sync_global_devices(f'hetjax-ckpt-{step}-written')
+    barrier(f'hetjax-ckpt-{step}-written')
     if me == 0:
       parts = []
       for path in sorted(glob.glob(os.path.join(tmp, 'index-p*.json'))):
@@ -230,7 +230,7 @@ class Checkpointer:
       if self.keep:
         for old in self.all_steps()[:-self.keep]:
           shutil.rmtree(os.path.join(self.directory, str(old)), ignore_errors=True)
-    sync_global_devices(f'hetjax-ckpt-{step}-committed')
+    barrier(f'hetjax-ckpt-{step}-committed')
 
   def meta(self, step: int | None = None) -> dict:
     step = self._step(step)
