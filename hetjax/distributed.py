@@ -14,6 +14,13 @@ import jax
 HEARTBEAT_TIMEOUT_S = 20  # a dead peer is noticed within about this long
 
 
+def lost_processes() -> list[int]:
+  """Processes an earlier attempt of this job lost (`hetjax.launch --on_failure=replan` restarts
+  the job without them and says so in HETJAX_LOST, e.g. '2' or '2,0'); empty on a first attempt."""
+  lost = os.environ.get('HETJAX_LOST', '')
+  return [int(x) for x in lost.split(',') if x]
+
+
 def launched() -> bool:
   return 'HETJAX_NUM_PROCESSES' in os.environ
 
@@ -46,6 +53,18 @@ def _has_gpu() -> bool:
         importlib.util.find_spec('jax_cuda12_plugin') is not None
   except Exception:  # pragma: no cover
     return False
+
+
+BARRIER_TIMEOUT_S = 1800  # a checkpoint of a large stage may take this long to write
+
+
+def barrier(name: str) -> None:
+  """Wait until every process reaches the barrier `name` (unique per use). The coordinator's
+  barrier, not a device collective: it works with any number of devices per process."""
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, timeout_in_ms=BARRIER_TIMEOUT_S * 1000)
 
 
 def is_leader() -> bool:

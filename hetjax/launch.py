@@ -15,6 +15,11 @@ follow-on errors (gloo/gRPC "peer lost" noise) go only to the logs, and the laun
 summary line per failed process. Exit code: 2 if the first failure exited with 2 (bad input),
 else 1; --timeout stops a group that runs too long (exit code 124).
 
+--on_failure=replan: after a lost process (one that was killed, froze, or exited with an error
+other than 2) the launcher restarts the job on the remaining processes, renumbered 0..n-2, with
+HETJAX_LOST naming the original processes that are gone; a training job then re-plans over the
+remaining devices and resumes from its last checkpoint (hetjax/modes/train.py).
+
 --emulate=CLUSTER runs each process in its own network namespace joined by veth links shaped to the
 cluster's bandwidth matrix (see hetjax/netem.py); it needs root, and prints what it shaped.
 """
@@ -154,9 +159,10 @@ def default_logs(command: list[str]) -> str:
 
 def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
            network=None, timeout_s: float = 0, stall_s: float = 10.0, logs: str = '',
-           out=sys.stdout, err=sys.stderr) -> int:
+           out=sys.stdout, err=sys.stderr, extra_env=None, lost: list | None = None) -> int:
   """Run `command` as n cooperating processes; returns the exit code for the group (see the
-  module doc). timeout_s > 0 stops the whole group after that long (exit code 124)."""
+  module doc). timeout_s > 0 stops the whole group after that long (exit code 124). `extra_env`
+  goes to every process; the failed process (the first to go silent) is appended to `lost`."""
   addresses = network.addresses if network else ['127.0.0.1'] * n
   coordinator = f'{addresses[0]}:{free_port()}'
   logs = logs or default_logs(command)
@@ -169,7 +175,7 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
     env = {**os.environ, 'HETJAX_COORDINATOR': coordinator, 'HETJAX_NUM_PROCESSES': str(n),
            'HETJAX_PROCESS_ID': str(i), 'JAX_PLATFORMS': 'cpu',
            'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices[i]}',
-           'PYTHONUNBUFFERED': '1'}
+           'PYTHONUNBUFFERED': '1', **(extra_env or {})}
     argv = network.wrap(i, command) if network else command
     p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
@@ -208,6 +214,8 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
     return 124
   if first is None:
     return 0
+  if lost is not None:
+    lost.append(first.index)
   code = codes[first.index]
   own = f': {first.error}' if first.error else ''
   print(f'error: process {first.index} {first.describe(code)} and was the first to go silent'
@@ -218,6 +226,24 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
       print(f'  process {m.index} {m.describe(c)} after process {first.index} stopped{own}',
             file=err)
   return 2 if code == 2 else 1
+
+
+def launch_replanning(command: list[str], devices: list[int], logs: str = '', err=sys.stderr,
+                      **options) -> int:
+  """launch(), and after each lost process (not bad input, not a timeout) once more on the
+  survivors, telling the job which of the original processes are gone (HETJAX_LOST)."""
+  alive, gone = list(range(len(devices))), []
+  logs = logs or default_logs(command)
+  while True:
+    lost = []
+    attempt_logs = os.path.join(logs, f'replan{len(gone)}') if gone else logs
+    code = launch(command, len(alive), [devices[i] for i in alive], logs=attempt_logs, err=err,
+                  extra_env={'HETJAX_LOST': ','.join(map(str, gone))}, lost=lost, **options)
+    if code in (0, 2, 124) or not lost or len(alive) == 1:
+      return code
+    gone.append(alive.pop(lost[0]))
+    print(f'replanning: original process {gone[-1]} is lost; restarting the job on processes '
+          f'{", ".join(map(str, alive))} (as 0..{len(alive) - 1})', file=err, flush=True)
 
 
 def describe_network(network, cluster: str, scale: float) -> str:
@@ -279,6 +305,9 @@ def main(argv=None) -> int:
                       help='stop the whole group after this many seconds (0: no limit)')
   parser.add_argument('--logs', default='',
                       help='folder for each process\'s full output (default: <workdir>/launch)')
+  parser.add_argument('--on_failure', choices=['stop', 'replan'], default='stop',
+                      help='replan: when a process is lost, restart the job on the others '
+                           '(it re-plans and resumes from its last checkpoint)')
   parser.add_argument('--emulate', default='', help='cluster whose links to emulate (needs root)')
   parser.add_argument('--bandwidth_scale', type=float, default=1.0,
                       help='multiply the cluster\'s Gbit/s by this before shaping')
@@ -294,6 +323,10 @@ def main(argv=None) -> int:
     parser.error('-n must be in 1..1024')
   devices = parse_devices(args.devices, args.num_processes)
   options = dict(grace_s=args.grace, timeout_s=args.timeout, stall_s=args.stall, logs=args.logs)
+  if args.on_failure == 'replan':
+    if args.emulate:
+      parser.error('--on_failure=replan does not combine with --emulate')
+    return launch_replanning(rest, devices, **options)
   if not args.emulate:
     return launch(rest, args.num_processes, devices, **options)
   return launch_emulated(rest, args, devices, options)

@@ -309,3 +309,44 @@ def test_rerun_before_the_first_checkpoint_starts_a_clean_log(tmp_path):
   train(TINY, _tcfg(3), str(tmp_path), print_fn=lambda *a: None, ckpt_cfg=_ckpt_cfg(0))
   assert [r['step'] for r in _strict_records(tmp_path / 'metrics.jsonl')] == [1, 2, 3]
   assert all(r['loss'] != 9.0 for r in _strict_records(tmp_path / 'metrics.jsonl'))
+
+
+def _by_process(directory, **kw):
+  """A Checkpointer that writes as a multi-controller run does (one process here)."""
+  ckpt = Checkpointer(directory, **kw)
+  ckpt.by_process = True
+  return ckpt
+
+
+def test_a_step_written_by_processes_reads_back_under_another_split(tmp_path):
+  mcfg = get_model_config('tiny_llama', num_layers=2, hidden=32, ffn=64)
+  want = _params(mcfg)
+  flat = dict(nnx.to_flat_state(want['params']))
+  names = sorted(flat, key=str)
+  half = {'params': nnx.from_flat_state({k: flat[k] for k in names[:len(names) // 2]})}
+  rest = {'params': nnx.from_flat_state({k: flat[k] for k in names[len(names) // 2:]})}
+  ckpt = _by_process(str(tmp_path), keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, [(StageSpec(0, 1, True, False), half), (StageSpec(1, 2, False, True), rest)],
+              {'n': step})
+  assert sorted(os.listdir(tmp_path)) == ['2', '3']  # keep=2, no temporary folder left
+  assert is_checkpoint(str(tmp_path))
+  ckpt = Checkpointer(str(tmp_path), read_only=True)  # an ordinary (orbax) reader
+  assert ckpt.latest_step() == 3
+  (got,), meta = ckpt.restore([_params(mcfg)])  # one stage now holds both halves
+  assert meta['n'] == 3 and meta['step'] == 3
+  for x, y in zip(nnx.to_flat_state(want['params']), nnx.to_flat_state(got['params'])):
+    np.testing.assert_array_equal(np.asarray(x[1].get_value()), np.asarray(y[1].get_value()))
+
+
+def test_a_damaged_step_written_by_processes_falls_back(tmp_path):
+  ckpt = _by_process(str(tmp_path))
+  for step, value in ((1, 1.0), (2, 2.0)):
+    ckpt.save(step, [(SPEC, {'params': {'w': np.full((8, 8), value, np.float32)}})], {})
+  (npz,) = glob.glob(str(tmp_path / '2' / '*.npz'))
+  _overwrite(npz, b'garbage')
+  warnings = []
+  ckpt = Checkpointer(str(tmp_path), warn=warnings.append)
+  (tree,), meta = ckpt.restore([{'params': {'w': np.zeros((8, 8), np.float32)}}])
+  assert meta['step'] == 1 and len(warnings) == 1 and 'falling back to step 1' in warnings[0]
+  np.testing.assert_array_equal(tree['params']['w'], 1.0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,70 @@ def test_a_frozen_process_is_named_not_the_peers_that_exit_first(tmp_path):
   assert len(summary) <= 3, summary  # one line per failed process, no gloo/gRPC noise
 
 
+THREE_STAGES = [Stage(0, 2, [0]), Stage(2, 4, [1]), Stage(4, 6, [2])]
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+
+
+def test_three_processes_killed_and_restarted_resume_exactly(tmp_path):
+  """Every process writes its own stage; SIGKILL of the whole group after the first committed
+  step; the restarted group resumes and matches an uninterrupted run. Then one device, under
+  another split, resumes the processes' checkpoint and matches too."""
+  steps, every = 40, 10
+  Plan([Replica(THREE_STAGES)], num_layers=6, micro_batches=4, micro_batch_size=2).save(
+      str(tmp_path / 'plan.json'))
+  ckpt_args = [f'--config.ckpt.every={every}', '--config.ckpt.keep=0']
+
+  def start(workdir):
+    return subprocess.Popen(launch_args(3, '1', tmp_path / 'plan.json', workdir, steps) + ckpt_args,
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+  straight = start(tmp_path / 'straight')
+  killed = tmp_path / 'killed'
+  proc = start(killed)
+  committed = killed / 'checkpoints' / str(every) / 'meta.json'
+  deadline = time.monotonic() + 300
+  while not committed.exists():
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.02)
+  for pid in _children(proc.pid) + [proc.pid]:  # the whole group at once
+    os.kill(pid, signal.SIGKILL)
+  proc.wait()
+  assert _metrics(killed)[-1]['step'] < steps, 'the run finished before it could be killed'
+  assert straight.wait(timeout=2 * LAUNCH_TIMEOUT_S) == 0, straight.stderr.read()[-3000:]
+
+  r = subprocess.run(launch_args(3, '1', tmp_path / 'plan.json', killed, steps) + ckpt_args,
+                     cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=2 * LAUNCH_TIMEOUT_S)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resumed from' in r.stdout, r.stdout[-2000:]
+  want, got = _metrics(tmp_path / 'straight'), _metrics(killed)
+  assert [x['step'] for x in got] == [x['step'] for x in want] == list(range(1, steps + 1))
+  assert [x['loss'] for x in got] == [x['loss'] for x in want]  # exact
+  step_dirs = sorted(int(d) for d in os.listdir(killed / 'checkpoints') if d.isdigit())
+  assert step_dirs == list(range(every, steps + 1, every))
+  assert sorted(os.listdir(killed / 'checkpoints' / str(steps))) == [
+      '_CHECKPOINT_METADATA', 'index-p0.json', 'index-p1.json', 'index-p2.json', 'meta.json',
+      'p0_stage0_0_2.npz', 'p1_stage0_2_4.npz', 'p2_stage0_4_6.npz']  # each process its own stage
+
+  # One device (one stage holding all layers) resumes the processes' step 30.
+  single = tmp_path / 'single'
+  shutil.copytree(killed, single)
+  shutil.rmtree(single / 'checkpoints' / str(steps))
+  tcfg = base.train_fields()
+  tcfg.update(steps=steps, batch_size=8, seq_len=32, eval_every=0, log_every=1)
+  ckpt_cfg = base.checkpoint_fields()
+  ckpt_cfg.update(every=every, keep=0, async_save=False)
+  said = []
+  train(get_model_config('tiny_gpt', num_layers=6), tcfg, str(single), seed=0,
+        print_fn=lambda *a: said.append(' '.join(map(str, a))), ckpt_cfg=ckpt_cfg)
+  assert any('resumed from' in l and f'at step {steps - every}' in l for l in said), said
+  tail = [x['loss'] for x in _metrics(single)[steps - every:]]
+  assert max(abs(a - b['loss']) for a, b in zip(tail, want[steps - every:])) < 1e-3
+
+
 def test_killing_one_process_stops_the_group_with_a_clear_error(tmp_path):
   stderr, seconds, code = _start_and_signal(tmp_path, signal.SIGKILL, victim_index=1)
   assert code == 1 and seconds < 60, (seconds, stderr)
@@ -155,3 +220,51 @@ def test_launcher_names_the_frozen_process_and_keeps_noise_in_the_logs(tmp_path)
                                '  process 2 exited with code 1 after process 1 stopped'], r.stderr
   log = (tmp_path / 'p0.log').read_text()
   assert '[Gloo] Rank 0 is connected' in log and log.count('Connection closed by peer') == 40
+
+
+def test_a_lost_process_is_replanned_away_and_the_run_continues(tmp_path):
+  """--on_failure=replan: process 2 of 3 is SIGKILLed after the first checkpoint; the job restarts
+  on 2 processes, re-plans, resumes and finishes; its losses equal an uninterrupted 2-process run
+  on the new plan from the same checkpoint."""
+  steps, every = 40, 10
+  Plan([Replica(THREE_STAGES)], num_layers=6, micro_batches=4, micro_batch_size=2).save(
+      str(tmp_path / 'plan.json'))
+  ckpt_args = [f'--config.ckpt.every={every}', '--config.ckpt.keep=0']
+  workdir = tmp_path / 'elastic'
+  args = launch_args(3, '1', tmp_path / 'plan.json', workdir, steps) + ckpt_args
+  args.insert(args.index('--'), '--on_failure=replan')
+  args[args.index('--grace=30')] = '--grace=5'
+  proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  committed = workdir / 'checkpoints' / str(every) / 'meta.json'
+  deadline = time.monotonic() + 300
+  while not committed.exists():
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  victim = next(pid for pid in _children(proc.pid)
+                if b'HETJAX_PROCESS_ID=2\x00' in open(f'/proc/{pid}/environ', 'rb').read())
+  os.kill(victim, signal.SIGKILL)
+  stdout, stderr = proc.communicate(timeout=2 * LAUNCH_TIMEOUT_S)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'replanning: original process 2 is lost' in stderr, stderr[-3000:]
+  rows = _metrics(workdir)
+  (event,) = [r for r in rows if r.get('event') == 'replan']
+  assert event['lost_processes'] == [2] and event['processes'] == 2
+  assert event['plan'] == [[0, 3, [0]], [3, 6, [1]]]
+  resumed = event['resumed_from']
+  assert resumed % every == 0 and every <= resumed < steps and event['steps_redone'] >= 0
+  after = rows[rows.index(event) + 1:]
+  assert [r['step'] for r in rows if 'loss' in r] == list(range(1, steps + 1))
+  assert [r['step'] for r in after] == list(range(resumed + 1, steps + 1))
+
+  # The same checkpoint, the new plan, 2 processes, no failure.
+  reference = tmp_path / 'reference'
+  shutil.copytree(workdir / 'checkpoints' / str(resumed), reference / 'checkpoints' / str(resumed))
+  shutil.copy(workdir / 'plan.json', tmp_path / 'new_plan.json')
+  r = subprocess.run(launch_args(2, '1', tmp_path / 'new_plan.json', reference, steps) + ckpt_args,
+                     cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=2 * LAUNCH_TIMEOUT_S)
+  assert r.returncode == 0, r.stderr[-3000:]
+  want = _metrics(reference)
+  assert [x['step'] for x in want] == list(range(resumed + 1, steps + 1))
+  assert [x['loss'] for x in after] == [x['loss'] for x in want]  # exact

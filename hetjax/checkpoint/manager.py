@@ -8,11 +8,18 @@ On disk (<dir> is <workdir>/checkpoints for a training run, or a converted check
   <dir>/<step>/stage<i>_<a>_<b>/     orbax PyTree of stage i (layers a..b): {'params', 'opt_state',
                                      'extra'} nested by global name (see repartition.py)
 
-Each stage is its own item, so a stage's tensors are written as one unit and, later, by the process
-that owns them. Names are global, so a reader with any stage plan takes the tensors it needs from
-whichever items hold them and reads only those (orbax partial restore). Orbax writes a step into a
+Each stage is its own item, so a stage's tensors are written as one unit. Names are global, so a
+reader with any stage plan takes the tensors it needs from whichever items hold them and reads only
+those (orbax partial restore). Orbax writes a step into a
 temporary folder and renames it once every item is complete: a crash mid-save leaves the previous
 step intact, and the next open deletes the half-written folder.
+
+Multi-controller runs (jax.process_count() > 1) write a step without orbax (whose collective save
+refuses arrays that live on one process's devices): each process writes its own stages to
+<dir>/.tmp-<step>/<item>.npz (raw bytes per tensor) and its part of the stage index, all wait at a
+barrier, then process 0 writes <dir>/.tmp-<step>/meta.json (the same meta, each stage with its
+'file') and renames the folder to <dir>/<step>: the step exists complete or not at all. Readers
+take either kind of step, so any plan (or process count) reads any plan's checkpoint.
 
 Integrity: the stage index also records, per tensor, a fingerprint [sum, sum of |x|] (float32,
 computed on device). Saving refuses a non-finite tensor; restoring re-computes the fingerprints of
@@ -26,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import io
+import json
 import os
 import shutil
 import sys
@@ -83,6 +92,24 @@ class Checkpointer:
     self.read_only = read_only
     self.warn = warn
     # read_only only stops this object from creating or cleaning up; it never saves anyway.
+    self.keep = keep
+    self.by_process = jax.process_count() > 1  # see the module doc
+    self._manager = None
+    if self.by_process:
+      if not read_only:
+        os.makedirs(self.directory, exist_ok=True)
+    else:
+      self._manager = self._open_manager()
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    """Orbax's manager (in a multi-controller run opened only to read a step orbax wrote)."""
+    if self._manager is None:
+      self._manager = self._open_manager()
+    return self._manager
+
+  def _open_manager(self) -> ocp.CheckpointManager:
+    read_only, keep, async_save = self.read_only or self.by_process, self.keep, self.async_save
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, enable_async_checkpointing=async_save, create=not read_only,
         cleanup_tmp_directories=not read_only)
@@ -95,16 +122,29 @@ class Checkpointer:
     for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
       registry.add(None, args, ocp.JsonCheckpointHandler)
     try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                           handler_registry=registry)
+      return ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
     except (OSError, ValueError) as e:
-      raise HetjaxError(f'cannot open checkpoints in {directory}: {_reason(e)}') from None
+      raise HetjaxError(f'cannot open checkpoints in {self.directory}: {_reason(e)}') from None
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, either kind (orbax's, or written by processes)."""
+    steps = set(self._manager.all_steps()) if self._manager is not None else set()
+    if os.path.isdir(self.directory):
+      steps |= {int(n) for n in os.listdir(self.directory) if n.isdigit() and (
+          self._by_processes(int(n)) or os.path.isdir(os.path.join(self.directory, n, 'meta')))}
+    return sorted(steps)
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def _by_processes(self, step: int) -> bool:
+    return os.path.exists(os.path.join(self.directory, str(step), 'meta.json'))
 
   def check(self) -> None:
     """Raise now if a background save has failed (instead of at the next save)."""
+    if self._manager is None:
+      return
     try:
       self.manager.check_for_errors()
     except Exception as e:  # whatever the writer thread hit: disk full, permissions, ...
@@ -119,6 +159,8 @@ class Checkpointer:
     Leaves should be jax arrays: orbax writes those without a host copy (numpy leaves cost one).
     An asynchronous save first copies them on their device, so training may donate its buffers
     at once."""
+    if self.by_process:
+      return self._save_by_process(step, stages, meta)
     items, index = {}, []
     for i, (spec, tree) in enumerate(stages):
       flat = flatten(tree)
@@ -140,10 +182,64 @@ class Checkpointer:
       raise HetjaxError(f'saving checkpoint step {step} in {self.directory} failed: '
                         f'{_reason(e)}') from None
 
+  def _save_by_process(self, step: int, stages, meta: Mapping) -> None:
+    """A multi-controller save (see the module doc); every process calls it."""
+    from hetjax.distributed import barrier
+    me, tmp = jax.process_index(), os.path.join(self.directory, f'.tmp-{step}')
+    if me == 0:
+      shutil.rmtree(tmp, ignore_errors=True)  # a save a killed run left half-done
+      os.makedirs(tmp)
+    barrier(f'hetjax-ckpt-{step}-open')
+    index = []
+    try:
+      for i, (spec, tree) in enumerate(stages):
+        flat = flatten(tree)
+        if any(_writer(x) != me for x in flat.values()):
+          continue  # a data-parallel copy: the replica on the lowest process writes it
+        flat = {name: _host_copy(x) for name, x in flat.items()}
+        item = f'p{me}_stage{i}_{spec.start}_{spec.end}'
+        sums = fingerprints(flat)
+        for name, (total, _) in sums.items():
+          if not np.isfinite(total):
+            raise HetjaxError(f'refusing to save step {step}: tensor {name} is not finite')
+        keys = {name: f't{k}' for k, name in enumerate(flat)}
+        _write_atomic(os.path.join(tmp, f'{item}.npz'), lambda f: np.savez(
+            f, **{keys[n]: np.ascontiguousarray(x).reshape(-1).view(np.uint8) for n, x in flat.items()}))
+        index.append({'item': item, 'file': f'{item}.npz', **dataclasses.asdict(spec), 'keys': keys,
+                      'tensors': {n: [list(x.shape), str(x.dtype)] for n, x in flat.items()},
+                      'sums': sums})
+      _write_atomic(os.path.join(tmp, f'index-p{me}.json'), lambda f: f.write(json.dumps(index).encode()))
+    except OSError as e:
+      raise HetjaxError(f'saving checkpoint step {step} in {self.directory} failed: '
+                        f'{_reason(e)}') from None
+    barrier(f'hetjax-ckpt-{step}-written')
+    if me == 0:
+      parts = []
+      for path in sorted(glob.glob(os.path.join(tmp, 'index-p*.json'))):
+        with open(path) as f:
+          parts += json.load(f)
+      parts.sort(key=lambda p: (p['start'], p['end']))
+      full = {**meta, 'format': FORMAT, 'step': step, 'stages': parts}
+      _write_atomic(os.path.join(tmp, 'meta.json'), lambda f: f.write(json.dumps(full).encode()))
+      # An empty step record: orbax (in a one-process reader listing steps) warns without one.
+      _write_atomic(os.path.join(tmp, '_CHECKPOINT_METADATA'), lambda f: f.write(b'{}'))
+      final = os.path.join(self.directory, str(step))
+      shutil.rmtree(final, ignore_errors=True)  # the same step from a run that was rolled back
+      os.rename(tmp, final)  # the commit
+      _fsync_dir(self.directory)
+      if self.keep:
+        for old in self.all_steps()[:-self.keep]:
+          shutil.rmtree(os.path.join(self.directory, str(old)), ignore_errors=True)
+    barrier(f'hetjax-ckpt-{step}-committed')
+
   def meta(self, step: int | None = None) -> dict:
     step = self._step(step)
     try:
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      if self._by_processes(step):
+        meta = self._read_meta_file(step)
+      else:
+        meta = self.manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # missing or unparsable files
       raise CorruptCheckpoint(f'step {step}: cannot read its metadata ({_reason(e)})') from None
     if not isinstance(meta, dict) or meta.get('format') != FORMAT:
@@ -170,6 +266,10 @@ class Checkpointer:
       item, shape, dtype = where[name]
       wanted[item][name] = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype),
                                                 sharding=shardings.get(name))
+    files = {s['item']: s for s in meta['stages'] if 'file' in s}
+    out = {}
+    for item in [i for i in wanted if i in files]:
+      out.update(self._read_file(meta['step'], files[item], wanted.pop(item)))
     args = {item: ocp.args.PyTreeRestore(
         item=nest(structs), partial_restore=True,
         restore_args=nest({n: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape)
@@ -177,15 +277,34 @@ class Checkpointer:
                            for n, x in structs.items()}))
         for item, structs in wanted.items()}
     if not args:
-      return {}
+      return out
     step = meta['step']
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-      out = {name: x for item in args for name, x in flatten(restored[item]).items()}
+      from_orbax = {name: x for item in args for name, x in flatten(restored[item]).items()}
     except Exception as e:  # truncated or missing data files, bad manifests
       raise CorruptCheckpoint(f'step {step}: cannot read its tensors ({_reason(e)})') from None
-    verify(out, meta)
-    return out
+    verify(from_orbax, meta)
+    return {**out, **from_orbax}
+
+  def _read_meta_file(self, step: int) -> dict:
+    with open(os.path.join(self.directory, str(step), 'meta.json')) as f:
+      return json.load(f)
+
+  def _read_file(self, step: int, stage: Mapping, structs: Mapping[str, Any]) -> dict:
+    """The named tensors of one stage file written by a process (see _save_by_process), verified,
+    then placed on their shardings (if any)."""
+    try:
+      with np.load(os.path.join(self.directory, str(step), stage['file'])) as z:
+        host = {}
+        for name, x in structs.items():
+          host[name] = z[stage['keys'][name]].view(np.dtype(x.dtype)).reshape(x.shape)
+    except Exception as e:  # a missing, truncated or garbled file
+      raise CorruptCheckpoint(f'step {step}: cannot read {stage["file"]} ({_reason(e)})') from None
+    verify(host, {'step': step, 'stages': [stage]})
+    return {name: host[name] if x.sharding is None else
+            jax.make_array_from_callback(x.shape, x.sharding, lambda idx, a=host[name]: a[idx])
+            for name, x in structs.items()}
 
   def restore(self, templates: Sequence[Any], step: int | None = None,
               whole_model: bool = True) -> tuple[list, dict]:
@@ -203,7 +322,7 @@ class Checkpointer:
     reported with `warn`, moved aside (unless read-only) and skipped."""
     if step is not None:
       return read(step)
-    steps = sorted(self.manager.all_steps(), reverse=True)
+    steps = sorted(self.all_steps(), reverse=True)
     if not steps:
       raise HetjaxError(f'no checkpoint in {self.directory}')
     for k, step in enumerate(steps):
@@ -223,7 +342,8 @@ class Checkpointer:
       shutil.rmtree(dest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.move(os.path.join(self.directory, str(step)), dest)
-    self.manager.reload()
+    if self._manager is not None:
+      self.manager.reload()
     return dest
 
   def _restore_step(self, templates, step: int, whole_model: bool) -> tuple[list, dict]:
@@ -250,11 +370,13 @@ class Checkpointer:
     return filled, meta
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    if self._manager is not None:
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if self._manager is not None:
+      self.manager.wait_until_finished()
+      self.manager.close()
 
   def _step(self, step: int | None) -> int:
     if step is None:
@@ -274,6 +396,39 @@ def _quietly(read, step):
     except CorruptCheckpoint:
       time.sleep(0.5)  # let those callbacks finish while stderr is still redirected
       raise
+
+
+def _writer(x) -> int:
+  """The process that writes a tensor: the lowest one holding a copy."""
+  devices = getattr(getattr(x, 'sharding', None), 'device_set', None)
+  return min(d.process_index for d in devices) if devices else jax.process_index()
+
+
+def _host_copy(x) -> np.ndarray:
+  """This process's copy of a tensor: all of it, or one replica of a tensor replicated across
+  processes (a tensor split across processes cannot be written this way)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  raise HetjaxError(f'cannot checkpoint a tensor of shape {x.shape} split across processes')
+
+
+def _write_atomic(path: str, write) -> None:
+  """write(binary file) into path.tmp, fsync, rename to path."""
+  with open(path + '.tmp', 'wb') as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(path + '.tmp', path)
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def _reason(e: BaseException) -> str:
@@ -320,7 +475,8 @@ def is_checkpoint(directory: str) -> bool:
   """True if `directory` holds at least one committed step with a meta item."""
   if not os.path.isdir(directory):
     return False
-  return any(name.isdigit() and os.path.isdir(os.path.join(directory, name, 'meta'))
+  return any(name.isdigit() and (os.path.isdir(os.path.join(directory, name, 'meta')) or
+                                 os.path.exists(os.path.join(directory, name, 'meta.json')))
              for name in os.listdir(directory))
 
 

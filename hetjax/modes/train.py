@@ -1,15 +1,17 @@
 """mode=train: train on the shipped corpus, on one device or through the pipeline runtime over a
 Plan (--config.pipeline.plan), then (if generate.max_new_tokens > 0) print a sample."""
 
+import dataclasses
 import os
 
 import jax
+import numpy as np
 from flax import nnx
 
 from hetjax.checkpoint.manager import load_model
 from hetjax.compression.codecs import make_codec
 from hetjax.data import ByteTokenizer
-from hetjax.distributed import is_leader
+from hetjax.distributed import is_leader, lost_processes
 from hetjax.errors import HetjaxError
 from hetjax.models.config import model_config_from
 from hetjax.modes.generate import parse_prompt, sample
@@ -27,6 +29,9 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   from hetjax.parallel.trainer import PipelineTrainState
   say = print if is_leader() else (lambda *a, **k: None)
   plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say).check_model(cfg.model)
+  if lost_processes():
+    plan = replan_over_processes(plan)
+    say(f're-planned over the {jax.process_count()} remaining processes:\n{plan.table()}')
   if is_leader():
     plan.save(os.path.join(workdir, 'plan.json'))
   transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport}
@@ -53,6 +58,36 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   return make_state
 
 
+def replan_over_processes(plan):
+  """The plan re-made for the processes this job has (after a lost one): one stage per process on
+  all its devices, layers split evenly, one replica taking the same batch (so the same data
+  order). This is an even split, not a search over the remaining devices."""
+  from hetjax.plan import Replica, Stage
+  devices = jax.devices()
+  owned = [[i for i, d in enumerate(devices) if d.process_index == p]
+           for p in range(jax.process_count())]
+  cuts = [int(c[0]) for c in np.array_split(np.arange(plan.num_layers), len(owned))] + [plan.num_layers]
+  stages = [Stage(cuts[p], cuts[p + 1], owned[p]) for p in range(len(owned))]
+  return dataclasses.replace(plan, replicas=[Replica(stages)], micro_batches=plan.micro_batches * plan.dp,
+                             cluster='', prediction={}, search={})
+
+
+def record_replan(workdir: str) -> None:
+  """One metrics.jsonl row for a restart after a lost process: who was lost, the new plan's
+  stages [start, end, devices], the checkpoint the job resumes from and how many logged steps it
+  redoes (from the newest checkpoint; one found damaged on restore makes that an underestimate)."""
+  from hetjax.checkpoint.manager import Checkpointer, is_checkpoint
+  from hetjax.metrics import MetricsLog
+  from hetjax.plan import Plan
+  log, directory = MetricsLog(workdir), os.path.join(workdir, 'checkpoints')
+  resumed = Checkpointer(directory, read_only=True).latest_step() if is_checkpoint(directory) else 0
+  logged = max([r['step'] for r in log.read() if 'loss' in r], default=0)
+  stages = Plan.load(os.path.join(workdir, 'plan.json')).replicas[0].stages
+  log.log(resumed, event='replan', lost_processes=lost_processes(), processes=jax.process_count(),
+          resumed_from=resumed, steps_redone=logged - resumed,
+          plan=[[s.start, s.end, list(s.devices)] for s in stages])
+
+
 def run(cfg, workdir: str) -> None:
   mcfg = model_config_from(cfg)
   init_model = None
@@ -66,12 +101,9 @@ def run(cfg, workdir: str) -> None:
     source = f'from {cfg.init_from}' if init_model is not None else cfg.model
     print(f'model {source}: {mcfg.num_params():,} parameters; workdir {workdir}')
   make_state = pipeline_state_factory(cfg, mcfg, workdir)
-  ckpt_cfg = cfg.get('ckpt')
-  if ckpt_cfg is not None and jax.process_count() > 1:
-    ckpt_cfg = None  # orbax saves collectively; per-process stage writes are not wired up yet
-    if is_leader():
-      print('note: multi-controller runs do not write checkpoints yet')
-  state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=ckpt_cfg,
+  if lost_processes() and is_leader():
+    record_replan(workdir)
+  state = train(mcfg, cfg.train, workdir, seed=cfg.seed, ckpt_cfg=cfg.get('ckpt'),
                 resume=cfg.get('resume'), make_state=make_state,
                 corpus=cfg.data.path if 'data' in cfg else None, init_model=init_model)
   if make_state is not None:
