@@ -44,3 +44,24 @@ def test_processes_generate_single_device_ids(tmp_path, devices, replicas):
   cfg = get_model_config('tiny_llama')
   want = generate(build_model(cfg, 0), np.array([PROMPT]), TOKENS)
   assert json.loads(lines[0])['ids'] == want.tolist()
+
+
+def test_a_sample_after_multi_controller_training_runs_over_the_plan(tmp_path):
+  """Each stage samples where it trained (no process holds the whole model); only the leader prints."""
+  plan = Plan([Replica([Stage(0, 2, [0]), Stage(2, 4, [1, 2])])], num_layers=4, micro_batches=2,
+              micro_batch_size=2)
+  plan.save(str(tmp_path / 'plan.json'))
+  cmd = [sys.executable, '-m', 'hetjax.launch', '-n', '2', '--devices=1,2', '--grace=30',
+         f'--timeout={LAUNCH_TIMEOUT_S}', '--', sys.executable, 'run.py', '--config=configs/train.py',
+         f'--config.pipeline.plan={tmp_path / "plan.json"}', '--config.model_overrides.num_layers=4',
+         '--config.train.steps=2', '--config.train.batch_size=4', '--config.train.seq_len=32',
+         '--config.train.eval_every=0', '--config.generate.prompt=hacker',
+         '--config.generate.max_new_tokens=6', f'--config.workdir={tmp_path / "run"}']
+  r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=2 * LAUNCH_TIMEOUT_S)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.splitlines()
+  at = [i for i, l in enumerate(lines) if '--- sample' in l]
+  assert len(at) == 1, r.stdout[-2000:]
+  sample = lines[at[0] + 1].split('] ', 1)[-1]
+  assert sample.startswith('hacker')  # the prompt, then the sampled text

@@ -47,7 +47,8 @@ def pad_prompts(prompts: list, rows: int = 0, max_width: int = 0) -> GroupBatch:
 
 class ServeEngine:
   """Generation over `plan` (its replicas serve independently) for model `cfg` with parameters
-  `params` (the full model's nnx.State, split here into each stage's part)."""
+  `params`: the full model's nnx.State, split here into each stage's part, or (a one-replica plan)
+  a list of the stages' states, None for stages this process does not run."""
 
   def __init__(self, plan: Plan, cfg: ModelConfig, params: nnx.State, *, codec=None,
                transport=None, colocate: bool = False):
@@ -56,8 +57,15 @@ class ServeEngine:
     self.replicas = [build_replica_groups(plan, cfg, r, colocate) for r in range(plan.dp)]
     self.stages = []   # flat stage index -> (replica, k, group, params or None)
     for r, groups in enumerate(self.replicas):
-      cut = split_state(params, [g.abstract for g in groups])
+      if isinstance(params, (list, tuple)):  # one replica's stage states (None where not held)
+        if plan.dp != 1 or len(params) != len(groups):
+          raise HetjaxError('per-stage parameters need a one-replica plan with one state per stage')
+        cut = params
+      else:
+        cut = split_state(params, [g.abstract for g in groups])
       for k, (g, p) in enumerate(zip(groups, cut)):
+        if g.is_local and p is None:
+          raise HetjaxError(f'stage {k} runs on this process but its parameters are not here')
         placed = place(jax.tree.map(np.asarray, p), g.param_sharding) if g.is_local else None
         self.stages.append((r, k, g, placed))
     transport = transport or DevicePutTransport()

@@ -108,7 +108,24 @@ def run(cfg, workdir: str) -> None:
                 corpus=cfg.data.path if 'data' in cfg else None, init_model=init_model)
   if make_state is not None:
     state.write_timeline(workdir)
-  if gcfg is not None and gcfg.max_new_tokens > 0 and jax.process_count() == 1:
-    print(f'--- sample ({gcfg.max_new_tokens} tokens, compiling first) ---', flush=True)
-    ids = sample(state.model(), gcfg, cfg.seed)
-    print(gcfg.prompt + ByteTokenizer().decode(ids[0]))
+  if gcfg is not None and gcfg.max_new_tokens > 0:
+    if is_leader():
+      print(f'--- sample ({gcfg.max_new_tokens} tokens, compiling first) ---', flush=True)
+    if jax.process_count() == 1:
+      ids = sample(state.model(), gcfg, cfg.seed)
+    else:
+      ids = sample_over_plan(state, gcfg, cfg.seed)
+    if is_leader():
+      print(gcfg.prompt + ByteTokenizer().decode(ids[0]))
+
+
+def sample_over_plan(state, gcfg, seed: int):
+  """A sample after a multi-controller run: generation over replica 0 of the training plan, each
+  stage where it trained (no process holds the whole model)."""
+  from hetjax.inference.engine import ServeEngine
+  from hetjax.parallel.exchange import PairPermuteTransport
+  pipe = state.pipe
+  plan = dataclasses.replace(pipe.plan, kind='serve', replicas=[pipe.plan.replicas[0]])
+  engine = ServeEngine(plan, pipe.cfg, pipe.stage_params(), transport=PairPermuteTransport())
+  return engine.generate(parse_prompt(gcfg), gcfg.max_new_tokens, temperature=gcfg.temperature,
+                         top_k=gcfg.top_k, top_p=gcfg.top_p, seed=seed)

@@ -385,5 +385,15 @@ class Pipeline:
 
   # ---- state access
   def stage_params(self) -> list:
-    """Per-stage parameters on the host (None for stages this process does not own)."""
-    return [None if r is None else jax.tree.map(np.asarray, r.params) for r in self.runners]
+    """Per-stage parameters on the host (None for stages this process does not own). With data
+    parallelism across processes, each process assembles them from its own replica's shards."""
+    return [None if r is None else jax.tree.map(_host_copy, r.params) for r in self.runners]
+
+
+def _host_copy(x) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  out = np.empty(x.shape, x.dtype)
+  for shard in x.addressable_shards:  # a whole TP row of a replica covers the array
+    out[shard.index] = np.asarray(shard.data)
+  return out
