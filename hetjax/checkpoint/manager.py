@@ -196,7 +196,7 @@ class Checkpointer:
         flat = flatten(tree)
         if any(_writer(x) != me for x in flat.values()):
           continue  # a data-parallel copy: the replica on the lowest process writes it
-        flat = {name: _host_copy(x) for name, x in flat.items()}
+        flat = {name: host_copy(x) for name, x in flat.items()}
         item = f'p{me}_stage{i}_{spec.start}_{spec.end}'
         sums = fingerprints(flat)
         for name, (total, _) in sums.items():
@@ -404,14 +404,19 @@ def _writer(x) -> int:
   return min(d.process_index for d in devices) if devices else jax.process_index()
 
 
-def _host_copy(x) -> np.ndarray:
-  """This process's copy of a tensor: all of it, or one replica of a tensor replicated across
-  processes (a tensor split across processes cannot be written this way)."""
+def host_copy(x) -> np.ndarray:
+  """This process's copy of a tensor: all of it, or (replicated across processes, e.g. over data-
+  parallel replicas) what its own shards cover, when they cover all of it (a whole TP row)."""
   if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(x)
-  if x.sharding.is_fully_replicated:
-    return np.asarray(x.addressable_data(0))
-  raise HetjaxError(f'cannot checkpoint a tensor of shape {x.shape} split across processes')
+  out = np.empty(x.shape, x.dtype)
+  covered = np.zeros(x.shape, bool)
+  for shard in x.addressable_shards:
+    out[shard.index] = np.asarray(shard.data)
+    covered[shard.index] = True
+  if not covered.all():
+    raise HetjaxError(f'cannot checkpoint a tensor of shape {x.shape} split across processes')
+  return out
 
 
 def _write_atomic(path: str, write) -> None:

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from hetjax.compression import aqsgd, buffers as buffers_lib
+from hetjax.checkpoint.manager import host_copy
 from hetjax.compression.codecs import Identity
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
@@ -387,13 +388,5 @@ class Pipeline:
   def stage_params(self) -> list:
     """Per-stage parameters on the host (None for stages this process does not own). With data
     parallelism across processes, each process assembles them from its own replica's shards."""
-    return [None if r is None else jax.tree.map(_host_copy, r.params) for r in self.runners]
+    return [None if r is None else jax.tree.map(host_copy, r.params) for r in self.runners]
 
-
-def _host_copy(x) -> np.ndarray:
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  out = np.empty(x.shape, x.dtype)
-  for shard in x.addressable_shards:  # a whole TP row of a replica covers the array
-    out[shard.index] = np.asarray(shard.data)
-  return out
