@@ -237,17 +237,15 @@ class SlotGroup:
     return done
 
 
-class ContinuousServer:
+class ContinuousServer(Server):
   """Continuous batching over all replicas at once, `chunk` decode steps per engine call (KV
-  caches and slots carry over between calls)."""
+  caches and slots carry over between calls). Dispatch and replica state as in Server; `busy`
+  holds the chunks each replica worked in."""
 
   def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict,
                seed: int = 0, chunk: int = 8):
-    self.engine, self.sampling, self.seed, self.chunk = engine, sampling, seed, chunk
-    self.policy = make_policy(policy)
-    self.max_batch = [r.max_batch or max_batch for r in engine.plan.replicas]
-    self.states = [ReplicaState(np.ones(b + 1), b) for b in self.max_batch]
-    self.busy: list[tuple] = []    # (replica, start_s, end_s) of each chunk it worked in
+    super().__init__(engine, policy, max_batch, sampling, seed)
+    self.chunk = chunk
 
   def serve(self, requests: list[Request], progress=print) -> list[Request]:
     engine, start = self.engine, time.perf_counter()
