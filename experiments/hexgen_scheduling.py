@@ -30,7 +30,7 @@ from absl import app, flags
 
 
 from hetjax.cluster import get_cluster
-from hetjax.costmodel.inference import ServeSetup, plan_stages, service_time_fn
+from hetjax.costmodel.inference import ServeSetup
 from hetjax.inference import dispatch
 from hetjax.models.config import get_model_config
 from hetjax.search import hexgen
@@ -73,7 +73,7 @@ def main(argv):
                   (name, 'hetjax', c, base)]
     for setting, system, cluster, cfg in systems:
       res = hexgen.plan_serving(cluster, model, setup, cfg, seed=a.seed, model_name='llama2_70b')
-      reps = replica_states(res.plan, cluster, model, setup)
+      reps = dispatch.replicas_from_plan(res.plan, cluster, model, setup)
       policies = ['shortest_completion'] + (['round_robin'] if system == 'hetjax' else [])
       for pol in policies:
         for row in dispatch.sweep(reps, rates, deadline, pol, a.requests, a.seed):
@@ -101,16 +101,6 @@ def main(argv):
         f'hexgen_homogeneous; attainment with shortest-expected-completion dispatch, {a.requests} '
         f'Poisson requests per rate')
   print_table(summary, precision='.3f')
-
-
-def replica_states(plan, cluster, model, setup):
-  """One dispatch ReplicaState per replica whose rounds take up to max_batch requests per stage,
-  as the engine's serving rounds do (dispatch.replicas_from_plan caps a round at max_batch)."""
-  out = []
-  for i, r in enumerate(plan.replicas):
-    n = len(r.stages) * max(1, r.max_batch)
-    out.append(dispatch.ReplicaState(service_time_fn(cluster, model, plan_stages(plan, i), setup, n), n))
-  return out
 
 
 def plot(rows, path):

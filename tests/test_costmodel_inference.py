@@ -89,6 +89,20 @@ def test_service_times_follow_the_engines_rounds():
   assert times[1] == pytest.approx(icm.replica_cost(c, m, st, setup, groups=1)['latency'])
 
 
+def test_dispatch_rounds_take_a_group_per_stage():
+  """The simulator's replica takes what an engine round takes: max_batch requests per stage."""
+  from hetjax.inference import dispatch
+  from hetjax.plan import Plan, Replica, Stage
+  c, m = two_hosts('A6000'), get_model_config('llama2_7b')
+  setup = icm.ServeSetup(prompt_len=64, gen_len=16)
+  plan = Plan([Replica([Stage(0, 16, [0]), Stage(16, 32, [1])], max_batch=3)], num_layers=32, kind='serve')
+  (state,) = dispatch.replicas_from_plan(plan, c, m, setup)
+  assert state.max_batch == 6
+  # a full round is two groups of 3, decoded pipelined
+  assert state.service[6] == pytest.approx(
+      icm.replica_cost(c, m, icm.plan_stages(plan, 0), dataclasses.replace(setup, batch=3), groups=2)['latency'])
+
+
 def test_search_splits_the_weights_over_stages_when_memory_bounds_the_batch():
   """Llama-2-7B on two 16 GB A4000 hosts: one GPU holds the weights with room for 2 requests' KV
   cache; two stages hold half the weights each, decode 2 groups at once and fit far larger

@@ -149,13 +149,19 @@ def simulate(arrivals: Sequence[float], replicas: Sequence[ReplicaState], policy
   return SimResult(arrivals, start, finish, where, completions)
 
 
+def round_size(replica) -> int:
+  """Requests one round of a replica takes: a group of max_batch per stage, as the engine's
+  serving rounds keep one group in flight per stage."""
+  return len(replica.stages) * max(1, replica.max_batch)
+
+
 def replicas_from_plan(plan, cluster, model, setup) -> list[ReplicaState]:
   """One ReplicaState per replica of a serve Plan, service times from the inference cost model."""
   from hetjax.costmodel.inference import plan_stages, service_time_fn
   out = []
   for i, r in enumerate(plan.replicas):
-    b = max(1, r.max_batch)
-    out.append(ReplicaState(service_time_fn(cluster, model, plan_stages(plan, i), setup, b), b))
+    n = round_size(r)
+    out.append(ReplicaState(service_time_fn(cluster, model, plan_stages(plan, i), setup, n), n))
   return out
 
 

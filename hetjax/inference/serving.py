@@ -82,7 +82,9 @@ class Server:
     self.policy = make_policy(policy)
     plan = engine.plan
     self.max_batch = [r.max_batch or max_batch for r in plan.replicas]
-    self.states = [ReplicaState(np.ones(b + 1), b) for b in self.max_batch]
+    # A round takes one group of max_batch requests per stage.
+    self.states = [ReplicaState(np.ones(b * len(r.stages) + 1), b * len(r.stages))
+                   for b, r in zip(self.max_batch, plan.replicas)]
     self.busy: list[tuple] = []    # (replica, start_s, end_s) of each round
 
   def serve(self, requests: list[Request], progress=print) -> list[Request]:
@@ -110,7 +112,7 @@ class Server:
     engine = self.engine
     layout, batches = [], []
     for r, state in enumerate(self.states):
-      take = min(len(state.queue), self.max_batch[r] * len(engine.replicas[r]))
+      take = min(len(state.queue), state.max_batch)
       reqs = [state.queue.popleft() for _ in range(take)]
       groups = [list(g) for g in np.array_split(np.arange(take), min(take, len(engine.replicas[r])) or 1)
                 if len(g)] if take else []
