@@ -191,16 +191,14 @@ def local_machine(bandwidth):
   cluster.local_cluster (one device), memory bandwidth from the copy probe -- calibrated once."""
   from hetjax import cluster as hc
   local = hc.local_cluster(n=1, probe_size=1024)
-  tflops = local.tflops(0)
-  # The catalog has no per-device bandwidth field: this run's CPU entry gets the measured one.
-  hc.GPU_CATALOG['CPU'] = dataclasses.replace(hc.GPU_CATALOG['CPU'], mem_bw_gbs=max(bandwidth.values()) / 1e9,
-                                              memory_gb=8.0)
+  tflops, bw = local.tflops(0), max(bandwidth.values()) / 1e9
   import jax
   n = len(jax.devices())
-  devices = [hc.Device(i, 'CPU', 'localhost', 'local', tflops=tflops) for i in range(n)]
+  devices = [hc.Device(i, 'CPU', 'localhost', 'local', tflops=tflops, memory_gb=8.0, mem_bw_gbs=bw)
+             for i in range(n)]
   delay_ms, gbps = _link_probe()
   c = hc.Cluster('local', devices, np.full((n, n), delay_ms), np.full((n, n), gbps))
-  say(f'calibrated once: {tflops * 1e3:.1f} GFLOP/s (matmul probe), {max(bandwidth.values()) / 1e9:.1f} GB/s '
+  say(f'calibrated once: {tflops * 1e3:.1f} GFLOP/s (matmul probe), {bw:.1f} GB/s '
       f'(copy probe), links {delay_ms:.3f} ms (all-reduce probe) + {gbps:.1f} Gbit/s (device_put probe)')
   return c
 
@@ -314,12 +312,10 @@ PLANS_E = [  # (stage devices, layer split): 1-3 stages, TP 1/2/4, asymmetric
 
 
 def machine_with(machine, tflops=None, bw_gbs=None):
-  """The same devices and links with another compute rate and/or memory bandwidth (no per-device
-  bandwidth field exists, so this run's CPU catalog entry carries it)."""
+  """The same devices and links with another compute rate and/or memory bandwidth."""
   from hetjax import cluster as hc
-  if bw_gbs is not None:
-    hc.GPU_CATALOG['CPU'] = dataclasses.replace(hc.GPU_CATALOG['CPU'], mem_bw_gbs=bw_gbs)
-  devices = [dataclasses.replace(d, tflops=tflops or d.tflops) for d in machine.devices]
+  devices = [dataclasses.replace(d, tflops=tflops or d.tflops, mem_bw_gbs=bw_gbs or d.mem_bw_gbs)
+             for d in machine.devices]
   return hc.Cluster(machine.name, devices, machine.delay_ms, machine.bandwidth_gbps)
 
 
@@ -346,8 +342,7 @@ def part_e(model, machine, rows):
     return icm.replica_cost(c, cfg, layouts[name], measured_setup(prompt_len=P, gen_len=T, batch=batch),
                             groups=1)['step']
 
-  from hetjax.cluster import GPU_CATALOG
-  bw0, rate0 = GPU_CATALOG['CPU'].mem_bw_gbs, machine.tflops(0)
+  bw0, rate0 = machine.mem_bw_gbs(0), machine.tflops(0)
   probes = {k: predict(machine, *k) for k in measured}
   first = next(iter(layouts))
   memory_only = predict(machine_with(machine, tflops=1e6), first, 1)
@@ -451,6 +446,8 @@ def plot(rows, path):
 def main(argv):
   del argv
   import jax
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint step at INFO
   os.makedirs(FLAGS.out, exist_ok=True)
   t0 = time.time()
   load = os.getloadavg()[0]

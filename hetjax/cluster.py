@@ -58,6 +58,7 @@ class Device:
   region: str
   tflops: Optional[float] = None     # measured/overridden peak; None -> catalog
   memory_gb: Optional[float] = None  # overridden capacity; None -> catalog
+  mem_bw_gbs: Optional[float] = None  # measured memory bandwidth, GB/s; None -> catalog
 
 
 @dataclasses.dataclass
@@ -96,7 +97,7 @@ class Cluster:
         for name in ('gpu', 'host', 'region'):
           checks.text(getattr(d, name), f'device {i} {name}')
         gpu_spec(d.gpu)
-        for name in ('tflops', 'memory_gb'):
+        for name in ('tflops', 'memory_gb', 'mem_bw_gbs'):
           if getattr(d, name) is not None:
             checks.real(getattr(d, name), f'device {i} {name}', 0, 1e9, lo_open=True)
     except HetjaxError as e:
@@ -136,6 +137,10 @@ class Cluster:
   def memory_bytes(self, i: int) -> float:
     d = self.devices[i]
     return 1e9 * (d.memory_gb if d.memory_gb is not None else self.spec(i).memory_gb)
+
+  def mem_bw_gbs(self, i: int) -> float:
+    d = self.devices[i]
+    return d.mem_bw_gbs if d.mem_bw_gbs is not None else self.spec(i).mem_bw_gbs
 
   def tflops_array(self) -> np.ndarray:
     return np.array([self.tflops(i) for i in range(self.n)])
@@ -236,7 +241,8 @@ def _from_compact(d: dict[str, Any], name: str) -> Cluster:
     groups = checks.sequence(checks.mapping(d, 'the file').get('devices'), 'devices', 1, MAX_DEVICES)
     for g, grp in enumerate(groups):
       grp = checks.mapping(grp, f'device group {g}')
-      unknown = set(grp) - {'gpu', 'host', 'region', 'count', 'per_host', 'tflops', 'memory_gb'}
+      unknown = set(grp) - {'gpu', 'host', 'region', 'count', 'per_host', 'tflops', 'memory_gb',
+                          'mem_bw_gbs'}
       if unknown:
         raise HetjaxError(f'device group {g} has unknown field(s) {sorted(unknown)}')
       count = checks.integer(grp.get('count', 1), f'device group {g} count', 1, MAX_DEVICES)
@@ -248,7 +254,7 @@ def _from_compact(d: dict[str, Any], name: str) -> Cluster:
       for k in range(count):
         devs.append(Device(len(devs), checks.text(grp.get('gpu'), f'device group {g} gpu'),
                            host if count == per_host else f'{host}-{k // per_host}', region,
-                           grp.get('tflops'), grp.get('memory_gb')))
+                           grp.get('tflops'), grp.get('memory_gb'), grp.get('mem_bw_gbs')))
     links = checks.mapping(d.get('links'), 'links')
     unknown = set(links) - {'intra_host', 'intra_region', 'inter_region', 'inter_region_default'}
     if unknown:

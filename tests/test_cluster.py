@@ -84,6 +84,7 @@ def _compact(**group_changes):
     (_compact(per_host=2.5), 'per_host must be an integer'),
     (_compact(tflops=float('nan')), 'tflops must be finite'),
     (_compact(memory_gb=0), 'memory_gb must be > 0'),
+    (_compact(mem_bw_gbs=float('inf')), 'mem_bw_gbs must be finite'),
     (_compact(gpu=['T4']), 'gpu must be a string'),
     (dict(COMPACT, devices=['T4']), 'device group 0 must be a JSON object'),
     (dict(COMPACT, links={**COMPACT['links'], 'inter_region': {'r1-mars': [1, 1]}}), "'r2' of the devices"),
@@ -94,6 +95,12 @@ def _compact(**group_changes):
 def test_bad_cluster_files(d, msg):
   with pytest.raises(HetjaxError, match=msg):
     Cluster.from_dict(d, 'fuzz')
+
+
+def test_measured_memory_bandwidth_overrides_the_catalog_and_round_trips():
+  c = Cluster.from_dict(_compact(mem_bw_gbs=40.0), 'ok')
+  assert c.mem_bw_gbs(0) == 40.0 and c.mem_bw_gbs(2) == c.spec(2).mem_bw_gbs != 40.0
+  assert Cluster.from_dict(c.to_dict()).mem_bw_gbs(1) == 40.0
 
 
 def test_compact_cluster_links():

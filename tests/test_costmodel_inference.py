@@ -89,6 +89,16 @@ def test_service_times_follow_the_engines_rounds():
   assert times[1] == pytest.approx(icm.replica_cost(c, m, st, setup, groups=1)['latency'])
 
 
+def test_a_measured_memory_bandwidth_sets_the_memory_bound_decode_step():
+  c, m = two_hosts('A6000'), get_model_config('llama2_7b')
+  half = Cluster(c.name, [dataclasses.replace(d, mem_bw_gbs=c.spec(0).mem_bw_gbs / 2) for d in c.devices],
+                 c.delay_ms, c.bandwidth_gbps)
+  setup = icm.ServeSetup(prompt_len=64, gen_len=16, batch=1)   # batch 1: memory-bound
+  st = [icm.StageLayout(32, [0])]
+  assert icm.replica_cost(half, m, st, setup)['step'] == pytest.approx(
+      2 * icm.replica_cost(c, m, st, setup)['step'], rel=0.02)
+
+
 def test_dispatch_rounds_take_a_group_per_stage():
   """The simulator's replica takes what an engine round takes: max_batch requests per stage."""
   from hetjax.inference import dispatch

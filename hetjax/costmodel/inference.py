@@ -243,7 +243,7 @@ def replica_cost(cluster: Cluster, model: ModelConfig, stages: Sequence[StageLay
     t = len(st.devices)
     alpha, beta = group_link(cluster, st.devices)
     spec = cluster.spec(st.devices[0])
-    tfl, bw = min(cluster.tflops(d) for d in st.devices), spec.mem_bw_gbs
+    tfl, bw = min(cluster.tflops(d) for d in st.devices), min(cluster.mem_bw_gbs(d) for d in st.devices)
     if spec.name in SHARED_COMPUTE:      # t threads of one host: one device's rate in all
       tfl, bw = tfl / t, bw / t
     lc = layer_cost(model, setup, tfl, bw, t, alpha, beta)

@@ -140,7 +140,6 @@ class Planner:
   def _pool_options_uncached(self, q: int, count: int, b: int) -> list[tuple[int, float, int, int]]:
     pool, setup = self.pools[q], dataclasses.replace(self.setup, batch=b)
     d0 = pool.devices[0]
-    spec = self.cluster.spec(d0)
     out = []
     for t in self.tps:
       if t > count:
@@ -148,7 +147,7 @@ class Planner:
       if self.cfg.symmetric and self.cfg.tp and t != self.cfg.tp:
         continue
       alpha, beta = icm.group_link(self.cluster, pool.devices[:t])
-      lc = icm.layer_cost(self.model, setup, self.cluster.tflops(d0), spec.mem_bw_gbs, t, alpha, beta)
+      lc = icm.layer_cost(self.model, setup, self.cluster.tflops(d0), self.cluster.mem_bw_gbs(d0), t, alpha, beta)
       cap = icm.layers_that_fit(self.model, setup, t, self.cluster.memory_bytes(d0), True, True)
       if cap >= 1:
         out.append((t, lc.prefill + lc.decode, cap, count // t))
