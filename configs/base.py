@@ -49,7 +49,8 @@ def train_fields() -> ml_collections.ConfigDict:
 
 def generate_fields() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      prompt='', prompt_ids='', max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0))
+      prompt='', prompt_ids='', max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+      stop_at_eos=True))
 
 
 def checkpoint_fields() -> ml_collections.ConfigDict:

@@ -73,6 +73,7 @@ HELP = {
     'generate.temperature': 'sampling temperature (0: greedy)',
     'generate.top_k': 'sample among the k most likely tokens (0: all)',
     'generate.top_p': 'nucleus sampling: smallest set with this probability mass (1: all)',
+    'generate.stop_at_eos': "end a sequence at the converted checkpoint's end-of-sequence token (generation_config.json)",
     'prompt_ids': "shorthand for generate.prompt_ids: '1,2,3'",
     'plan': 'a serve plan.json: generate over its replicas of uneven TP stages (empty: one device)',
     'codec': "activations between stages: 'fp32', 'bf16' or bits 2, 3, 4, 8",

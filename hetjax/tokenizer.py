@@ -50,6 +50,24 @@ def tokenizer_for(checkpoint: str = ''):
   return ByteTokenizer()
 
 
+def eos_ids(checkpoint: str = '') -> tuple[int, ...]:
+  """The end-of-sequence ids of a converted checkpoint: `eos_token_id` (an id or a list) of the
+  generation_config.json that came with it; none for other checkpoints."""
+  import json
+  path = os.path.join(tokenizer_folder(checkpoint), 'generation_config.json') if checkpoint else ''
+  if not path or not os.path.isfile(path):
+    return ()
+  try:
+    with open(path) as f:
+      eos = json.load(f).get('eos_token_id')
+  except (OSError, ValueError, AttributeError) as e:
+    raise HetjaxError(f'cannot read {path}: {e}') from None
+  eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+  if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+    raise HetjaxError(f'{path}: eos_token_id must be a token id or a list of them, got {eos!r}')
+  return tuple(eos)
+
+
 def copy_tokenizer_files(src_folder: str, dst_folder: str) -> list[str]:
   """Copy the tokenizer files that exist in `src_folder` into `dst_folder`; returns their names."""
   import shutil

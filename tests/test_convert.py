@@ -180,7 +180,7 @@ def test_cli_convert_then_generate(hf_dirs, imported, tmp_path):
   np.testing.assert_array_equal(ids, generate(load_model(imported['gpt2'])[0], prompt[None], 8))
 
 
-def test_tokenizer_travels_with_the_model_text_in_text_out(hf_dirs, tmp_path):
+def test_tokenizer_travels_with_the_model_text_in_text_out(hf_dirs, tmp_path, capsys):
   """A converted model keeps its Hugging Face tokenizer: generate encodes the text prompt with it,
   prints the decoded text, and export carries the tokenizer back."""
   from tokenizers import Tokenizer, models, pre_tokenizers
@@ -206,6 +206,18 @@ def test_tokenizer_travels_with_the_model_text_in_text_out(hf_dirs, tmp_path):
   want = model.generate(prompt_ids, max_new_tokens=5, do_sample=False)[0, 4:].tolist()
   assert ids == want
   assert json.loads(text_line)['text'] == tok.decode(ids)
+  # An end-of-sequence id in the generation config: both stop there, the EOS included.
+  k = max(i for i in range(len(ids)) if ids[i] not in ids[:i])   # the last token to show up first
+  eos = ids[k]
+  (ckpt / 'tokenizer' / 'generation_config.json').write_text(json.dumps({'eos_token_id': eos}))
+  from configs import generate as generate_config
+  from hetjax.modes import generate as generate_mode
+  cfg = generate_config.get_config()
+  cfg.checkpoint, cfg.generate.prompt, cfg.generate.max_new_tokens = str(ckpt), prompt, 5
+  generate_mode.run(cfg, str(tmp_path / 'w'))
+  stopped = json.loads(capsys.readouterr().out.strip().splitlines()[-2])['ids'][0]
+  want = model.generate(prompt_ids, max_new_tokens=5, do_sample=False, eos_token_id=eos)[0, 4:].tolist()
+  assert stopped == want == ids[:k + 1]
   out = tmp_path / 'back'
   hf.export_hf(str(ckpt), str(out), show_progress=False)
   assert (out / 'tokenizer.json').read_text() == (src / 'tokenizer.json').read_text()

@@ -107,6 +107,51 @@ def test_continuous_batching_equals_each_request_served_alone():
   assert sorted({req.replica for req in requests}) == [0, 1]
 
 
+@pytest.mark.parametrize('batching', ['continuous', 'static'])
+def test_requests_end_at_the_end_of_sequence_token(batching):
+  """With an EOS id, each request stops at its first EOS (included), as generating it alone and
+  cutting there; under continuous batching the freed slot takes the next request."""
+  from flax import nnx
+  from hetjax.inference.engine import ServeEngine
+  from hetjax.inference.generate import generate
+  from hetjax.inference.serving import ContinuousServer, Request, Server
+  from hetjax.modes.generate import cut_at_eos
+  from hetjax.plan import Plan, Replica, Stage
+  from tests.test_engine import lively_model
+  cfg, model = lively_model('tiny_gpt')
+  plan = Plan([Replica([Stage(0, 2, [0]), Stage(2, 4, [1])])], num_layers=4, kind='serve')
+  engine = ServeEngine(plan, cfg, nnx.state(model))
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (3, 5, 2, 4, 6, 3)]
+  alone = [generate(model, p[None], 8)[0] for p in prompts]
+  # the EOS: the token that most often appears after the first position
+  counts = np.bincount(np.concatenate([a[1:-1] for a in alone]), minlength=cfg.vocab_size)
+  eos = int(counts.argmax())
+  want = [cut_at_eos(a[None], [eos])[0].tolist() for a in alone]
+  assert sum(len(w) < 8 for w in want) >= 2, 'the test needs requests that stop early'
+  requests = [Request(str(i), p, 8) for i, p in enumerate(prompts)]
+  server = (ContinuousServer(engine, 'round_robin', 2, {}, chunk=3, eos=[eos]) if batching == 'continuous'
+            else Server(engine, 'round_robin', 2, {}, eos=[eos]))
+  server.serve(requests, progress=lambda *a, **k: None)
+  assert [r.output for r in requests] == want
+  assert all(r.finished for r in requests)
+
+
+def test_cut_at_eos_and_the_checkpoints_eos_ids(tmp_path):
+  from hetjax.modes.generate import cut_at_eos
+  from hetjax.tokenizer import eos_ids
+  rows = cut_at_eos(np.array([[4, 2, 7, 2], [1, 1, 1, 1]]), (2, 9))
+  assert [r.tolist() for r in rows] == [[4, 2], [1, 1, 1, 1]]
+  assert [r.tolist() for r in cut_at_eos(np.array([[4, 2]]), ())] == [[4, 2]]
+  (tmp_path / 'tokenizer').mkdir()
+  assert eos_ids(str(tmp_path)) == ()
+  (tmp_path / 'tokenizer' / 'generation_config.json').write_text('{"eos_token_id": [2, 7]}')
+  assert eos_ids(str(tmp_path)) == (2, 7)
+  (tmp_path / 'tokenizer' / 'generation_config.json').write_text('{"eos_token_id": "x"}')
+  with pytest.raises(HetjaxError, match='eos_token_id must be a token id'):
+    eos_ids(str(tmp_path))
+
+
 def test_request_ids_outside_the_vocabulary():
   with pytest.raises(HetjaxError, match=r'line 1: token ids must lie in \[0, 50\)'):
     parse_requests(['{"ids": [1, 60]}'], ENCODE, 64, 8, vocab_size=50)

@@ -37,6 +37,10 @@ class Request:
   done_s: float = float('nan')
   output: list = dataclasses.field(default_factory=list)
 
+  @property
+  def finished(self) -> bool:
+    return not np.isnan(self.done_s)
+
 
 def parse_requests(lines, encode, max_len: int, default_new_tokens: int,
                    vocab_size: int | None = None) -> list[Request]:
@@ -77,8 +81,10 @@ def parse_requests(lines, encode, max_len: int, default_new_tokens: int,
 
 class Server:
 
-  def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict, seed: int = 0):
+  def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict, seed: int = 0,
+               eos=()):
     self.engine, self.sampling, self.seed = engine, sampling, seed
+    self.eos = frozenset(int(i) for i in eos)   # a request ends at its first token in eos
     self.policy = make_policy(policy)
     plan = engine.plan
     self.max_batch = [r.max_batch or max_batch for r in plan.replicas]
@@ -130,9 +136,9 @@ class Server:
       for row, req in enumerate(layout[r][m]):
         if t == 0:
           req.first_token_s = at
-        if t < req.max_new_tokens:
+        if t < req.max_new_tokens and not req.finished:
           req.output.append(int(token[row]))
-          if t == req.max_new_tokens - 1:
+          if t == req.max_new_tokens - 1 or req.output[-1] in self.eos:
             req.done_s = at
 
     engine.run(batches, num_tokens, seed=self.seed, on_token=on_token, **self.sampling)
@@ -183,8 +189,8 @@ class SlotGroup:
   slots and says, per row, the position and whether the input is a prompt token; `record(step,
   token)` (on the head stage) keeps the tokens that are generated ones."""
 
-  def __init__(self, rows: int, take, now):
-    self.rows, self.take, self.now = rows, take, now
+  def __init__(self, rows: int, take, now, eos=frozenset()):
+    self.rows, self.take, self.now, self.eos = rows, take, now, eos
     self.slots: list = [None] * rows
     self.pos = np.zeros(rows, np.int64)        # tokens of the slot's request already in the cache
     self.producing: dict = {}                   # step -> per row: the request whose token it yields
@@ -201,7 +207,7 @@ class SlotGroup:
 
   def _decide(self, step: int):
     for i, req in enumerate(self.slots):
-      if req is None:
+      if req is None or req.finished:           # free, or ended early at an end-of-sequence token
         self.slots[i], self.pos[i] = self.take(), 0
     positions = self.pos.astype(np.int32)
     use = np.ones(self.rows, bool)             # idle rows read token 0 at position 0
@@ -234,7 +240,7 @@ class SlotGroup:
       if not req.output:
         req.first_token_s = at
       req.output.append(int(token[row]))
-      if len(req.output) == req.max_new_tokens:
+      if len(req.output) == req.max_new_tokens or req.output[-1] in self.eos:
         req.done_s, done = at, done + 1
     return done
 
@@ -245,8 +251,8 @@ class ContinuousServer(Server):
   holds the chunks each replica worked in."""
 
   def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict,
-               seed: int = 0, chunk: int = 8):
-    super().__init__(engine, policy, max_batch, sampling, seed)
+               seed: int = 0, chunk: int = 8, eos=()):
+    super().__init__(engine, policy, max_batch, sampling, seed, eos)
     self.chunk = chunk
 
   def serve(self, requests: list[Request], progress=print) -> list[Request]:
@@ -267,7 +273,7 @@ class ContinuousServer(Server):
         return queue.popleft() if queue else None
       return take
 
-    groups = [[SlotGroup(self.max_batch[r], taker(r), now) for _ in engine.replicas[r]]
+    groups = [[SlotGroup(self.max_batch[r], taker(r), now, self.eos) for _ in engine.replicas[r]]
               for r in range(len(engine.replicas))]
     longest = max(len(q.ids) + q.max_new_tokens for q in requests)
     cache_len = {r: longest for r in range(len(groups))}

@@ -90,7 +90,8 @@ def check_budgets(ocfg) -> None:
 
 
 def run_offloaded(cfg, workdir: str) -> None:
-  from hetjax.modes.generate import parse_prompt, print_ids
+  from hetjax.modes.generate import cut_at_eos, parse_prompt, print_ids
+  from hetjax.tokenizer import eos_ids
   ocfg = cfg.offload
   check_budgets(ocfg)
   disk_dir = ocfg.disk_dir or workdir
@@ -146,4 +147,6 @@ def run_offloaded(cfg, workdir: str) -> None:
   peak = metrics['peak_resident_bytes']
   print(f'offloaded generation: {metrics["tokens_per_s"]:.3g} tok/s for a block of {policy.block}; peak resident '
         f'device/host/disk {peak["device"] / GB:.3g}/{peak["host"] / GB:.3g}/{peak["disk"] / GB:.3g} GB')
+  if cfg.generate.get('stop_at_eos', True):
+    ids = cut_at_eos(ids, eos_ids(cfg.get('checkpoint', '')))
   print_ids(ids)

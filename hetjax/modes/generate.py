@@ -15,7 +15,7 @@ from hetjax.errors import HetjaxError
 from hetjax.inference.generate import generate
 from hetjax.models.config import model_config_from
 from hetjax.models.model import Stage, build_model
-from hetjax.tokenizer import tokenizer_for
+from hetjax.tokenizer import eos_ids, tokenizer_for
 
 
 def parse_prompt(gcfg, prompt_ids: str = '', tokenizer=None) -> np.ndarray:
@@ -39,8 +39,17 @@ def sample(model: Stage, gcfg, seed: int, prompt_ids: str = '', tokenizer=None) 
                   temperature=gcfg.temperature, top_k=gcfg.top_k, top_p=gcfg.top_p, seed=seed)
 
 
-def print_ids(ids: np.ndarray) -> None:
-  print(json.dumps({'ids': np.asarray(ids).tolist()}))
+def print_ids(ids) -> None:
+  print(json.dumps({'ids': [np.asarray(row).tolist() for row in ids]}))
+
+
+def cut_at_eos(ids: np.ndarray, eos) -> list:
+  """Each row up to and including its first end-of-sequence token."""
+  out = []
+  for row in np.asarray(ids):
+    hits = np.flatnonzero(np.isin(row, list(eos))) if len(eos) else []
+    out.append(row[:hits[0] + 1] if len(hits) else row)
+  return out
 
 
 def serve_engine(cfg, model: Stage):
@@ -79,6 +88,8 @@ def run(cfg, workdir: str) -> None:
         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, seed=cfg.seed)
   else:
     ids = sample(model, g, cfg.seed, cfg.get('prompt_ids', ''), tokenizer)
+  if g.get('stop_at_eos', True):
+    ids = cut_at_eos(ids, eos_ids(cfg.get('checkpoint', '')))
   if is_leader():
     print_ids(ids)
     if not (cfg.get('prompt_ids') or cfg.generate.get('prompt_ids')):  # a text prompt: show text too

@@ -17,7 +17,7 @@ from hetjax.metrics import write_json
 from hetjax.models.config import model_config_from
 from hetjax.models.model import build_model
 from hetjax.modes.generate import serve_engine
-from hetjax.tokenizer import tokenizer_for
+from hetjax.tokenizer import eos_ids, tokenizer_for
 
 
 def _requests(cfg, tokenizer, max_len, vocab):
@@ -49,12 +49,13 @@ def run(cfg, workdir: str) -> None:
   say = print if is_leader() else (lambda *a, **k: None)
   say(engine.plan.table())
   sampling = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+  eos = eos_ids(cfg.checkpoint) if g.get('stop_at_eos', True) else ()
   if cfg.batching == 'continuous':
     if cfg.chunk < 1:
       raise HetjaxError(f'chunk must be >= 1, got {cfg.chunk}')
-    server = ContinuousServer(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed, cfg.chunk)
+    server = ContinuousServer(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed, cfg.chunk, eos)
   elif cfg.batching == 'static':
-    server = Server(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed)
+    server = Server(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed, eos)
   else:
     raise HetjaxError(f"batching must be 'continuous' or 'static', got {cfg.batching!r}")
   t0 = time.perf_counter()
