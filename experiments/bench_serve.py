@@ -64,6 +64,9 @@ flags.DEFINE_list('gpu_models', ['gpt2_medium', 'llama2_7b'], 'Part g: model pre
 flags.DEFINE_list('gpu_batches', ['1', '16', '64'], 'Part g: decode batch sizes.')
 flags.DEFINE_bool('gpu_on_cpu', False, 'Part g on CPU devices (a smoke test of the GPU script).')
 flags.DEFINE_integer('seed', 0, 'Seed of weights, prompts and arrivals.')
+flags.DEFINE_enum('clock', 'wall', ['wall', 'cpu'],
+                  'Part e and the link probe: "wall" times; or "cpu": the process pinned to one core and\n'
+                  'timed in CPU seconds (its wall time on an idle core), for a machine shared with other jobs.')
 FLAGS = flags.FLAGS
 
 
@@ -133,10 +136,19 @@ def copy_bandwidth(repeats: int = 9):
   return {'numpy': 2 * x.nbytes / t_np, 'jax': 2 * x.nbytes / t_jax}
 
 
+def clock() -> float:
+  """Seconds on --clock: wall time, or this process's CPU time (all its threads)."""
+  if FLAGS.clock == 'cpu':
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+  return time.perf_counter()
+
+
 def _timed(fn):
-  t0 = time.perf_counter()
+  t0 = clock()
   fn()
-  return time.perf_counter() - t0
+  return clock() - t0
 
 
 def part_ab(hf_model, model, bandwidth, rows):
@@ -319,13 +331,30 @@ def machine_with(machine, tflops=None, bw_gbs=None):
   return hc.Cluster(machine.name, devices, machine.delay_ms, machine.bandwidth_gbps)
 
 
+def op_overhead_probe(T):
+  """Host time of one stage op of the runtime: the decode step of a 2-layer model with a width of 64
+  (nothing to compute) as 2 stages minus as 1 stage, the best of --repeats rounds on --clock."""
+  from hetjax.models.config import get_model_config
+  from hetjax.models.model import build_model
+  cfg = get_model_config('tiny_gpt', num_layers=2, hidden=64, num_heads=1, num_kv_heads=1, ffn=64,
+                         vocab_size=64, max_len=128)
+  tiny = build_model(cfg, 0)
+  engines = [engine_for(serve_plan([[0]], [2]), tiny), engine_for(serve_plan([[0], [1]], [1, 1]), tiny)]
+  g = groups_of(cfg, 1, 1, 8, 4)
+  best = [float('inf')] * 2
+  for _ in range(FLAGS.repeats + 1):          # the first round compiles
+    for i, eng in enumerate(engines):
+      best[i] = min(best[i], (_timed(lambda: eng.run([g], T)) - _timed(lambda: eng.run([g], 1))) / (T - 1))
+  return max(0.0, best[1] - best[0])
+
+
 def part_e(model, machine, rows):
   """Measured vs predicted decode step of one batch. Two calibrations, each done once: the probes
   (matmul + copy), and one measured plan (the first: its batch-1 step fits the bandwidth, its
   batch-8 step the compute rate); the other plans then test the model's TP, stage and hop terms."""
   from hetjax.costmodel import inference as icm
   cfg, T, P = model.cfg, FLAGS.serve_tokens, FLAGS.serve_prompt
-  measured, layouts = {}, {}
+  layouts, points = {}, {}
   for devs, split in PLANS_E:
     weights = split or (1,)
     layers = [cfg.num_layers * w // sum(weights) for w in weights]
@@ -334,24 +363,40 @@ def part_e(model, machine, rows):
     name = ' + '.join(f'{n}L@tp{len(d)}' for d, n in zip(devs, layers))
     layouts[name] = [icm.StageLayout(n, d) for d, n in zip(devs, layers)]
     for batch in (1, 8):
-      g = groups_of(cfg, 1, batch, P, 3)
-      measured[(name, batch)] = profiled_step_time(eng, g, T)
-      say(f'e. {name} batch {batch}: measured {measured[(name, batch)] * 1e3:.2f} ms per step')
+      points[(name, batch)] = (eng, groups_of(cfg, 1, batch, P, 3))
+      for tokens in (T, 1):      # compiles both round lengths
+        eng.run([points[(name, batch)][1]], tokens)
+  # Rounds over all points, interleaved, keeping each point's best: a load that drifts during the
+  # run then hits every plan alike instead of whichever was measured last.
+  measured = {k: float('inf') for k in points}
+  for i in range(FLAGS.repeats):
+    for k, (eng, g) in points.items():
+      step = (profiled_step_time(eng, g, T, repeats=1, warm=False) if FLAGS.clock == 'wall'
+              else (_timed(lambda: eng.run([g], T)) - _timed(lambda: eng.run([g], 1))) / (T - 1))
+      measured[k] = min(measured[k], step)
+    say(f'e. round {i + 1}/{FLAGS.repeats} done (load {os.getloadavg()[0]:.1f})')
+  for (name, batch), m in measured.items():
+    say(f'e. {name} batch {batch}: measured {m * 1e3:.2f} ms per step')
+
+  overhead = op_overhead_probe(T)
+  say(f'e. runtime probe: {overhead * 1e3:.2f} ms of host time per stage op')
 
   def predict(c, name, batch):
-    return icm.replica_cost(c, cfg, layouts[name], measured_setup(prompt_len=P, gen_len=T, batch=batch),
-                            groups=1)['step']
+    setup = measured_setup(prompt_len=P, gen_len=T, batch=batch, op_overhead_s=overhead)
+    return icm.replica_cost(c, cfg, layouts[name], setup, groups=1)['step']
 
   bw0, rate0 = machine.mem_bw_gbs(0), machine.tflops(0)
   probes = {k: predict(machine, *k) for k in measured}
   first = next(iter(layouts))
-  memory_only = predict(machine_with(machine, tflops=1e6), first, 1)
-  compute_only = predict(machine_with(machine, bw_gbs=1e9), first, 8)
-  bw_fit = bw0 * memory_only / measured[(first, 1)]
-  rate_fit = rate0 * compute_only / measured[(first, 8)]
+  # The calibration plan's batch-1 step fits the bandwidth, its batch-8 step the compute rate
+  # (each after the op overhead, which one stage pays once per step).
+  memory_only = predict(machine_with(machine, tflops=1e6), first, 1) - overhead
+  compute_only = predict(machine_with(machine, bw_gbs=1e9), first, 8) - overhead
+  bw_fit = bw0 * memory_only / (measured[(first, 1)] - overhead)
+  rate_fit = rate0 * compute_only / (measured[(first, 8)] - overhead)
   fitted = machine_with(machine, tflops=rate_fit, bw_gbs=bw_fit)
   say(f'e. calibrated on {first}: {bw_fit:.1f} GB/s, {rate_fit * 1e3:.1f} GFLOP/s '
-      f'(probes: {bw0:.1f} GB/s, {rate0 * 1e3:.1f} GFLOP/s)')
+      f'(probes: {bw0:.1f} GB/s, {rate0 * 1e3:.1f} GFLOP/s), {overhead * 1e3:.2f} ms per stage op')
   for (name, batch), m in measured.items():
     pred = predict(fitted, name, batch)
     tag = 'calibration plan' if name == first else ('within 20%' if abs(m / pred - 1) <= 0.2 else 'OUTSIDE 20%')
@@ -369,13 +414,14 @@ def decode_step_time(eng, groups, T):
   return (full - first) / (T - 1)
 
 
-def profiled_step_time(eng, groups, T):
+def profiled_step_time(eng, groups, T, repeats=None, warm=True):
   """Median seconds between consecutive decode tokens of one group on the head stage, from the
   runtime's per-op timeline (one group: the ops run one after another anyway); the median of the
-  T - 2 gaps and the best of --repeats runs, robust to a loaded machine's spikes."""
-  eng.run([groups], T)   # warm-up
+  T - 2 gaps and the best of `repeats` (--repeats) runs, robust to a loaded machine's spikes."""
+  if warm:
+    eng.run([groups], T)
   best = float('inf')
-  for _ in range(FLAGS.repeats):
+  for _ in range(repeats or FLAGS.repeats):
     _, events = eng.run([groups], T, profile=True)
     head = max(e['stage'] for e in events)
     ends = sorted(e['end_s'] for e in events if e['stage'] == head)
@@ -451,7 +497,10 @@ def main(argv):
   os.makedirs(FLAGS.out, exist_ok=True)
   t0 = time.time()
   load = os.getloadavg()[0]
-  say(f'{len(jax.devices())} JAX CPU devices on {os.cpu_count()} cores, load average {load:.1f}')
+  if FLAGS.clock == 'cpu':
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+  say(f'{len(jax.devices())} JAX CPU devices on {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, '
+      f'load average {load:.1f}; clock: {FLAGS.clock}')
   parts = set(FLAGS.parts)
   rows = []
   if 'g' in parts and len(parts) > 1:

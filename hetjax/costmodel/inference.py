@@ -10,6 +10,8 @@ A stage runs `n` layers on a TP group of `t` devices of one GPU type. Every term
              2 (t-1) (alpha + bytes / (t beta)), alpha/beta = worst delay/bandwidth inside the group
   PP         delay + bytes / bandwidth between consecutive stage leaders, plus the sampled token's hop
              from the last stage back to the first before each decode step
+  overhead   op_overhead_s of host time per stage op (one prefill or one decode step of one group):
+             the program launch and the runtime's bookkeeping, measured by a probe
 A request (or a batch of B requests served together) = prefill of the prompt, which yields the first
 token, then gen_len - 1 decode steps at contexts prompt_len + 1 ... prompt_len + gen_len - 1.
 
@@ -58,6 +60,7 @@ class ServeSetup:
   compute_efficiency: float = 0.6  # achieved share of datasheet TFLOP/s
   memory_efficiency: float = 0.8   # achieved share of datasheet memory bandwidth
   memory_fraction: float = 0.9     # usable share of device memory
+  op_overhead_s: float = 0.0       # host time of one stage op (program launch, runtime bookkeeping)
 
   def validate(self) -> 'ServeSetup':
     for name in ('prompt_len', 'gen_len', 'batch', 'bytes_per_value'):
@@ -66,6 +69,8 @@ class ServeSetup:
     for name in ('compute_efficiency', 'memory_efficiency', 'memory_fraction'):
       if not 0 < getattr(self, name) <= 1:
         raise HetjaxError(f'{name} must be in (0, 1], got {getattr(self, name)}')
+    if not 0 <= self.op_overhead_s < 1:
+      raise HetjaxError(f'op_overhead_s must be in [0, 1) seconds, got {self.op_overhead_s}')
     return self
 
 
@@ -252,6 +257,7 @@ def replica_cost(cluster: Cluster, model: ModelConfig, stages: Sequence[StageLay
     if k == len(stages) - 1:
       h = head_time(model, setup, tfl, bw, t) / setup.gen_len   # one call
       p_s, d_s = p_s + h, d_s + h
+    p_s, d_s = p_s + setup.op_overhead_s, d_s + setup.op_overhead_s
     prefill.append(p_s)
     decode.append(d_s)
     m = stage_memory(model, setup, st.num_layers, t, k == 0, k == len(stages) - 1, m_groups)
