@@ -116,11 +116,11 @@ class Plan:
     total = sum(r.weight for r in self.replicas)
     shares = [batch * r.weight / total for r in self.replicas]
     counts = [round(x / self.micro_batch_size) for x in shares]
-    if any(abs(x - c * self.micro_batch_size) > 1e-6 or c < 1 for x, c in zip(shares, counts)):
+    if any(abs(x - c * self.micro_batch_size) > 1e-6 for x, c in zip(shares, counts)):
       split = ' + '.join(f'{x:g}' for x in shares)
       raise HetjaxError(f'invalid plan: replica weights {":".join(f"{r.weight:g}" for r in self.replicas)} '
                         f'split the batch of {batch} sequences into {split}, not into whole '
-                        f'micro-batches of {self.micro_batch_size} sequences (at least one each)')
+                        f'micro-batches of {self.micro_batch_size} sequences')
     return counts
 
   def stage_groups(self) -> list[list[list[int]]]:
