@@ -124,7 +124,12 @@ class Plan:
     return counts
 
   def stage_groups(self) -> list[list[list[int]]]:
-    """[stage][replica] -> devices: the groups that sync gradients (training plans)."""
+    """[stage][replica] -> devices: the groups that sync gradients (training plans whose replicas
+    split layers identically; heterogeneous replicas sync per layer instead)."""
+    ranges = {tuple((s.start, s.end) for s in r.stages) for r in self.replicas}
+    if len(ranges) > 1:
+      raise HetjaxError('invalid plan: stage groups need replicas that split layers identically '
+                        '(these replicas sync gradients per layer: hetjax.search.hetero_replicas)')
     return [[r.stages[k].devices for r in self.replicas] for k in range(self.num_stages)]
 
   def locate(self, device: int) -> tuple[int, int]:
