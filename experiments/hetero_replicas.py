@@ -15,7 +15,8 @@ Candidates per cluster:
   planner never considers: it is reported apart, not as the hetero gain).
 
   python experiments/hetero_replicas.py
-  python experiments/hetero_replicas.py --clusters=small_lab --evaluations=1000
+  python experiments/hetero_replicas.py --clusters=mixed_worldwide:gpt3_xl:1024 --grad_bytes=1 \
+      --out=runs/hetero_replicas_grad8/
 
 Writes results.csv, step_time.png and the plans (JSON) under --out; prints the table last.
 """
@@ -45,6 +46,8 @@ flags.DEFINE_string('clusters', 'small_lab:gpt2_medium:32,mixed_worldwide:gpt3_x
 flags.DEFINE_integer('evaluations', 5000, 'candidates of the uniform planner\'s GA (method hetjax)')
 flags.DEFINE_string('islands', 'region,host,gpu', 'island kinds the constructor tries')
 flags.DEFINE_integer('seed', 0, 'seed of the uniform planner')
+flags.DEFINE_integer('grad_bytes', 4, 'bytes per gradient value in the cross-replica sync (4: fp32 as DT-FM; '
+                     '1: 8-bit gradient compression), for every plan and the planner alike')
 flags.DEFINE_string('out', 'runs/hetero_replicas/', 'output directory')
 
 
@@ -54,7 +57,7 @@ def _shares(micro: list[int]) -> str:
 
 def _row(cluster, model, kind, plan, setup, seconds, uses_all=True):
   pred = hr.estimate(plan, cluster, model, setup)
-  return {'cluster': cluster.name, 'model': plan.model, 'plan': kind, 'step_s': pred['total'],
+  return {'cluster': cluster.name, 'model': plan.model, 'grad_bytes': setup.grad_bytes, 'plan': kind, 'step_s': pred['total'],
           'pipeline_s': pred['pipeline'], 'dp_comm_s': pred['dp_comm'], 'replicas': plan.dp,
           'micro_batches': _shares(plan.replica_micro_batches()),
           'devices': len(plan.devices), 'all_devices': uses_all, 'symmetric': plan.symmetric,
@@ -64,7 +67,7 @@ def _row(cluster, model, kind, plan, setup, seconds, uses_all=True):
 def run_cluster(spec: str, out: str) -> list[dict]:
   name, model_name, batch = spec.split(':')
   cluster, model = get_cluster(name), get_model_config(model_name)
-  setup = cm.TrainSetup(global_batch=int(batch), seq_len=model.max_len)
+  setup = cm.TrainSetup(global_batch=int(batch), seq_len=model.max_len, grad_bytes=FLAGS.grad_bytes)
   print(f'{name}: {cluster.n} devices, {model_name}, batch {batch} x {model.max_len} tokens', flush=True)
   rows = []
   c0 = time.process_time()
