@@ -89,6 +89,9 @@ class HeteroReplicas:
                  cfg, tcfg, codec=codec, transport=transport, grad_codec=grad_codec,
                  colocate=colocate, init_state=full)
         for rep, m in zip(plan.replicas, self.micro)]
+    # [replica][stage] -> {parameter path: its sharding}, where reduced gradients go
+    self._shardings = [[{p: v[...].sharding for p, v in nnx.to_flat_state(run.params)}
+                        for run in pipe.runners] for pipe in self.replicas]
     self.dp_bytes = 0  # gradient bytes moved between replicas, all steps
     self.timeline: list[dict] = []
 
@@ -178,7 +181,7 @@ class HeteroReplicas:
         for path in stage:
           holders.setdefault(_unit(path), {}).setdefault(path, []).append((r, s))
     out = [[{} for _ in rep] for rep in flat]
-    sq, moved = 0.0, 0
+    sq, moved = [], 0
     for unit, paths in holders.items():
       names = sorted(paths, key=lambda p: tuple(map(str, p)))
       where = paths[names[0]]
@@ -189,15 +192,14 @@ class HeteroReplicas:
       parts = [jax.device_put([flat[r][first[r]][p][...] for p in names], target)
                for r in range(len(flat))]
       total = _weighted_sum(parts, weights)
-      sq += float(_sq_norm(total))
+      sq.append(_sq_norm(total))
       moved += 2 * (len(flat) - 1) * tree_nbytes(total)  # reduce to replica 0, broadcast back
       for r, s in where:
-        params = dict(nnx.to_flat_state(self.replicas[r].runners[s].params))
         for p, x in zip(names, total):
-          out[r][s][p] = flat[r][s][p].replace(jax.device_put(x, params[p][...].sharding))
+          out[r][s][p] = flat[r][s][p].replace(jax.device_put(x, self._shardings[r][s][p]))
     reduced = [[nnx.from_flat_state([(p, got[p]) for p in had]) for had, got in zip(rep, rep_out)]
                for rep, rep_out in zip(flat, out)]
-    return reduced, sq, moved
+    return reduced, sum(float(x) for x in sq), moved
 
   def evaluate(self, batch: dict) -> float:
     """Mean loss of a batch, each replica evaluating its share."""
