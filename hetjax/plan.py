@@ -1,7 +1,9 @@
 """Plan: the one hand-off from "decide" (cost model + search) to "execute" (pipeline runtime).
 
-A Plan has replicas. For training they are data-parallel pipelines that sync gradients per stage; for
-inference they are independent serving pipelines (traffic split by `Replica.weight`). A replica is a
+A Plan has replicas. For training they are data-parallel pipelines that average gradients per layer
+and take shares of the batch by `Replica.weight`; they may split layers and TP degrees differently
+(heterogeneous replicas, hetjax/parallel/replicas.py). For inference they are independent serving
+pipelines (traffic split by `Replica.weight`). A replica is a
 list of stages. A stage owns layers [start, end) of a model with L blocks, runs on `devices` as one
 tensor-parallel group of degree `tp`, and may hold the embedding (first stage) and head (last stage).
 
@@ -97,8 +99,37 @@ class Plan:
   def layer_counts(self, replica: int = 0) -> list[int]:
     return [s.num_layers for s in self.replicas[replica].stages]
 
+  @property
+  def symmetric(self) -> bool:
+    """Replicas split layers and TP degrees identically and take equal shares of the batch (what
+    one (dp, tp) mesh per stage runs); otherwise a training plan has heterogeneous replicas."""
+    shape = lambda r: [(s.start, s.end, s.tp) for s in r.stages]
+    first = self.replicas[0]
+    return all(shape(r) == shape(first) and r.weight == first.weight for r in self.replicas)
+
+  def replica_micro_batches(self) -> list[int]:
+    """Training: micro-batches (of micro_batch_size sequences) each replica runs per step. The
+    step's batch, micro_batches x dp x micro_batch_size sequences, is split by `Replica.weight`."""
+    if len({r.weight for r in self.replicas}) == 1:
+      return [self.micro_batches] * self.dp
+    batch = self.micro_batches * self.dp * self.micro_batch_size
+    total = sum(r.weight for r in self.replicas)
+    shares = [batch * r.weight / total for r in self.replicas]
+    counts = [round(x / self.micro_batch_size) for x in shares]
+    if any(abs(x - c * self.micro_batch_size) > 1e-6 for x, c in zip(shares, counts)):
+      split = ' + '.join(f'{x:g}' for x in shares)
+      raise HetjaxError(f'invalid plan: replica weights {":".join(f"{r.weight:g}" for r in self.replicas)} '
+                        f'split the batch of {batch} sequences into {split}, not into whole '
+                        f'micro-batches of {self.micro_batch_size} sequences')
+    return counts
+
   def stage_groups(self) -> list[list[list[int]]]:
-    """[stage][replica] -> devices: the groups that sync gradients (training plans)."""
+    """[stage][replica] -> devices: the groups that sync gradients (training plans whose replicas
+    split layers identically; heterogeneous replicas sync per layer instead)."""
+    ranges = {tuple((s.start, s.end) for s in r.stages) for r in self.replicas}
+    if len(ranges) > 1:
+      raise HetjaxError('invalid plan: stage groups need replicas that split layers identically '
+                        '(these replicas sync gradients per layer: hetjax.search.hetero_replicas)')
     return [[r.stages[k].devices for r in self.replicas] for k in range(self.num_stages)]
 
   def locate(self, device: int) -> tuple[int, int]:
@@ -209,9 +240,7 @@ class Plan:
       if frac is not None and (len(frac) != 3 or min(frac) < -1e-9 or abs(sum(frac) - 1) > 1e-6):
         bad(f'offload.{what} must be three fractions (gpu, cpu, disk) summing to 1, got {frac}')
     if self.kind == 'train':
-      ranges = [[(s.start, s.end) for s in r.stages] for r in self.replicas]
-      if any(rg != ranges[0] for rg in ranges):
-        bad('training replicas must split layers identically (gradients sync per stage)')
+      self.replica_micro_batches()  # the weights split the batch into whole micro-batches
     return self
 
   # ---- (de)serialisation
@@ -278,8 +307,8 @@ class Plan:
   # ---- display
   def table(self, cluster=None) -> str:
     """Readable table: one row per stage, replicas as columns of device lists (serve: one row per stage)."""
-    if self.kind == 'serve':
-      return self._serve_table(cluster)
+    if self.kind == 'serve' or not self.symmetric:
+      return self._replica_table(cluster)
     lines = [f'plan v{self.version} ({self.kind}): model={self.model or "?"} cluster={self.cluster or "?"} '
              f'L={self.num_layers} stages={self.num_stages} dp={self.dp} schedule={self.schedule} '
              f'M={self.micro_batches}x{self.micro_batch_size} act_bits={self.activation_bits}']
@@ -304,10 +333,13 @@ class Plan:
       lines.append('predicted step (s): ' + '  '.join(f'{k}={self.prediction[k]:.3f}' for k in keys))
     return '\n'.join(lines)
 
-  def _serve_table(self, cluster=None) -> str:
-    """Serving plans: replicas are independent and asymmetric, so one row per (replica, stage)."""
-    lines = [f'plan v{self.version} (serve): model={self.model or "?"} cluster={self.cluster or "?"} '
-             f'L={self.num_layers} replicas={self.dp} prompt={self.seq_len} gen={self.gen_len}']
+  def _replica_table(self, cluster=None) -> str:
+    """Serving plans and heterogeneous training replicas: one row per (replica, stage)."""
+    shape = (f'prompt={self.seq_len} gen={self.gen_len}' if self.kind == 'serve' else
+             f'schedule={self.schedule} M={"+".join(map(str, self.replica_micro_batches()))}'
+             f'x{self.micro_batch_size} act_bits={self.activation_bits}')
+    lines = [f'plan v{self.version} ({self.kind}): model={self.model or "?"} cluster={self.cluster or "?"} '
+             f'L={self.num_layers} replicas={self.dp} {shape}']
     lines.append(f'{"rep":>3} {"w":>5} {"maxb":>4} {"stage":>5} {"layers":>9} {"n":>3} {"tp":>3}  devices')
     for i, r in enumerate(self.replicas):
       for k, s in enumerate(r.stages):

@@ -24,9 +24,8 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   if pcfg is None or not pcfg.plan:
     return None
   from hetjax.parallel.exchange import DevicePutTransport, PairPermuteTransport
-  from hetjax.parallel.pipeline import Pipeline
   from hetjax.modes.planning import training_plan
-  from hetjax.parallel.trainer import PipelineTrainState
+  from hetjax.parallel.replicas import make_pipeline, train_state  # heterogeneous replicas too
   say = print if is_leader() else (lambda *a, **k: None)
   plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say).check_model(cfg.model)
   if lost_processes():
@@ -51,10 +50,10 @@ def pipeline_state_factory(cfg, mcfg, workdir):
       from hetjax.compression.buffers import from_config
       store = from_config(cfg.aqsgd, data.num_samples, workdir, say)
       warmup = cfg.aqsgd.warmup_epochs
-    pipe = Pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
-                    transport=transports[kind](), init_state=nnx.state(model), buffers=store,
-                    warmup_epochs=warmup)
-    return PipelineTrainState(pipe, model, data, seed, profile_every=pcfg.profile_every)
+    pipe = make_pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
+                         transport=transports[kind](), init_state=nnx.state(model), buffers=store,
+                         warmup_epochs=warmup)
+    return train_state(pipe, model, data, seed, profile_every=pcfg.profile_every)
   return make_state
 
 

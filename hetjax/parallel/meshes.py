@@ -86,13 +86,13 @@ def build_stage_groups(plan: Plan, cfg: ModelConfig, colocate: bool = False) -> 
   """Training: one StageGroup per stage, its rows the data-parallel replicas, which must split
   layers and TP degrees identically."""
   plan.validate(model=cfg)
+  if not plan.symmetric:  # hetjax.parallel.replicas runs those
+    raise HetjaxError('a (dp, tp) mesh per stage needs replicas with the same layer split, TP '
+                      'degrees and weights; heterogeneous replicas run through HeteroReplicas')
   devices = plan_devices(plan, colocate)
   groups = []
-  for k, first in enumerate(plan.replicas[0].stages):
-    stages = [r.stages[k] for r in plan.replicas]
-    if any(s.tp != first.tp for s in stages):
-      raise HetjaxError(f'stage {k}: all training replicas must use the same TP degree')
-    groups.append(_stage_group(k, stages, devices, cfg))
+  for k in range(plan.num_stages):
+    groups.append(_stage_group(k, [r.stages[k] for r in plan.replicas], devices, cfg))
   return groups
 
 
