@@ -222,22 +222,34 @@ def measured_setup(**kw):
 
 
 def _link_probe():
-  """(alpha ms, beta Gbit/s) of the ring model between two devices: alpha from a small all-reduce
-  (2 (t - 1) = 2 ring steps at t = 2), beta from an 4 MB device_put."""
+  """(alpha ms, beta Gbit/s) of the ring model between two devices. alpha: a chain of 12 (matmul,
+  all-reduce) pairs on 2 devices minus the same chain without the all-reduces, per all-reduce over
+  its 2 (t - 1) = 2 ring steps -- an all-reduce between computations, as in a TP layer; beta: a
+  4 MB device_put."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   d = jax.devices()
   mesh = Mesh(np.array(d[:2]), ('tp',))
-  small = jax.device_put(jnp.ones((2, 64), jnp.float32), NamedSharding(mesh, P('tp')))
-  psum = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, 'tp'), mesh=mesh, in_specs=P('tp'),
-                               out_specs=P('tp')))
-  psum(small).block_until_ready()
-  alpha = min(_timed(lambda: psum(small).block_until_ready()) for _ in range(7)) / 2
-  x = jax.device_put(jnp.ones((1 << 20,), jnp.float32), d[0])
-  jax.device_put(x, d[1]).block_until_ready()
-  big = min(_timed(lambda: jax.device_put(x, d[1]).block_until_ready()) for _ in range(3))
-  return alpha * 1e3, x.nbytes * 8 / big / 1e9
+
+  def chain(reduce):
+    def body(x, w):
+      for _ in range(12):
+        x = jnp.tanh(x @ w)
+        x = jax.lax.psum(x, 'tp') if reduce else x
+      return x
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False))
+  x = jax.device_put(jnp.ones((1, 256), jnp.float32), NamedSharding(mesh, P()))
+  w = jax.device_put(jnp.ones((256, 256), jnp.float32) / 256, NamedSharding(mesh, P()))
+  with_ar, without = chain(True), chain(False)
+  with_ar(x, w).block_until_ready(), without(x, w).block_until_ready()
+  t_ar = min(_timed(lambda: with_ar(x, w).block_until_ready()) for _ in range(9))
+  t_no = min(_timed(lambda: without(x, w).block_until_ready()) for _ in range(9))
+  alpha = max(t_ar - t_no, 1e-7) / 12 / 2
+  y = jax.device_put(jnp.ones((1 << 20,), jnp.float32), d[0])
+  jax.device_put(y, d[1]).block_until_ready()
+  big = min(_timed(lambda: jax.device_put(y, d[1]).block_until_ready()) for _ in range(3))
+  return alpha * 1e3, y.nbytes * 8 / big / 1e9
 
 
 def engine_for(plan, model):
@@ -331,21 +343,23 @@ def machine_with(machine, tflops=None, bw_gbs=None):
   return hc.Cluster(machine.name, devices, machine.delay_ms, machine.bandwidth_gbps)
 
 
-def op_overhead_probe(T):
-  """Host time of one stage op of the runtime: the decode step of a 2-layer model with a width of 64
-  (nothing to compute) as 2 stages minus as 1 stage, the best of --repeats rounds on --clock."""
+def overhead_probe(T):
+  """Host time of the runtime per stage op, and per further device of a TP group: decode steps of a
+  2-layer model with a width of 64 (nothing to compute) as 2 stages minus as 1 stage, and at TP 2
+  minus TP 1; the best of --repeats rounds on --clock."""
   from hetjax.models.config import get_model_config
   from hetjax.models.model import build_model
-  cfg = get_model_config('tiny_gpt', num_layers=2, hidden=64, num_heads=1, num_kv_heads=1, ffn=64,
+  cfg = get_model_config('tiny_gpt', num_layers=2, hidden=64, num_heads=2, num_kv_heads=2, ffn=64,
                          vocab_size=64, max_len=128)
   tiny = build_model(cfg, 0)
-  engines = [engine_for(serve_plan([[0]], [2]), tiny), engine_for(serve_plan([[0], [1]], [1, 1]), tiny)]
+  plans = [([[0]], [2]), ([[0], [1]], [1, 1]), ([[0, 1]], [2])]
+  engines = [engine_for(serve_plan(devs, layers), tiny) for devs, layers in plans]
   g = groups_of(cfg, 1, 1, 8, 4)
-  best = [float('inf')] * 2
+  best = [float('inf')] * len(engines)
   for _ in range(FLAGS.repeats + 1):          # the first round compiles
     for i, eng in enumerate(engines):
       best[i] = min(best[i], (_timed(lambda: eng.run([g], T)) - _timed(lambda: eng.run([g], 1))) / (T - 1))
-  return max(0.0, best[1] - best[0])
+  return max(0.0, best[1] - best[0]), max(0.0, best[2] - best[0])
 
 
 def part_e(model, machine, rows):
@@ -378,11 +392,13 @@ def part_e(model, machine, rows):
   for (name, batch), m in measured.items():
     say(f'e. {name} batch {batch}: measured {m * 1e3:.2f} ms per step')
 
-  overhead = op_overhead_probe(T)
-  say(f'e. runtime probe: {overhead * 1e3:.2f} ms of host time per stage op')
+  overhead, per_device = overhead_probe(T)
+  say(f'e. runtime probe: {overhead * 1e3:.2f} ms of host time per stage op, {per_device * 1e3:.2f} ms '
+      f'per further device of its TP group')
 
   def predict(c, name, batch):
-    setup = measured_setup(prompt_len=P, gen_len=T, batch=batch, op_overhead_s=overhead)
+    setup = measured_setup(prompt_len=P, gen_len=T, batch=batch, op_overhead_s=overhead,
+                           device_overhead_s=per_device)
     return icm.replica_cost(c, cfg, layouts[name], setup, groups=1)['step']
 
   bw0, rate0 = machine.mem_bw_gbs(0), machine.tflops(0)
@@ -396,7 +412,7 @@ def part_e(model, machine, rows):
   rate_fit = rate0 * compute_only / (measured[(first, 8)] - overhead)
   fitted = machine_with(machine, tflops=rate_fit, bw_gbs=bw_fit)
   say(f'e. calibrated on {first}: {bw_fit:.1f} GB/s, {rate_fit * 1e3:.1f} GFLOP/s '
-      f'(probes: {bw0:.1f} GB/s, {rate0 * 1e3:.1f} GFLOP/s), {overhead * 1e3:.2f} ms per stage op')
+      f'(probes: {bw0:.1f} GB/s, {rate0 * 1e3:.1f} GFLOP/s)')
   for (name, batch), m in measured.items():
     pred = predict(fitted, name, batch)
     tag = 'calibration plan' if name == first else ('within 20%' if abs(m / pred - 1) <= 0.2 else 'OUTSIDE 20%')

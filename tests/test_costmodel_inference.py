@@ -147,3 +147,27 @@ def test_virtual_cpu_devices_share_one_host():
   assert alone['latency'] == pytest.approx(one['latency'], rel=1e-3)
   assert both['requests_per_s'] == pytest.approx(alone['requests_per_s'], rel=1e-3)
   assert both['latency'] == pytest.approx(2 * alone['latency'], rel=1e-3)
+
+
+def test_host_overheads_per_stage_op_and_per_shared_compute_device():
+  """op_overhead_s is paid by every stage op; device_overhead_s by each further device of a TP group
+  whose devices share compute (CPU), not by GPUs."""
+  cpu = Cluster.from_dict({'name': 'cpu', 'devices': [{'gpu': 'CPU', 'host': 'h', 'region': 'r', 'count': 4}],
+                           'links': {'intra_host': [0.0, 1e6], 'intra_region': [0.0, 1e6],
+                                     'inter_region_default': [0.0, 1e6]}})
+  m = get_model_config('tiny_gpt')
+  base = icm.ServeSetup(prompt_len=32, gen_len=8, batch=2)
+  over = dataclasses.replace(base, op_overhead_s=1e-3, device_overhead_s=5e-4)
+  for layout, extra in (([icm.StageLayout(4, [0])], 1e-3),
+                        ([icm.StageLayout(2, [0]), icm.StageLayout(2, [1])], 2e-3),
+                        ([icm.StageLayout(4, [0, 1, 2, 3])], 1e-3 + 3 * 5e-4)):
+    step = lambda s: icm.replica_cost(cpu, m, layout, s, groups=1)['step']
+    assert step(over) - step(base) == pytest.approx(extra, rel=1e-6)
+  gpus = two_hosts('A6000')
+  st = [icm.StageLayout(16, [0]), icm.StageLayout(16, [1])]
+  llama = get_model_config('llama2_7b')
+  gap = (icm.replica_cost(gpus, llama, st, over, groups=1)['step']
+         - icm.replica_cost(gpus, llama, st, base, groups=1)['step'])
+  assert gap == pytest.approx(2e-3, rel=1e-6)
+  with pytest.raises(HetjaxError, match='op_overhead_s'):
+    dataclasses.replace(base, op_overhead_s=float('nan')).validate()

@@ -11,7 +11,9 @@ A stage runs `n` layers on a TP group of `t` devices of one GPU type. Every term
   PP         delay + bytes / bandwidth between consecutive stage leaders, plus the sampled token's hop
              from the last stage back to the first before each decode step
   overhead   op_overhead_s of host time per stage op (one prefill or one decode step of one group):
-             the program launch and the runtime's bookkeeping, measured by a probe
+             the program launch and the runtime's bookkeeping, measured by a probe; on shared
+             compute, device_overhead_s more for each further device of the TP group (each runs
+             its part of the program on the same cores)
 A request (or a batch of B requests served together) = prefill of the prompt, which yields the first
 token, then gen_len - 1 decode steps at contexts prompt_len + 1 ... prompt_len + gen_len - 1.
 
@@ -61,6 +63,7 @@ class ServeSetup:
   memory_efficiency: float = 0.8   # achieved share of datasheet memory bandwidth
   memory_fraction: float = 0.9     # usable share of device memory
   op_overhead_s: float = 0.0       # host time of one stage op (program launch, runtime bookkeeping)
+  device_overhead_s: float = 0.0   # and of each further device of its TP group, on shared compute
 
   def validate(self) -> 'ServeSetup':
     for name in ('prompt_len', 'gen_len', 'batch', 'bytes_per_value'):
@@ -69,8 +72,9 @@ class ServeSetup:
     for name in ('compute_efficiency', 'memory_efficiency', 'memory_fraction'):
       if not 0 < getattr(self, name) <= 1:
         raise HetjaxError(f'{name} must be in (0, 1], got {getattr(self, name)}')
-    if not 0 <= self.op_overhead_s < 1:
-      raise HetjaxError(f'op_overhead_s must be in [0, 1) seconds, got {self.op_overhead_s}')
+    for name in ('op_overhead_s', 'device_overhead_s'):
+      if not 0 <= getattr(self, name) < 1:
+        raise HetjaxError(f'{name} must be in [0, 1) seconds, got {getattr(self, name)}')
     return self
 
 
@@ -257,7 +261,8 @@ def replica_cost(cluster: Cluster, model: ModelConfig, stages: Sequence[StageLay
     if k == len(stages) - 1:
       h = head_time(model, setup, tfl, bw, t) / setup.gen_len   # one call
       p_s, d_s = p_s + h, d_s + h
-    p_s, d_s = p_s + setup.op_overhead_s, d_s + setup.op_overhead_s
+    over = setup.op_overhead_s + (t - 1) * setup.device_overhead_s * (spec.name in SHARED_COMPUTE)
+    p_s, d_s = p_s + over, d_s + over
     prefill.append(p_s)
     decode.append(d_s)
     m = stage_memory(model, setup, st.num_layers, t, k == 0, k == len(stages) - 1, m_groups)
