@@ -250,7 +250,10 @@ def test_a_lost_process_is_replanned_away_and_the_run_continues(tmp_path):
   rows = _metrics(workdir)
   (event,) = [r for r in rows if r.get('event') == 'replan']
   assert event['lost_processes'] == [2] and event['processes'] == 2
-  assert event['plan'] == [[0, 3, [0]], [3, 6, [1]]]
+  new_plan = Plan.load(str(workdir / 'plan.json'))  # the planner's, over the 2 probed survivors
+  assert new_plan.search['method'] == 'hetjax' and event['replicas'] == new_plan.dp
+  assert event['plan'] == [[s.start, s.end, s.devices] for s in new_plan.replicas[0].stages]
+  assert event['predicted_step_s'] == new_plan.prediction['total']
   resumed = event['resumed_from']
   assert resumed % every == 0 and every <= resumed < steps and event['steps_redone'] >= 0
   after = rows[rows.index(event) + 1:]
