@@ -224,7 +224,8 @@ def test_launcher_names_the_frozen_process_and_keeps_noise_in_the_logs(tmp_path)
 
 def test_a_lost_process_is_replanned_away_and_the_run_continues(tmp_path):
   """--on_failure=replan: process 2 of 3 is SIGKILLed after the first checkpoint; the job restarts
-  on 2 processes, re-plans, resumes and finishes; its losses equal an uninterrupted 2-process run
+  on 2 processes, re-plans with the training planner (over the 2 probed processes it may pick data
+  parallelism), resumes and finishes; its losses equal an uninterrupted 2-process run
   on the new plan from the same checkpoint."""
   steps, every = 40, 10
   Plan([Replica(THREE_STAGES)], num_layers=6, micro_batches=4, micro_batch_size=2).save(
