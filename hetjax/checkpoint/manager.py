@@ -18,7 +18,9 @@ Multi-controller runs (jax.process_count() > 1) write a step without orbax (whos
 refuses arrays that live on one process's devices): each process writes its own stages to
 <dir>/.tmp-<step>/<item>.npz (raw bytes per tensor) and its part of the stage index, all wait at a
 barrier, then process 0 writes <dir>/.tmp-<step>/meta.json (the same meta, each stage with its
-'file') and renames the folder to <dir>/<step>: the step exists complete or not at all. Readers
+'file') and renames the folder to <dir>/<step>: the step exists complete or not at all. With
+async_save the tensors are copied to the host at once and a background thread writes and commits
+them (the next save, check(), wait() and close() report its error). Readers
 take either kind of step, so any plan (or process count) reads any plan's checkpoint.
 
 Integrity: the stage index also records, per tensor, a fingerprint [sum, sum of |x|] (float32,
@@ -39,6 +41,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
@@ -95,6 +98,7 @@ class Checkpointer:
     self.keep = keep
     self.by_process = jax.process_count() > 1  # see the module doc
     self._manager = None
+    self._writer_thread, self._writer_error = None, None  # a per-process save in the background
     if self.by_process:
       if not read_only:
         os.makedirs(self.directory, exist_ok=True)
@@ -143,6 +147,7 @@ class Checkpointer:
 
   def check(self) -> None:
     """Raise now if a background save has failed (instead of at the next save)."""
+    self._raise_writer_error()
     if self._manager is None:
       return
     try:
@@ -183,25 +188,63 @@ class Checkpointer:
                         f'{_reason(e)}') from None
 
   def _save_by_process(self, step: int, stages, meta: Mapping) -> None:
-    """A multi-controller save (see the module doc); every process calls it."""
+    """A multi-controller save (see the module doc); every process calls it. This process's
+    tensors are copied to the host now; with async_save the files are written, and the step
+    committed, by a background thread (one save at a time: a new save first waits for the last)."""
+    self._wait_for_writer()
+    me, parts = jax.process_index(), []
+    for i, (spec, tree) in enumerate(stages):
+      flat = flatten(tree)
+      if any(_writer(x) != me for x in flat.values()):
+        continue  # a data-parallel copy: the replica on the lowest process writes it
+      flat = {name: host_copy(x) for name, x in flat.items()}
+      sums = fingerprints(flat)
+      for name, (total, _) in sums.items():
+        if not np.isfinite(total):
+          raise HetjaxError(f'refusing to save step {step}: tensor {name} is not finite')
+      parts.append((f'p{me}_stage{i}_{spec.start}_{spec.end}', spec, flat, sums))
+    if not self.async_save:
+      return self._write_by_process(step, parts, meta)
+
+    def write():
+      try:
+        self._write_by_process(step, parts, meta)
+      except Exception as e:  # reported by check() / wait(), i.e. at the next training step
+        self._writer_error = e
+    self._writer_thread = threading.Thread(target=write, name=f'checkpoint-{step}', daemon=True)
+    self._writer_thread.start()
+
+  def _wait_for_writer(self) -> None:
+    """Wait for a background per-process save; raise its error, if any."""
+    if self._writer_thread is not None:
+      self._writer_thread.join()
+      self._writer_thread = None
+    self._raise_writer_error()
+
+  def _raise_writer_error(self) -> None:
+    e, self._writer_error = self._writer_error, None
+    if isinstance(e, HetjaxError):
+      raise e
+    if e is not None:
+      raise HetjaxError(f'saving a checkpoint in {self.directory} failed: {_reason(e)}') from None
+
+  def _write_by_process(self, step: int, parts, meta: Mapping) -> None:
+    """Write this process's stage files and index part into <dir>/.tmp-<step>, then (process 0,
+    once every process has written) meta.json, and commit the step by renaming the folder."""
     from hetjax.distributed import barrier
     me, tmp = jax.process_index(), os.path.join(self.directory, f'.tmp-{step}')
+    failed = lambda e: HetjaxError(f'saving checkpoint step {step} in {self.directory} failed: '
+                                   f'{_reason(e)}')
     if me == 0:
       shutil.rmtree(tmp, ignore_errors=True)  # a save a killed run left half-done
-      os.makedirs(tmp)
+      try:
+        os.makedirs(tmp)
+      except OSError as e:
+        raise failed(e) from None
     barrier(f'hetjax-ckpt-{step}-open')
     index = []
     try:
-      for i, (spec, tree) in enumerate(stages):
-        flat = flatten(tree)
-        if any(_writer(x) != me for x in flat.values()):
-          continue  # a data-parallel copy: the replica on the lowest process writes it
-        flat = {name: host_copy(x) for name, x in flat.items()}
-        item = f'p{me}_stage{i}_{spec.start}_{spec.end}'
-        sums = fingerprints(flat)
-        for name, (total, _) in sums.items():
-          if not np.isfinite(total):
-            raise HetjaxError(f'refusing to save step {step}: tensor {name} is not finite')
+      for item, spec, flat, sums in parts:
         keys = {name: f't{k}' for k, name in enumerate(flat)}
         _write_atomic(os.path.join(tmp, f'{item}.npz'), lambda f: np.savez(
             f, **{keys[n]: np.ascontiguousarray(x).reshape(-1).view(np.uint8) for n, x in flat.items()}))
@@ -210,8 +253,7 @@ class Checkpointer:
                       'sums': sums})
       _write_atomic(os.path.join(tmp, f'index-p{me}.json'), lambda f: f.write(json.dumps(index).encode()))
     except OSError as e:
-      raise HetjaxError(f'saving checkpoint step {step} in {self.directory} failed: '
-                        f'{_reason(e)}') from None
+      raise failed(e) from None
     barrier(f'hetjax-ckpt-{step}-written')
     if me == 0:
       parts = []
@@ -370,10 +412,12 @@ class Checkpointer:
     return filled, meta
 
   def wait(self) -> None:
+    self._wait_for_writer()
     if self._manager is not None:
       self.manager.wait_until_finished()
 
   def close(self) -> None:
+    self._wait_for_writer()
     if self._manager is not None:
       self.manager.wait_until_finished()
       self.manager.close()
