@@ -256,8 +256,8 @@ def launch_replanning(command: list[str], devices: list[int], logs: str = '', er
     if code in (0, 2, 124) or len(alive) == 1:
       return code
     if not lost:
-      print('not replanning: the first process to stop exited with an error (a bug, not a lost '
-            'process)', file=err, flush=True)
+      print('not replanning: the first process to stop failed by itself (an error exit or a crash '
+            'signal: a bug, not a lost process)', file=err, flush=True)
       return code
     gone.append(alive.pop(lost[0]))
     print(f'replanning: original process {gone[-1]} is lost; restarting the job on processes '
