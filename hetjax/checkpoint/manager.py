@@ -28,7 +28,9 @@ computed on device). Saving refuses a non-finite tensor; restoring re-computes t
 what it read and compares. Restoring "the latest" step walks back from the newest step: a step that
 cannot be read, or reads back different (truncated or overwritten files, missing or garbage
 metadata, non-finite values), is reported in one line, moved aside to <dir>.corrupt/<step>, and the
-next older step is tried. If none is intact, one error says so.
+next older step is tried. If none is intact, one error says so. In a multi-controller run each
+process reads its own stages, the processes agree on each step (one that any process cannot read is
+skipped by all) and process 0 moves it aside.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class Checkpointer:
     self.by_process = jax.process_count() > 1  # see the module doc
     self._manager = None
     self._writer_thread, self._writer_error = None, None  # a per-process save in the background
+    self._reads = 0  # steps tried by restores (names the processes' agreement on each)
     if self.by_process:
       if not read_only:
         os.makedirs(self.directory, exist_ok=True)
@@ -369,17 +372,36 @@ class Checkpointer:
       raise HetjaxError(f'no checkpoint in {self.directory}')
     for k, step in enumerate(steps):
       try:
-        return _quietly(read, step)
+        result, error = _quietly(read, step), ''
       except CorruptCheckpoint as e:
-        older = f'falling back to step {steps[k + 1]}' if k + 1 < len(steps) else 'none older'
-        moved = '' if self.read_only else f'; moved to {self._quarantine(step)}'
-        self.warn(f'warning: checkpoint {e}; {older}{moved}')
+        result, error = None, str(e)
+      errors = self._errors_of_all_processes(error)
+      if not any(errors):
+        return result
+      failed = next(p for p, e in enumerate(errors) if e)
+      who = f' (read by process {failed})' if len(errors) > 1 else ''
+      older = f'falling back to step {steps[k + 1]}' if k + 1 < len(steps) else 'none older'
+      moved = '' if self.read_only else f'; moved to {self._quarantine(step)}'
+      self.warn(f'warning: checkpoint {errors[failed]}{who}; {older}{moved}')
     raise HetjaxError(f'no intact checkpoint in {self.directory} (tried steps '
                       f'{", ".join(map(str, steps))})')
 
+  def _errors_of_all_processes(self, error: str) -> list[str]:
+    """Every process's error reading the step it tries ('' if none). In a multi-controller run
+    each process reads only its own stages, so all must read theirs before any resumes a step,
+    and all must skip the same steps."""
+    if not self.by_process:
+      return [error]
+    from hetjax.distributed import gather_text
+    self._reads += 1  # every process tries the same steps in the same order
+    return gather_text(f'checkpoint-read-{self._reads}', error)
+
   def _quarantine(self, step: int) -> str:
-    """Move a corrupt step out of the way (keeping it for inspection) so it is saved afresh."""
+    """Move a corrupt step out of the way (keeping it for inspection) so it is saved afresh; in a
+    multi-controller run process 0 moves it."""
     dest = os.path.join(f'{self.directory}.corrupt', str(step))
+    if self.by_process and jax.process_index() != 0:
+      return dest
     if os.path.exists(dest):
       shutil.rmtree(dest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
