@@ -40,6 +40,7 @@ flags.DEFINE_string('out', 'runs/fault_checkpoints/', 'output folder')
 flags.DEFINE_integer('kills', 4, 'kill-and-resume tries')
 flags.DEFINE_integer('seed', 0, 'seed for kill times and random bytes')
 flags.DEFINE_bool('corruption', True, 'run the corruption variants (part 1)')
+flags.DEFINE_list('variants', [], 'run only these corruption variants (names as in the table)')
 flags.DEFINE_enum('format', 'npz', ['npz', 'orbax'],
                   "checkpoint format: 'npz' (2 processes, per-process files) or 'orbax' (1 process)")
 FLAGS = flags.FLAGS
@@ -110,8 +111,10 @@ def variants(rng):
   big = lambda d: data_files(d)[-1]
   if FLAGS.format == 'npz':
     meta = lambda d: os.path.join(d, 'meta.json')
+    p1 = lambda d: glob.glob(os.path.join(d, 'p1_*.npz'))[0]  # process 0 reads its own file intact
     return {
         'truncated stage file': lambda d: os.truncate(big(d), os.path.getsize(big(d)) // 2),
+        'truncated file of process 1': lambda d: os.truncate(p1(d), os.path.getsize(p1(d)) // 2),
         'emptied stage file': lambda d: os.truncate(big(d), 0),
         'random bytes in stage file': lambda d: overwrite(big(d), rng.randbytes(256)),
         'NaN bytes in stage file': lambda d: overwrite(big(d), b'\xff' * 256),
@@ -158,6 +161,8 @@ def corruption(out, rng):
   shutil.rmtree(os.path.join(base, 'checkpoints', '30'))
   rows = []
   cases = list(variants(rng).items()) + [('every step damaged', None)]
+  if FLAGS.variants:
+    cases = [(name, damage) for name, damage in cases if name in FLAGS.variants]
   for name, damage in cases:
     print(f'corruption: {name} ...', flush=True)
     wd = os.path.join(out, 'case')
