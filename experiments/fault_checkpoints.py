@@ -2,22 +2,28 @@
 
 Reproduces: no paper table; the reliability figures of issue 14.
 
-python experiments/fault_checkpoints.py [--out=runs/fault_checkpoints/] [--kills=4]
+python experiments/fault_checkpoints.py [--out=runs/fault_checkpoints/] [--kills=4] [--format=npz]
+
+--format picks the checkpoint format under test: 'npz' (a multi-controller run: 2 processes joined
+by hetjax.launch, a 2-stage plan, each process writing its stage to <step>/<item>.npz plus
+<step>/meta.json) or 'orbax' (a one-process run: orbax items <step>/meta/ and <step>/stage*/).
 
 1. Corruption: a 30-step run saves steps 10, 20, 30; step 30 is removed (as if the run was stopped
-   there) and the step-20 checkpoint is damaged one way per
+   after its step-20 checkpoint) and the step-20 checkpoint is damaged one way per
    variant and the run is restarted to step 30. Outcome per variant: the exit code, whether the
    output names the damage in one line, the step it resumed from, and whether its losses equal an
    uninterrupted 30-step run's (exact resume). Also: every step damaged (must end in one error).
-2. Kill and resume: a 60-step run (checkpoints every 20) is SIGKILLed once its metrics.jsonl holds
+2. Kill and resume (one-process runs only): a 60-step run (checkpoints every 20) is SIGKILLed once its metrics.jsonl holds
    a random number of rows (1-59: before and after the first checkpoint), then rerun; the resumed
    metrics.jsonl must equal the uninterrupted run's, row for row.
 Writes corruption.csv, kills.csv and fault_checkpoints.png; prints both tables last.
 """
 
+import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -34,30 +40,54 @@ flags.DEFINE_string('out', 'runs/fault_checkpoints/', 'output folder')
 flags.DEFINE_integer('kills', 4, 'kill-and-resume tries')
 flags.DEFINE_integer('seed', 0, 'seed for kill times and random bytes')
 flags.DEFINE_bool('corruption', True, 'run the corruption variants (part 1)')
+flags.DEFINE_list('variants', [], 'run only these corruption variants (names as in the table)')
+flags.DEFINE_enum('format', 'npz', ['npz', 'orbax'],
+                  "checkpoint format: 'npz' (2 processes, per-process files) or 'orbax' (1 process)")
 FLAGS = flags.FLAGS
+PROCESS_PREFIX = re.compile(r'^\[p\d+\] ')  # the launcher's prefix on each process's lines
+
+
+def plan_path():
+  """The 2-stage plan of the npz runs (one stage per process), written once into --out."""
+  from hetjax.plan import Plan, Replica, Stage
+  path = os.path.abspath(os.path.join(FLAGS.out, 'plan.json'))
+  if not os.path.exists(path):
+    Plan([Replica([Stage(0, 1, [0]), Stage(1, 2, [1])])], num_layers=2, micro_batches=2,
+         micro_batch_size=2).save(path)
+  return path
 
 
 def train_cmd(workdir, steps, every):
-  return [sys.executable, 'run.py', '--config=configs/train.py', f'--config.workdir={workdir}',
+  cmd = []
+  if FLAGS.format == 'npz':
+    cmd = [sys.executable, '-m', 'hetjax.launch', '-n', '2', '--devices=1', '--grace=5',
+           '--timeout=300', '--']
+  return cmd + [sys.executable, 'run.py', '--config=configs/train.py', f'--config.workdir={workdir}',
           '--config.model_overrides.num_layers=2', '--config.model_overrides.hidden=32',
           f'--config.train.steps={steps}', '--config.train.batch_size=4',
           '--config.train.seq_len=32', '--config.train.warmup_steps=5',
           '--config.train.log_every=1', '--config.train.eval_every=0',
-          f'--config.ckpt.every={every}', '--config.ckpt.keep=3']
+          f'--config.ckpt.every={every}', '--config.ckpt.keep=3'] + (
+              [f'--config.pipeline.plan={plan_path()}'] if FLAGS.format == 'npz' else [])
 
 
 def run(workdir, steps, every=10):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   p = subprocess.run(train_cmd(workdir, steps, every), cwd=ROOT, capture_output=True, text=True,
-                     timeout=600)
-  return p.returncode, p.stdout + p.stderr
+                     timeout=600, env=env)
+  text = p.stdout + p.stderr
+  return p.returncode, '\n'.join(PROCESS_PREFIX.sub('', l) for l in text.splitlines())
 
 
 def losses(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {r['step']: r['loss'] for r in map(json.loads, f)}
+    return {r['step']: r['loss'] for r in map(json.loads, f) if 'loss' in r}
 
 
 def data_files(step_dir):
+  """The step's tensor files, smallest first."""
+  if FLAGS.format == 'npz':
+    return sorted(glob.glob(os.path.join(step_dir, '*.npz')), key=os.path.getsize)
   found = []
   for root, _, files in os.walk(step_dir):
     found += [os.path.join(root, f) for f in files if os.sep + 'd' + os.sep in os.path.join(root, f) + os.sep
@@ -79,6 +109,23 @@ def stage_dir(step_dir):
 
 def variants(rng):
   big = lambda d: data_files(d)[-1]
+  if FLAGS.format == 'npz':
+    meta = lambda d: os.path.join(d, 'meta.json')
+    p1 = lambda d: glob.glob(os.path.join(d, 'p1_*.npz'))[0]  # process 0 reads its own file intact
+    return {
+        'truncated stage file': lambda d: os.truncate(big(d), os.path.getsize(big(d)) // 2),
+        'truncated file of process 1': lambda d: os.truncate(p1(d), os.path.getsize(p1(d)) // 2),
+        'emptied stage file': lambda d: os.truncate(big(d), 0),
+        'random bytes in stage file': lambda d: overwrite(big(d), rng.randbytes(256)),
+        'NaN bytes in stage file': lambda d: overwrite(big(d), b'\xff' * 256),
+        'deleted stage file': lambda d: os.remove(big(d)),
+        'deleted all stage files': lambda d: [os.remove(f) for f in data_files(d)],
+        'garbage meta.json': lambda d: overwrite(meta(d), b'{{garbage', 0),
+        'truncated meta.json': lambda d: os.truncate(meta(d), os.path.getsize(meta(d)) // 2),
+        'meta.json of another step': lambda d: shutil.copy(meta(os.path.join(d, '..', '10')), meta(d)),
+        'deleted meta.json': lambda d: os.remove(meta(d)),
+        'empty step folder': lambda d: [os.remove(os.path.join(d, x)) for x in os.listdir(d)],
+    }
   return {
       'truncated data file': lambda d: os.truncate(big(d), os.path.getsize(big(d)) // 2),
       'emptied data file': lambda d: os.truncate(big(d), 0),
@@ -105,7 +152,8 @@ def traceback_in(text):
 def corruption(out, rng):
   ref = os.path.join(out, 'reference')
   shutil.rmtree(ref, ignore_errors=True)
-  assert run(ref, 30)[0] == 0
+  rc, text = run(ref, 30)
+  assert rc == 0, text[-3000:]
   want = losses(ref)
   base = os.path.join(out, 'base')  # the same run as if stopped after its step-20 checkpoint
   shutil.rmtree(base, ignore_errors=True)
@@ -113,6 +161,8 @@ def corruption(out, rng):
   shutil.rmtree(os.path.join(base, 'checkpoints', '30'))
   rows = []
   cases = list(variants(rng).items()) + [('every step damaged', None)]
+  if FLAGS.variants:
+    cases = [(name, damage) for name, damage in cases if name in FLAGS.variants]
   for name, damage in cases:
     print(f'corruption: {name} ...', flush=True)
     wd = os.path.join(out, 'case')
@@ -129,6 +179,7 @@ def corruption(out, rng):
     exact = rc == 0 and all(losses(wd).get(s) == want[s] for s in want)
     rows.append({'variant': name, 'exit_code': rc, 'traceback': traceback_in(text),
                  'reported': len(lines) > 0, 'resumed_from': resumed if resumed is not None else '-',
+                 'fell_back': resumed == 10,
                  'exact': exact, 'message': (lines[0] if lines else text.strip().splitlines()[-1])[:160]})
   return rows
 
@@ -194,15 +245,15 @@ def main(argv):
   if c_rows:
     write_csv(os.path.join(out, 'corruption.csv'), c_rows)
     draw(c_rows, os.path.join(out, 'fault_checkpoints.png'))
-  k_rows = kills(out, rng, FLAGS.kills) if FLAGS.kills else []
+  k_rows = kills(out, rng, FLAGS.kills) if FLAGS.kills and FLAGS.format == 'orbax' else []
   if k_rows:
     write_csv(os.path.join(out, 'kills.csv'), k_rows)
   if c_rows:
-    print_table([{k: v for k, v in r.items() if k != 'message'} for r in c_rows], width=12)
+    print_table([{k: v for k, v in r.items() if k != 'message'} for r in c_rows])
     for r in c_rows:
       print(f"  {r['variant']}: {r['message']}")
   if k_rows:
-    print_table(k_rows, width=12)
+    print_table(k_rows)
 
 
 if __name__ == '__main__':

@@ -407,14 +407,13 @@ def mixed_datacenter(n: int = 64) -> Cluster:
   return _from_regions('mixed_datacenter', kinds, hosts, regions, link)
 
 
-def local_cluster(n: Optional[int] = None, probe_size: int = 512, reps: int = 3) -> Cluster:
-  """This machine's JAX devices, each with TFLOP/s measured by a short f32 matmul probe and the
-  link measured by a device-to-device copy. Devices share the host CPU, so probes run one at a time."""
+def probe_tflops(devices, probe_size: int = 512, reps: int = 3) -> list[float]:
+  """TFLOP/s of each (addressable) device, from a short f32 matmul; one device at a time, since
+  devices may share the host CPU."""
   import time
   import jax
   import jax.numpy as jnp
 
-  devices = jax.devices()[:n] if n else jax.devices()
   f = jax.jit(lambda a, b: a @ b)
   tflops = []
   for dev in devices:
@@ -425,6 +424,25 @@ def local_cluster(n: Optional[int] = None, probe_size: int = 512, reps: int = 3)
       f(a, a).block_until_ready()
     dt = (time.perf_counter() - t0) / reps
     tflops.append(2 * probe_size ** 3 / dt / 1e12)
+  return tflops
+
+
+def _host_memory_gb(num_devices: int) -> Optional[float]:
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9 / num_devices
+  except (ValueError, OSError):
+    return None
+
+
+def local_cluster(n: Optional[int] = None, probe_size: int = 512, reps: int = 3) -> Cluster:
+  """This machine's JAX devices, each with TFLOP/s measured by a short f32 matmul probe and the
+  link measured by a device-to-device copy. Devices share the host CPU, so probes run one at a time."""
+  import time
+  import jax
+  import jax.numpy as jnp
+
+  devices = jax.devices()[:n] if n else jax.devices()
+  tflops = probe_tflops(devices, probe_size, reps)
   delay_ms, gbps = 0.01, 10.0
   if len(devices) > 1:
     x = jax.device_put(jnp.ones((1 << 21,), jnp.float32), devices[0])  # 8 MB
@@ -436,15 +454,26 @@ def local_cluster(n: Optional[int] = None, probe_size: int = 512, reps: int = 3)
     t0 = time.perf_counter()
     jax.device_put(x, devices[1]).block_until_ready()
     gbps = x.nbytes * 8 / max(time.perf_counter() - t0, 1e-9) / 1e9
-  try:
-    mem_gb = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9 / len(devices)
-  except (ValueError, OSError):
-    mem_gb = None
+  mem_gb = _host_memory_gb(len(devices))
   kind = 'CPU' if devices[0].platform == 'cpu' else 'H100-SXM'
   devs = [Device(i, kind, 'localhost', 'local', tflops=tflops[i], memory_gb=mem_gb if kind == 'CPU' else None)
           for i in range(len(devices))]
   k = len(devices)
   return Cluster('local', devs, np.full((k, k), delay_ms), np.full((k, k), gbps))
+
+
+def processes_cluster(tflops: Sequence[Sequence[float]], kind: str = 'CPU',
+                      delay_ms: float = 0.01, gbps: float = 10.0) -> Cluster:
+  """Devices of several processes, one host each (process p's devices on host 'p<p>'), with the
+  probed TFLOP/s per device (probe_tflops). Links are not measured: every pair gets local_cluster's
+  defaults (delay_ms, gbps). CPU devices get an equal share of this machine's memory."""
+  counts = [len(t) for t in tflops]
+  mem_gb = _host_memory_gb(max(1, sum(counts))) if kind == 'CPU' else None
+  devs = [Device(0, kind, f'p{p}', 'local', tflops=float(t), memory_gb=mem_gb)
+          for p, ts in enumerate(tflops) for t in ts]
+  devs = [dataclasses.replace(d, id=i) for i, d in enumerate(devs)]
+  k = len(devs)
+  return Cluster('processes', devs, np.full((k, k), delay_ms), np.full((k, k), gbps))
 
 
 SCENARIOS: dict[str, Callable[..., Cluster]] = {

@@ -21,6 +21,13 @@ def lost_processes() -> list[int]:
   return [int(x) for x in lost.split(',') if x]
 
 
+def original_device_counts() -> list[int]:
+  """Devices per original process of the job (HETJAX_ORIGINAL_DEVICES, e.g. '2,2,4', set by
+  `hetjax.launch --on_failure=replan`); empty if not set."""
+  counts = os.environ.get('HETJAX_ORIGINAL_DEVICES', '')
+  return [int(x) for x in counts.split(',') if x]
+
+
 def launched() -> bool:
   return 'HETJAX_NUM_PROCESSES' in os.environ
 
@@ -70,3 +77,31 @@ def barrier(name: str) -> None:
 def is_leader() -> bool:
   """Process 0 writes the run's files (metrics, plan, config)."""
   return jax.process_index() == 0
+
+
+def _client():
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
+def gather_text(name: str, text: str) -> list[str]:
+  """Every process's `text`, in process order, on every process (the coordinator's key-value store;
+  `name` unique per use)."""
+  client = _client()
+  if client is None:
+    return [text]
+  client.key_value_set(f'hetjax/{name}/{jax.process_index()}', text)
+  return [client.blocking_key_value_get(f'hetjax/{name}/{p}', BARRIER_TIMEOUT_S * 1000)
+          for p in range(jax.process_count())]
+
+
+def leader_text(name: str, make) -> str:
+  """make() run on process 0 only; its string on every process (`name` unique per use)."""
+  client = _client()
+  if client is None:
+    return make()
+  if is_leader():
+    text = make()
+    client.key_value_set(f'hetjax/{name}', text)
+    return text
+  return client.blocking_key_value_get(f'hetjax/{name}', BARRIER_TIMEOUT_S * 1000)

@@ -15,10 +15,11 @@ follow-on errors (gloo/gRPC "peer lost" noise) go only to the logs, and the laun
 summary line per failed process. Exit code: 2 if the first failure exited with 2 (bad input),
 else 1; --timeout stops a group that runs too long (exit code 124).
 
---on_failure=replan: after a lost process (one that was killed, froze, or exited with an error
-other than 2) the launcher restarts the job on the remaining processes, renumbered 0..n-2, with
-HETJAX_LOST naming the original processes that are gone; a training job then re-plans over the
-remaining devices and resumes from its last checkpoint (hetjax/modes/train.py).
+--on_failure=replan: after a lost process (killed by a signal, or frozen; a crash signal such as
+SIGSEGV or an exit with an error code is a bug and stops the job) the launcher restarts the job on
+the remaining processes, renumbered 0..n-2, with HETJAX_LOST naming the original processes that are
+gone; a training job then re-plans over the remaining devices with the training planner and resumes
+from its last checkpoint (hetjax/modes/replan.py).
 
 --emulate=CLUSTER runs each process in its own network namespace joined by veth links shaped to the
 cluster's bandwidth matrix (see hetjax/netem.py); it needs root, and prints what it shaped.
@@ -37,6 +38,7 @@ import threading
 import time
 
 POLL_S = 0.2
+CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 GLOO_CHATTER = re.compile(r'^\[Gloo\] Rank \d+ is connected to \d+ peer ranks')
 
 
@@ -140,6 +142,14 @@ class Member:
     with self.lock:
       self.log.close()
 
+  def was_lost(self, code: int | None) -> bool:
+    """Lost, as a host is lost: frozen, or killed by a signal that is not a crash of its own
+    (SIGKILL, SIGTERM, ...; not SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL, which point at a bug)."""
+    if self.stopped_since is not None and self.killed_by_launcher:
+      return True
+    return (not self.killed_by_launcher and code is not None and code < 0
+            and -code not in CRASH_SIGNALS)
+
   def describe(self, code: int | None) -> str:
     if self.stopped_since is not None and self.killed_by_launcher:
       return 'was frozen (stopped, e.g. by SIGSTOP)'
@@ -162,7 +172,8 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
            out=sys.stdout, err=sys.stderr, extra_env=None, lost: list | None = None) -> int:
   """Run `command` as n cooperating processes; returns the exit code for the group (see the
   module doc). timeout_s > 0 stops the whole group after that long (exit code 124). `extra_env`
-  goes to every process; the failed process (the first to go silent) is appended to `lost`."""
+  goes to every process; the failed process (the first to go silent) is appended to `lost` if it
+  was lost (Member.was_lost), not if it exited with an error."""
   addresses = network.addresses if network else ['127.0.0.1'] * n
   coordinator = f'{addresses[0]}:{free_port()}'
   logs = logs or default_logs(command)
@@ -214,9 +225,9 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
     return 124
   if first is None:
     return 0
-  if lost is not None:
-    lost.append(first.index)
   code = codes[first.index]
+  if lost is not None and first.was_lost(code):
+    lost.append(first.index)
   own = f': {first.error}' if first.error else ''
   print(f'error: process {first.index} {first.describe(code)} and was the first to go silent'
         f'{own}; the group was stopped (logs: {logs})', file=err)
@@ -230,16 +241,23 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
 
 def launch_replanning(command: list[str], devices: list[int], logs: str = '', err=sys.stderr,
                       **options) -> int:
-  """launch(), and after each lost process (not bad input, not a timeout) once more on the
-  survivors, telling the job which of the original processes are gone (HETJAX_LOST)."""
+  """launch(), and after each lost process (killed or frozen; not one that exited with an error,
+  not a timeout) once more on the survivors, telling the job which of the original processes are
+  gone (HETJAX_LOST) and how many devices each original process had (HETJAX_ORIGINAL_DEVICES)."""
   alive, gone = list(range(len(devices))), []
   logs = logs or default_logs(command)
   while True:
     lost = []
     attempt_logs = os.path.join(logs, f'replan{len(gone)}') if gone else logs
+    env = {'HETJAX_LOST': ','.join(map(str, gone)),
+           'HETJAX_ORIGINAL_DEVICES': ','.join(map(str, devices))}
     code = launch(command, len(alive), [devices[i] for i in alive], logs=attempt_logs, err=err,
-                  extra_env={'HETJAX_LOST': ','.join(map(str, gone))}, lost=lost, **options)
-    if code in (0, 2, 124) or not lost or len(alive) == 1:
+                  extra_env=env, lost=lost, **options)
+    if code in (0, 2, 124) or len(alive) == 1:
+      return code
+    if not lost:
+      print('not replanning: the first process to stop failed by itself (an error exit or a crash '
+            'signal: a bug, not a lost process)', file=err, flush=True)
       return code
     gone.append(alive.pop(lost[0]))
     print(f'replanning: original process {gone[-1]} is lost; restarting the job on processes '

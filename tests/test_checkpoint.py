@@ -350,3 +350,23 @@ def test_a_damaged_step_written_by_processes_falls_back(tmp_path):
   (tree,), meta = ckpt.restore([{'params': {'w': np.zeros((8, 8), np.float32)}}])
   assert meta['step'] == 1 and len(warnings) == 1 and 'falling back to step 1' in warnings[0]
   np.testing.assert_array_equal(tree['params']['w'], 1.0)
+
+
+def test_a_background_save_by_processes_commits_whole_or_reports_its_error(tmp_path):
+  """async_save with per-process files: the step appears complete once written; a save that
+  cannot be written (a file where its temporary folder goes) is one HetjaxError at check(), and
+  the committed steps stay readable."""
+  ckpt = _by_process(str(tmp_path), async_save=True)
+  ckpt.save(1, [(SPEC, {'params': {'w': np.full((8, 8), 1.0, np.float32)}})], {})
+  ckpt.save(2, [(SPEC, {'params': {'w': np.full((8, 8), 2.0, np.float32)}})], {})  # waits for 1
+  ckpt.wait()
+  assert sorted(os.listdir(tmp_path)) == ['1', '2']
+  (tmp_path / '.tmp-3').write_text('')
+  ckpt.save(3, [(SPEC, {'params': {'w': np.full((8, 8), 3.0, np.float32)}})], {})
+  ckpt._writer_thread.join()
+  with pytest.raises(HetjaxError, match=r'^saving checkpoint step 3 in .* failed: FileExistsError'):
+    ckpt.check()
+  ckpt.check()  # reported once
+  (tree,), meta = Checkpointer(str(tmp_path), read_only=True).restore(
+      [{'params': {'w': np.zeros((8, 8), np.float32)}}])
+  assert meta['step'] == 2 and (tree['params']['w'] == 2.0).all()

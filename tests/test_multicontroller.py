@@ -222,16 +222,11 @@ def test_launcher_names_the_frozen_process_and_keeps_noise_in_the_logs(tmp_path)
   assert '[Gloo] Rank 0 is connected' in log and log.count('Connection closed by peer') == 40
 
 
-def test_a_lost_process_is_replanned_away_and_the_run_continues(tmp_path):
-  """--on_failure=replan: process 2 of 3 is SIGKILLed after the first checkpoint; the job restarts
-  on 2 processes, re-plans, resumes and finishes; its losses equal an uninterrupted 2-process run
-  on the new plan from the same checkpoint."""
-  steps, every = 40, 10
-  Plan([Replica(THREE_STAGES)], num_layers=6, micro_batches=4, micro_batch_size=2).save(
-      str(tmp_path / 'plan.json'))
-  ckpt_args = [f'--config.ckpt.every={every}', '--config.ckpt.keep=0']
-  workdir = tmp_path / 'elastic'
-  args = launch_args(3, '1', tmp_path / 'plan.json', workdir, steps) + ckpt_args
+def _lose_a_process(tmp_path, devices, workdir, steps, every, victim):
+  """A 3-process run of tmp_path/plan.json with --on_failure=replan; `victim` is SIGKILLed after
+  the first checkpoint. Returns the metrics rows once the job has finished on the others."""
+  args = launch_args(3, devices, tmp_path / 'plan.json', workdir, steps) + [
+      f'--config.ckpt.every={every}', '--config.ckpt.keep=0']
   args.insert(args.index('--'), '--on_failure=replan')
   args[args.index('--grace=30')] = '--grace=5'
   proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
@@ -241,16 +236,51 @@ def test_a_lost_process_is_replanned_away_and_the_run_continues(tmp_path):
   while not committed.exists():
     assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
     time.sleep(0.05)
-  victim = next(pid for pid in _children(proc.pid)
-                if b'HETJAX_PROCESS_ID=2\x00' in open(f'/proc/{pid}/environ', 'rb').read())
-  os.kill(victim, signal.SIGKILL)
+  pid = next(pid for pid in _children(proc.pid)
+             if f'HETJAX_PROCESS_ID={victim}\x00'.encode() in open(f'/proc/{pid}/environ', 'rb').read())
+  os.kill(pid, signal.SIGKILL)
   stdout, stderr = proc.communicate(timeout=2 * LAUNCH_TIMEOUT_S)
   assert proc.returncode == 0, stderr[-3000:]
-  assert 'replanning: original process 2 is lost' in stderr, stderr[-3000:]
-  rows = _metrics(workdir)
+  assert f'replanning: original process {victim} is lost' in stderr, stderr[-3000:]
+  return _metrics(workdir)
+
+
+def test_a_lost_host_is_replanned_over_the_plans_cluster_without_it(tmp_path):
+  """Three processes laid out as local_hetero's hosts (2 slow, 2 mid, 4 fast devices); 'mid' is
+  SIGKILLed: the job re-plans with the planner over local_hetero without process 1's devices (an
+  uneven plan whose processes may hold several stages) and finishes every step."""
+  steps, every = 20, 5
+  Plan([Replica([Stage(0, 2, [0, 1]), Stage(2, 4, [2, 3]), Stage(4, 6, [4, 5, 6, 7])])],
+       num_layers=6, micro_batches=4, micro_batch_size=2, cluster='local_hetero').save(
+           str(tmp_path / 'plan.json'))
+  workdir = tmp_path / 'elastic'
+  rows = _lose_a_process(tmp_path, '2,2,4', workdir, steps, every, victim=1)
+  (event,) = [r for r in rows if r.get('event') == 'replan']
+  new_plan = Plan.load(str(workdir / 'plan.json'))
+  assert event['cluster'] == new_plan.cluster == 'local_hetero-without-p1'
+  assert event['lost_processes'] == [1] and event['processes'] == 2
+  assert event['predicted_step_s'] == new_plan.prediction['total']
+  assert sorted(d for r in new_plan.replicas for s in r.stages for d in s.devices) == list(range(6))
+  assert [r['step'] for r in rows if 'loss' in r] == list(range(1, steps + 1))
+
+
+def test_a_lost_process_is_replanned_away_and_the_run_continues(tmp_path):
+  """--on_failure=replan: process 2 of 3 is SIGKILLed after the first checkpoint; the job restarts
+  on 2 processes, re-plans with the training planner (over the 2 probed processes it may pick data
+  parallelism), resumes and finishes; its losses equal an uninterrupted 2-process run
+  on the new plan from the same checkpoint."""
+  steps, every = 40, 10
+  Plan([Replica(THREE_STAGES)], num_layers=6, micro_batches=4, micro_batch_size=2).save(
+      str(tmp_path / 'plan.json'))
+  ckpt_args = [f'--config.ckpt.every={every}', '--config.ckpt.keep=0']
+  workdir = tmp_path / 'elastic'
+  rows = _lose_a_process(tmp_path, '1', workdir, steps, every, victim=2)
   (event,) = [r for r in rows if r.get('event') == 'replan']
   assert event['lost_processes'] == [2] and event['processes'] == 2
-  assert event['plan'] == [[0, 3, [0]], [3, 6, [1]]]
+  new_plan = Plan.load(str(workdir / 'plan.json'))  # the planner's, over the 2 probed survivors
+  assert new_plan.search['method'] == 'hetjax' and event['replicas'] == new_plan.dp
+  assert event['plan'] == [[s.start, s.end, s.devices] for s in new_plan.replicas[0].stages]
+  assert event['predicted_step_s'] == new_plan.prediction['total']
   resumed = event['resumed_from']
   assert resumed % every == 0 and every <= resumed < steps and event['steps_redone'] >= 0
   after = rows[rows.index(event) + 1:]

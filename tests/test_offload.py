@@ -86,7 +86,7 @@ def test_capacity_and_input_errors():
     om.Shape(1, 1, cpu_attention=True, compress_kv=True).validate()
   with pytest.raises(HetjaxError, match='unknown hardware'):
     om.load_hardware('a100_node')
-  with pytest.raises(HetjaxError, match='ctog_gbs must be a positive'):
+  with pytest.raises(HetjaxError, match='ctog_gbs must be > 0'):
     om.load_hardware('t4_node', ctog_gbs=-1.0)
   with pytest.raises(HetjaxError, match='prompt_len'):
     lp.search_policy(get_model_config('opt_30b'), T4, om.Workload(0, 4))

@@ -18,7 +18,9 @@ Multi-controller runs (jax.process_count() > 1) write a step without orbax (whos
 refuses arrays that live on one process's devices): each process writes its own stages to
 <dir>/.tmp-<step>/<item>.npz (raw bytes per tensor) and its part of the stage index, all wait at a
 barrier, then process 0 writes <dir>/.tmp-<step>/meta.json (the same meta, each stage with its
-'file') and renames the folder to <dir>/<step>: the step exists complete or not at all. Readers
+'file') and renames the folder to <dir>/<step>: the step exists complete or not at all. With
+async_save the tensors are copied to the host at once and a background thread writes and commits
+them (the next save, check(), wait() and close() report its error). Readers
 take either kind of step, so any plan (or process count) reads any plan's checkpoint.
 
 Integrity: the stage index also records, per tensor, a fingerprint [sum, sum of |x|] (float32,
@@ -26,7 +28,9 @@ computed on device). Saving refuses a non-finite tensor; restoring re-computes t
 what it read and compares. Restoring "the latest" step walks back from the newest step: a step that
 cannot be read, or reads back different (truncated or overwritten files, missing or garbage
 metadata, non-finite values), is reported in one line, moved aside to <dir>.corrupt/<step>, and the
-next older step is tried. If none is intact, one error says so.
+next older step is tried. If none is intact, one error says so. In a multi-controller run each
+process reads its own stages, the processes agree on each step (one that any process cannot read is
+skipped by all) and process 0 moves it aside.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
@@ -95,6 +100,8 @@ class Checkpointer:
     self.keep = keep
     self.by_process = jax.process_count() > 1  # see the module doc
     self._manager = None
+    self._writer_thread, self._writer_error = None, None  # a per-process save in the background
+    self._reads = 0  # steps tried by restores (names the processes' agreement on each)
     if self.by_process:
       if not read_only:
         os.makedirs(self.directory, exist_ok=True)
@@ -143,6 +150,7 @@ class Checkpointer:
 
   def check(self) -> None:
     """Raise now if a background save has failed (instead of at the next save)."""
+    self._raise_writer_error()
     if self._manager is None:
       return
     try:
@@ -183,25 +191,63 @@ class Checkpointer:
                         f'{_reason(e)}') from None
 
   def _save_by_process(self, step: int, stages, meta: Mapping) -> None:
-    """A multi-controller save (see the module doc); every process calls it."""
+    """A multi-controller save (see the module doc); every process calls it. This process's
+    tensors are copied to the host now; with async_save the files are written, and the step
+    committed, by a background thread (one save at a time: a new save first waits for the last)."""
+    self._wait_for_writer()
+    me, parts = jax.process_index(), []
+    for i, (spec, tree) in enumerate(stages):
+      flat = flatten(tree)
+      if any(_writer(x) != me for x in flat.values()):
+        continue  # a data-parallel copy: the replica on the lowest process writes it
+      flat = {name: host_copy(x) for name, x in flat.items()}
+      sums = fingerprints(flat)
+      for name, (total, _) in sums.items():
+        if not np.isfinite(total):
+          raise HetjaxError(f'refusing to save step {step}: tensor {name} is not finite')
+      parts.append((f'p{me}_stage{i}_{spec.start}_{spec.end}', spec, flat, sums))
+    if not self.async_save:
+      return self._write_by_process(step, parts, meta)
+
+    def write():
+      try:
+        self._write_by_process(step, parts, meta)
+      except Exception as e:  # reported by check() / wait(), i.e. at the next training step
+        self._writer_error = e
+    self._writer_thread = threading.Thread(target=write, name=f'checkpoint-{step}', daemon=True)
+    self._writer_thread.start()
+
+  def _wait_for_writer(self) -> None:
+    """Wait for a background per-process save; raise its error, if any."""
+    if self._writer_thread is not None:
+      self._writer_thread.join()
+      self._writer_thread = None
+    self._raise_writer_error()
+
+  def _raise_writer_error(self) -> None:
+    e, self._writer_error = self._writer_error, None
+    if isinstance(e, HetjaxError):
+      raise e
+    if e is not None:
+      raise HetjaxError(f'saving a checkpoint in {self.directory} failed: {_reason(e)}') from None
+
+  def _write_by_process(self, step: int, parts, meta: Mapping) -> None:
+    """Write this process's stage files and index part into <dir>/.tmp-<step>, then (process 0,
+    once every process has written) meta.json, and commit the step by renaming the folder."""
     from hetjax.distributed import barrier
     me, tmp = jax.process_index(), os.path.join(self.directory, f'.tmp-{step}')
+    failed = lambda e: HetjaxError(f'saving checkpoint step {step} in {self.directory} failed: '
+                                   f'{_reason(e)}')
     if me == 0:
       shutil.rmtree(tmp, ignore_errors=True)  # a save a killed run left half-done
-      os.makedirs(tmp)
+      try:
+        os.makedirs(tmp)
+      except OSError as e:
+        raise failed(e) from None
     barrier(f'hetjax-ckpt-{step}-open')
     index = []
     try:
-      for i, (spec, tree) in enumerate(stages):
-        flat = flatten(tree)
-        if any(_writer(x) != me for x in flat.values()):
-          continue  # a data-parallel copy: the replica on the lowest process writes it
-        flat = {name: host_copy(x) for name, x in flat.items()}
-        item = f'p{me}_stage{i}_{spec.start}_{spec.end}'
-        sums = fingerprints(flat)
-        for name, (total, _) in sums.items():
-          if not np.isfinite(total):
-            raise HetjaxError(f'refusing to save step {step}: tensor {name} is not finite')
+      for item, spec, flat, sums in parts:
         keys = {name: f't{k}' for k, name in enumerate(flat)}
         _write_atomic(os.path.join(tmp, f'{item}.npz'), lambda f: np.savez(
             f, **{keys[n]: np.ascontiguousarray(x).reshape(-1).view(np.uint8) for n, x in flat.items()}))
@@ -210,8 +256,7 @@ class Checkpointer:
                       'sums': sums})
       _write_atomic(os.path.join(tmp, f'index-p{me}.json'), lambda f: f.write(json.dumps(index).encode()))
     except OSError as e:
-      raise HetjaxError(f'saving checkpoint step {step} in {self.directory} failed: '
-                        f'{_reason(e)}') from None
+      raise failed(e) from None
     barrier(f'hetjax-ckpt-{step}-written')
     if me == 0:
       parts = []
@@ -327,17 +372,36 @@ class Checkpointer:
       raise HetjaxError(f'no checkpoint in {self.directory}')
     for k, step in enumerate(steps):
       try:
-        return _quietly(read, step)
+        result, error = _quietly(read, step), ''
       except CorruptCheckpoint as e:
-        older = f'falling back to step {steps[k + 1]}' if k + 1 < len(steps) else 'none older'
-        moved = '' if self.read_only else f'; moved to {self._quarantine(step)}'
-        self.warn(f'warning: checkpoint {e}; {older}{moved}')
+        result, error = None, str(e)
+      errors = self._errors_of_all_processes(error)
+      if not any(errors):
+        return result
+      failed = next(p for p, e in enumerate(errors) if e)
+      who = f' (read by process {failed})' if len(errors) > 1 else ''
+      older = f'falling back to step {steps[k + 1]}' if k + 1 < len(steps) else 'none older'
+      moved = '' if self.read_only else f'; moved to {self._quarantine(step)}'
+      self.warn(f'warning: checkpoint {errors[failed]}{who}; {older}{moved}')
     raise HetjaxError(f'no intact checkpoint in {self.directory} (tried steps '
                       f'{", ".join(map(str, steps))})')
 
+  def _errors_of_all_processes(self, error: str) -> list[str]:
+    """Every process's error reading the step it tries ('' if none). In a multi-controller run
+    each process reads only its own stages, so all must read theirs before any resumes a step,
+    and all must skip the same steps."""
+    if not self.by_process:
+      return [error]
+    from hetjax.distributed import gather_text
+    self._reads += 1  # every process tries the same steps in the same order
+    return gather_text(f'checkpoint-read-{self._reads}', error)
+
   def _quarantine(self, step: int) -> str:
-    """Move a corrupt step out of the way (keeping it for inspection) so it is saved afresh."""
+    """Move a corrupt step out of the way (keeping it for inspection) so it is saved afresh; in a
+    multi-controller run process 0 moves it."""
     dest = os.path.join(f'{self.directory}.corrupt', str(step))
+    if self.by_process and jax.process_index() != 0:
+      return dest
     if os.path.exists(dest):
       shutil.rmtree(dest)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -370,10 +434,12 @@ class Checkpointer:
     return filled, meta
 
   def wait(self) -> None:
+    self._wait_for_writer()
     if self._manager is not None:
       self.manager.wait_until_finished()
 
   def close(self) -> None:
+    self._wait_for_writer()
     if self._manager is not None:
       self.manager.wait_until_finished()
       self.manager.close()

@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from hetjax import checks
 from hetjax.cluster import Cluster
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
@@ -67,14 +68,11 @@ class ServeSetup:
 
   def validate(self) -> 'ServeSetup':
     for name in ('prompt_len', 'gen_len', 'batch', 'bytes_per_value'):
-      if getattr(self, name) < 1:
-        raise HetjaxError(f'{name} must be >= 1, got {getattr(self, name)}')
+      checks.integer(getattr(self, name), name, 1)
     for name in ('compute_efficiency', 'memory_efficiency', 'memory_fraction'):
-      if not 0 < getattr(self, name) <= 1:
-        raise HetjaxError(f'{name} must be in (0, 1], got {getattr(self, name)}')
+      checks.real(getattr(self, name), name, 0, 1, lo_open=True)
     for name in ('op_overhead_s', 'device_overhead_s'):
-      if not 0 <= getattr(self, name) < 1:
-        raise HetjaxError(f'{name} must be in [0, 1) seconds, got {getattr(self, name)}')
+      checks.real(getattr(self, name), f'{name} (seconds)', 0, 1)
     return self
 
 

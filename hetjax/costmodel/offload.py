@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from hetjax import checks
 from hetjax.cluster import CLUSTER_DIR
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
@@ -53,12 +54,11 @@ class Hardware:
   cap_fraction: float = 0.8     # usable share of each memory
 
   def validate(self) -> 'Hardware':
+    checks.text(self.name, 'hardware name')
     for f in dataclasses.fields(self):
-      v = getattr(self, f.name)
-      if f.name != 'name' and not (isinstance(v, (int, float)) and v > 0):
-        raise HetjaxError(f'hardware {self.name!r}: {f.name} must be a positive number, got {v!r}')
-    if self.cap_fraction > 1:
-      raise HetjaxError(f'hardware {self.name!r}: cap_fraction must be <= 1, got {self.cap_fraction}')
+      if f.name != 'name':  # positive and finite: GB, GB/s and TFLOP/s
+        hi = 1.0 if f.name == 'cap_fraction' else None
+        checks.real(getattr(self, f.name), f'hardware {self.name!r}: {f.name}', 0, hi, lo_open=True)
     return self
 
   def caps(self) -> dict[str, float]:
@@ -79,7 +79,8 @@ def load_hardware(spec: str, **overrides) -> Hardware:
       raise HetjaxError(f'unknown hardware {spec!r}; choose local, {", ".join(names)} or a JSON path')
     try:
       with open(path) as f:
-        d = {k: v for k, v in json.load(f).items() if not k.startswith('_')}
+        raw = checks.mapping(json.load(f), f'hardware file {path}')
+        d = {k: v for k, v in raw.items() if not k.startswith('_')}
       hw = Hardware(**d)
     except (OSError, json.JSONDecodeError, TypeError) as e:
       raise HetjaxError(f'cannot read hardware file {path}: {e}') from None
@@ -155,8 +156,8 @@ class Workload:
   gen_len: int = 32
 
   def validate(self) -> 'Workload':
-    if self.prompt_len < 1 or self.gen_len < 1:
-      raise HetjaxError(f'prompt_len and gen_len must be >= 1, got {self.prompt_len}, {self.gen_len}')
+    checks.integer(self.prompt_len, 'prompt_len', 1)
+    checks.integer(self.gen_len, 'gen_len', 1)
     return self
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hetjax import checks
 from hetjax.errors import HetjaxError
 from hetjax.inference.generate import check_prompt, sample_logits
 from hetjax.inference.offload_tiers import (TIERS, DeviceTier, DiskTier, HostTier, Ledger, choose_tiers,
@@ -46,6 +47,7 @@ from kernels.layout import QTensor
 
 GB = 1e9
 BUCKET = 64            # decode fetches the filled cache prefix rounded up to this many positions
+MAX_BATCH = 1_000_000  # gpu_batch_size and num_gpu_batches: larger is a typo, not a policy
 
 
 class BudgetError(HetjaxError):
@@ -81,15 +83,14 @@ class OffloadPolicy:
               bool(d.get('cpu_attention', False)), bool(d.get('compress_weight', False)),
               bool(d.get('compress_kv', False)), int(d.get('bits', 4)), int(d.get('group_size', 64)),
               str(d.get('model', '')))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
       raise HetjaxError(f'{source}: not an offload policy ({type(e).__name__}: {e}); it needs gpu_batch_size, '
                         f'num_gpu_batches and weights/kv/act fractions [device, host, disk]') from None
     return p.validate(source)
 
   def validate(self, source: str = 'policy') -> 'OffloadPolicy':
-    if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
-      raise HetjaxError(f'{source}: gpu_batch_size and num_gpu_batches must be >= 1, got '
-                        f'{self.gpu_batch_size}, {self.num_gpu_batches}')
+    for name in ('gpu_batch_size', 'num_gpu_batches'):
+      checks.integer(getattr(self, name), f'{source}: {name}', 1, MAX_BATCH)
     for name in ('weights', 'kv', 'act'):
       f = getattr(self, name)
       if len(f) != 3 or not all(np.isfinite(f)) or min(f) < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from hetjax import checks
 from hetjax.errors import HetjaxError
 
 FAMILIES = ('gpt2', 'llama')
@@ -34,8 +35,10 @@ class ModelConfig:
     if self.family not in FAMILIES:
       raise HetjaxError(f'unknown model family {self.family!r}; expected one of {FAMILIES}')
     for name in ('num_layers', 'hidden', 'num_heads', 'num_kv_heads', 'ffn', 'vocab_size', 'max_len'):
-      if getattr(self, name) <= 0:
-        raise HetjaxError(f'model.{name} must be positive, got {getattr(self, name)}')
+      checks.integer(getattr(self, name), f'model.{name}', 1)
+    checks.real(self.rope_theta, 'model.rope_theta', 0, lo_open=True)
+    checks.real(self.norm_eps, 'model.norm_eps', 0, 1, lo_open=True)
+    checks.flag(self.tie_embeddings, 'model.tie_embeddings')
     if self.hidden % self.num_heads:
       raise HetjaxError(f'model.hidden={self.hidden} is not divisible by model.num_heads={self.num_heads}')
     if self.num_heads % self.num_kv_heads:

@@ -5,13 +5,12 @@ import dataclasses
 import os
 
 import jax
-import numpy as np
 from flax import nnx
 
 from hetjax.checkpoint.manager import load_model
 from hetjax.compression.codecs import make_codec
 from hetjax.data import ByteTokenizer
-from hetjax.distributed import is_leader, lost_processes
+from hetjax.distributed import is_leader, lost_processes, original_device_counts
 from hetjax.errors import HetjaxError
 from hetjax.models.config import model_config_from
 from hetjax.modes.generate import parse_prompt, sample
@@ -29,7 +28,9 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   say = print if is_leader() else (lambda *a, **k: None)
   plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say).check_model(cfg.model)
   if lost_processes():
-    plan = replan_over_processes(plan)
+    from hetjax.modes.replan import replan_after_loss
+    plan = replan_after_loss(plan, pcfg, cfg.train, mcfg, cfg.model, cfg.seed,
+                             original_device_counts(), lost_processes(), say).check_model(cfg.model)
     say(f're-planned over the {jax.process_count()} remaining processes:\n{plan.table()}')
   if is_leader():
     plan.save(os.path.join(workdir, 'plan.json'))
@@ -57,23 +58,10 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   return make_state
 
 
-def replan_over_processes(plan):
-  """The plan re-made for the processes this job has (after a lost one): one stage per process on
-  all its devices, layers split evenly, one replica taking the same batch (so the same data
-  order). This is an even split, not a search over the remaining devices."""
-  from hetjax.plan import Replica, Stage
-  devices = jax.devices()
-  owned = [[i for i, d in enumerate(devices) if d.process_index == p]
-           for p in range(jax.process_count())]
-  cuts = [int(c[0]) for c in np.array_split(np.arange(plan.num_layers), len(owned))] + [plan.num_layers]
-  stages = [Stage(cuts[p], cuts[p + 1], owned[p]) for p in range(len(owned))]
-  return dataclasses.replace(plan, replicas=[Replica(stages)], micro_batches=plan.micro_batches * plan.dp,
-                             cluster='', prediction={}, search={})
-
-
 def record_replan(workdir: str) -> None:
-  """One metrics.jsonl row for a restart after a lost process: who was lost, the new plan's
-  stages [start, end, devices], the checkpoint the job resumes from and how many logged steps it
+  """One metrics.jsonl row for a restart after a lost process: who was lost, the new plan (replica
+  0's stages [start, end, devices], its replica count, the cluster it was searched over and its
+  predicted step time), the checkpoint the job resumes from and how many logged steps it
   redoes (from the newest checkpoint; one found damaged on restore makes that an underestimate)."""
   from hetjax.checkpoint.manager import Checkpointer, is_checkpoint
   from hetjax.metrics import MetricsLog
@@ -81,10 +69,12 @@ def record_replan(workdir: str) -> None:
   log, directory = MetricsLog(workdir), os.path.join(workdir, 'checkpoints')
   resumed = Checkpointer(directory, read_only=True).latest_step() if is_checkpoint(directory) else 0
   logged = max([r['step'] for r in log.read() if 'loss' in r], default=0)
-  stages = Plan.load(os.path.join(workdir, 'plan.json')).replicas[0].stages
+  plan = Plan.load(os.path.join(workdir, 'plan.json'))
   log.log(resumed, event='replan', lost_processes=lost_processes(), processes=jax.process_count(),
           resumed_from=resumed, steps_redone=logged - resumed,
-          plan=[[s.start, s.end, list(s.devices)] for s in stages])
+          plan=[[s.start, s.end, list(s.devices)] for s in plan.replicas[0].stages],
+          replicas=plan.dp, cluster=plan.cluster,
+          predicted_step_s=plan.prediction.get('total'))
 
 
 def run(cfg, workdir: str) -> None:

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from hetjax import checks
 from hetjax.cluster import Cluster
 from hetjax.costmodel import inference as icm
 from hetjax.errors import HetjaxError
@@ -66,12 +67,11 @@ class HexGenConfig:
   def validate(self) -> 'HexGenConfig':
     if self.objective not in OBJECTIVES:
       raise HetjaxError(f'objective must be one of {OBJECTIVES}, got {self.objective!r}')
+    checks.real(self.deadline, 'deadline', 0)
     if self.objective == 'rate' and self.deadline <= 0:
       raise HetjaxError(f"objective 'rate' needs a positive deadline (seconds), got {self.deadline}")
-    if self.rate < 0:
-      raise HetjaxError(f'rate must be >= 0, got {self.rate}')
-    if not 0 < self.slo_margin <= 1:
-      raise HetjaxError(f'slo_margin must be in (0, 1], got {self.slo_margin}')
+    checks.real(self.rate, 'rate', 0)
+    checks.real(self.slo_margin, 'slo_margin', 0, 1, lo_open=True)
     if self.max_batch < 1 or self.population < 2 or self.evaluations < 1:
       raise HetjaxError('max_batch, population (>= 2) and evaluations must be positive')
     return self
