@@ -69,37 +69,62 @@ def zero_error_program(group):
                                              params), out_shardings=replica_shardings(group))
 
 
+def _tp_split(shardings) -> list[bool]:
+  """Per leaf: whether it is split over the TP group (else each TP rank holds all of it)."""
+  return [not s.is_fully_replicated for s in jax.tree.leaves(shardings)]
+
+
 def reduce_program(group, bits: int, bucket: int = BUCKET):
   """(grads (dp, *param), error) -> (sum over replicas of their compressed gradients, laid out
-  like the parameters, and the new error memory). Each device sends its payload for real."""
+  like the parameters, and the new error memory). Each device sends its payload for real.
+
+  Parameters every TP rank holds whole (norms, biases of row-parallel layers) are bucketed apart
+  from the TP-split ones: every rank then quantizes them alike and their copies stay equal."""
   gradc.check(bits, bucket)
   specs = jax.tree.map(lambda s: s.spec, group.param_sharding)
   rows = jax.tree.map(lambda s: P('dp', *s), specs)
-  dp = group.dp
+  split, dp = _tp_split(group.param_sharding), group.dp
 
   def body(grads, error):
-    mine = lambda t: jax.tree.map(lambda a: a[0], t)
-    mean, new_error = gradc.compressed_mean(mine(grads), mine(error), 'dp', bits, bucket)
-    return jax.tree.map(lambda m: m * dp, mean), jax.tree.map(lambda e: e[None], new_error)
+    g, treedef = jax.tree.flatten(jax.tree.map(lambda a: a[0], grads))
+    e = jax.tree.leaves(jax.tree.map(lambda a: a[0], error))
+    total, new_error = [None] * len(g), [None] * len(g)
+    for part in (False, True):
+      idx = [i for i, x in enumerate(split) if x == part]
+      if idx:
+        mean, err = gradc.compressed_mean([g[i] for i in idx], [e[i] for i in idx], 'dp', bits,
+                                          bucket)
+        for i, m, r in zip(idx, mean, err):
+          total[i], new_error[i] = m * dp, r[None]
+    return jax.tree.unflatten(treedef, total), jax.tree.unflatten(treedef, new_error)
 
   # Every replica decodes the same gathered payloads, so the sum is the same on every row.
   return jax.jit(jax.shard_map(body, mesh=group.mesh, in_specs=(rows, rows),
                                out_specs=(specs, rows), check_vma=False))
 
 
-def local_values(params) -> int:
-  """Gradient values one device of the stage holds: its TP shard of every parameter."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(params))
+def local_values(params) -> tuple[int, int]:
+  """Gradient values one device of the stage holds: (of parameters every TP rank holds whole,
+  its shard of the TP-split ones)."""
+  leaves = jax.tree.leaves(params)
+  count = lambda part: sum(math.prod(x.sharding.shard_shape(x.shape))
+                           for x, s in zip(leaves, _tp_split([x.sharding for x in leaves])) if s == part)
+  return count(False), count(True)
+
+
+def payload_bytes(params, bits: int, bucket: int = BUCKET) -> int:
+  """Bytes one device sends to each other replica per step: both parts' payloads."""
+  return sum(gradc.payload_bytes(n, bits, bucket) for n in local_values(params))
 
 
 def bytes_per_step(params, group, bits: int, micro_batches: int, bucket: int = BUCKET) -> int:
   """DP bytes all the stage's devices send in one step (0 with one replica), ring algorithms:
   - fp32: each micro-batch's backward all-reduces its gradient, 2 (dp-1)/dp x 4 bytes x values
     per device;
-  - compressed: one all-gather per step, (dp-1) x payload_bytes(values) per device."""
-  dp, devices, n = group.dp, group.dp * group.tp, local_values(params)
+  - compressed: one all-gather per step, (dp-1) x payload_bytes per device."""
+  dp, devices = group.dp, group.dp * group.tp
   if dp == 1:
     return 0
   if bits == 0:
-    return micro_batches * group.tp * 2 * (dp - 1) * 4 * n
-  return devices * (dp - 1) * gradc.payload_bytes(n, bits, bucket)
+    return micro_batches * group.tp * 2 * (dp - 1) * 4 * sum(local_values(params))
+  return devices * (dp - 1) * payload_bytes(params, bits, bucket)

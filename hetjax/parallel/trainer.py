@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from hetjax.checkpoint.manager import Checkpointer, StageSpec, tensor_index
+from hetjax.checkpoint.repartition import flatten
 from hetjax.models.model import Stage, merge_states
 from hetjax.parallel.pipeline import Pipeline
 from hetjax.parallel.timeline import draw_gantt, write_chrome_trace
@@ -54,12 +55,54 @@ class PipelineTrainState:
             for g, r in zip(self.pipe.groups, self.pipe.runners) if r is not None]
 
   def _with_codec_state(self):
-    """_local() with each stage's codec buffers (AQ-SGD) under extra/codec."""
+    """_local() with each stage's codec buffers (AQ-SGD) under extra/codec and its DP error
+    memory (dp.grad_bits) under extra/dp_error/<start>_<end>."""
     out = []
     for s, (spec, tensors) in zip(self._local_stages(), self._local()):
-      state = self.pipe.codec_state(s)
-      out.append((spec, {**tensors, 'extra': {'codec': state} if state else {}}))
+      extra, state, error = {}, self.pipe.codec_state(s), self._dp_error(s)
+      if state:
+        extra['codec'] = state
+      if error:
+        extra['dp_error'] = error
+      out.append((spec, {**tensors, 'extra': extra}))
     return out
+
+  def _dp_error(self, s: int) -> dict:
+    """{'<start>_<end>': stage s's error memory} (named by its layers: the first and last stage
+    both hold the tied table), or {} without one or when it is split across processes (not
+    checkpointed then: a resume starts it at zero)."""
+    run, g = self.pipe.runners[s], self.pipe.groups[s]
+    if run is None or run.dp_error is None:
+      return {}
+    if not all(x.is_fully_addressable for x in jax.tree.leaves(run.dp_error)):
+      if not getattr(self, '_said_dp_error', False) and jax.process_index() == 0:
+        print('note: the DP error memory of replicas on different processes is not checkpointed; '
+              'a resume starts it at zero')
+      self._said_dp_error = True
+      return {}
+    return {f'{g.start}_{g.end}': run.dp_error}
+
+  def _restore_dp_error(self, ckpt: Checkpointer, step: int) -> None:
+    """Load each stage's DP error memory saved under the same layers and shapes; the others start
+    at zero, said in one line."""
+    index = tensor_index(ckpt.meta(step))
+    found, missing = [], []
+    for s in self._local_stages():
+      error = self._dp_error(s)
+      if not error:
+        continue
+      template = {'extra': {'dp_error': error}}
+      ok = all(list(index.get(name, (None, None))[1] or []) == list(np.shape(x))
+               for name, x in flatten(template).items())
+      (found if ok else missing).append((s, template))
+    if found:
+      saved, _ = ckpt.restore([t for _, t in found], step, whole_model=False)
+      for (s, _), got in zip(found, saved):
+        self.pipe.runners[s].dp_error = next(iter(got['extra']['dp_error'].values()))
+    if missing and jax.process_index() == 0:
+      names = ', '.join(next(iter(t['extra']['dp_error'])) for _, t in missing)
+      print(f'note: the checkpoint has no DP error memory for layers {names} (other stages or '
+            f'replicas); it starts at zero')
 
   def _local_stages(self):
     return [s for s, r in enumerate(self.pipe.runners) if r is not None]
@@ -102,3 +145,4 @@ class PipelineTrainState:
     self.rng = jax.random.wrap_key_data(np.asarray(meta['rng'], np.uint32))
     self.step = int(meta['step'])
     self._restore_codec_state(ckpt, self.step)
+    self._restore_dp_error(ckpt, self.step)
