@@ -21,7 +21,7 @@ from tests.test_aqsgd_pipeline import SEQ, data, tcfg
 
 STEPS, BATCH, MICRO, DP, LAYERS = 8, 8, 2, 2, 2
 # Largest per-step loss difference allowed between 8-bit compressed and fp32 gradients over the
-# 8 steps (see MEASURED in the test).
+# 8 steps (the measured difference is in the test).
 MARGIN_8BIT = 0.01
 
 
@@ -94,7 +94,8 @@ def test_grad_bits_0_is_the_implicit_fp32_all_reduce(runs):
 
 def test_grad_bits_8_trains_within_a_margin_of_fp32(runs):
   fp32, q8 = losses(runs[0][1]), losses(runs[8][1])
-  # MEASURED (2 stages x 2 replicas, tiny_gpt 2 layers, lr 1e-2): max |q8 - fp32| = 0.0016
+  # Measured (2 stages x 2 replicas, tiny_gpt 2 layers, lr 1e-2): max |q8 - fp32| = 0.0036;
+  # at 4 and 2 bits the same run is off by 0.24 and 0.26 by step 7.
   assert np.max(np.abs(q8 - fp32)) < MARGIN_8BIT, (q8, fp32)
   assert not np.array_equal(q8, fp32)  # the gradients really went through the 8-bit codes
   assert q8[-1] < q8[0] - 0.5  # and it trains
