@@ -33,17 +33,18 @@ from tests.test_aqsgd_pipeline import tcfg
 def tcp_bytes_sent():
   """Bytes sent on this process's TCP sockets to other processes (gloo also joins devices of one
   process over loopback: those sockets, whose peer is one of ours, are left out)."""
-  sockets = {{}}
+  sockets = []  # (own address, peer address, tcpi_bytes_sent)
   for fd in os.listdir('/proc/self/fd'):
     try:
       if not os.readlink(f'/proc/self/fd/{{fd}}').startswith('socket:'):
         continue
       with socket.fromfd(int(fd), socket.AF_INET, socket.SOCK_STREAM) as s:
         info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
-        sockets[s.getsockname()] = (s.getpeername(), struct.unpack_from('Q', info, 200)[0])
+        sockets.append((s.getsockname(), s.getpeername(), struct.unpack_from('Q', info, 200)[0]))
     except OSError:  # not a connected TCP socket, or gone
       continue
-  return sum(sent for peer, sent in sockets.values() if peer not in sockets)  # tcpi_bytes_sent
+  ours = {{own for own, _, _ in sockets}}
+  return sum(sent for _, peer, sent in sockets if peer not in ours)
 
 pipe = Pipeline(process_plan(), model_config(), tcfg(), transport=PairPermuteTransport(),
                 grad_bits=int(sys.argv[1]))

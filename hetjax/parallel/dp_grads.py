@@ -16,6 +16,12 @@ checkpointed under extra/dp_error by the trainer.
 
 This compresses the gradient itself, with one error memory per worker (the issue's build list);
 it is not the AQ-SGD code's compressed Adam moment with two-level feedback.
+
+Bytes (bytes_per_step): fp32 all-reduces every micro-batch (ring: 2 (dp-1)/dp x 4 bytes per value
+and device); the compressed path gathers once per step ((dp-1) payloads of ~bits/8 bytes per value).
+Per reduction that saves 64 / (dp x bits), e.g. 4x at dp 2 and 8 bits but nothing at dp 8 and
+8 bits: an all-gather grows with dp. A reduce-scatter of compressed payloads with a second error
+memory (the AQ-SGD code's two levels) would not; it is not built.
 """
 
 from __future__ import annotations
