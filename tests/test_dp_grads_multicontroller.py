@@ -1,7 +1,8 @@
 """Compressed DP gradients across processes: two replicas in two processes (gloo), each replica's
 two stages inside its own process, so what crosses between the processes is the DP reduction.
 Each process counts the TCP bytes it really sent to the other (the kernel's tcpi_bytes_sent,
-summed over its sockets to the other process) over the measured steps."""
+summed over its sockets to the other process) over the measured steps; then checkpoints the error memory, which
+the two processes hold half each, and restores it."""
 
 import json
 import os
@@ -53,9 +54,34 @@ metrics = [pipe.step(b) for b in data[:{WARM}]]
 before = tcp_bytes_sent()
 metrics += [pipe.step(b) for b in data[{WARM}:]]
 sent = tcp_bytes_sent() - before
+
+# Checkpoint: each process writes its replica's error memory; a fresh run restores it and takes
+# the same next step.
+import numpy as np
+from hetjax.checkpoint.manager import Checkpointer
+from hetjax.models.model import build_model
+from hetjax.parallel.trainer import PipelineTrainState
+from tests.test_aqsgd_pipeline import data as iterator
+
+def state(p):
+  return PipelineTrainState(p, build_model(model_config(), 0), iterator(8, samples=64))
+
+def rows(p):
+  return [np.asarray(x.data) for r in p.runners for e in jax.tree.leaves(r.dp_error)
+          for x in e.addressable_shards]
+
+ckpt = Checkpointer(sys.argv[2], every=1, keep=1, async_save=False)
+state(pipe).save(ckpt)
+fresh = Pipeline(process_plan(), model_config(), tcfg(), transport=PairPermuteTransport(),
+                 grad_bits=int(sys.argv[1]))
+state(fresh).restore(ckpt)
+ckpt.close()
+restored = all(np.array_equal(a, b) for a, b in zip(rows(pipe), rows(fresh)))
+next_step = [p.step(data[0])['loss'] for p in (pipe, fresh)]
 print('RESULT ' + json.dumps({{'losses': [m['loss'] for m in metrics],
                                'dp_bytes_sent': [m['dp_bytes_sent'] for m in metrics],
-                               'tcp_bytes_per_step': sent / {MEASURED}}}), flush=True)
+                               'tcp_bytes_per_step': sent / {MEASURED},
+                               'restored': restored, 'next_step': next_step}}), flush=True)
 '''
 
 
@@ -71,7 +97,7 @@ def run_two_processes(bits, tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   r = subprocess.run([sys.executable, '-m', 'hetjax.launch', '-n', '2', '--devices=3', '--grace=30',
                       '--timeout=400', f'--logs={tmp_path / f"logs{bits}"}', '--', sys.executable,
-                      '-c', MEMBER, str(bits)], cwd=ROOT, env=env, capture_output=True, text=True,
+                      '-c', MEMBER, str(bits), str(tmp_path / f'ckpt{bits}')], cwd=ROOT, env=env, capture_output=True, text=True,
                      timeout=500)
   assert r.returncode == 0, r.stderr[-3000:]
   out = {}
@@ -111,3 +137,6 @@ def test_compressed_dp_gradients_send_fewer_bytes_across_processes(tmp_path):
   for bits in (0, 8):
     assert per_process[bits] <= measured[bits] < 1.1 * per_process[bits] + 20_000, measured
   assert measured[0] / measured[8] > 6
+  # The error memory, split over the two processes, is checkpointed and restored exactly.
+  for p in ('p0', 'p1'):
+    assert q8[p]['restored'] and q8[p]['next_step'][0] == q8[p]['next_step'][1], q8[p]

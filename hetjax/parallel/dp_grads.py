@@ -12,7 +12,7 @@ batch's and the activation gradients sent upstream are today's. After the step's
 device quantizes its replica's TP shard plus its error memory in buckets, the uint8 codes and bf16
 scales are all-gathered over 'dp' (across processes when the replicas live on different hosts),
 and every replica decodes and sums them. The error memory (same layout) is per-stage run state,
-checkpointed under extra/dp_error by the trainer.
+checkpointed by the trainer as one tree per replica (error_rows), written by the process holding it.
 
 This compresses the gradient itself, with one error memory per worker (the issue's build list);
 it is not the AQ-SGD code's compressed Adam moment with two-level feedback.
@@ -30,6 +30,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hetjax.compression import grad as gradc
@@ -107,6 +108,29 @@ def reduce_program(group, bits: int, bucket: int = BUCKET):
   # Every replica decodes the same gathered payloads, so the sum is the same on every row.
   return jax.jit(jax.shard_map(body, mesh=group.mesh, in_specs=(rows, rows),
                                out_specs=(specs, rows), check_vma=False))
+
+
+def error_rows(error, group) -> dict:
+  """{replica: host copy of its error memory (a tree like the parameters)} for the replicas whose
+  devices this process holds: the checkpoint form (each process writes its own rows)."""
+  mine = [r for r in range(group.dp) if group.leader(r).process_index == jax.process_index()]
+
+  def row(x, r):
+    out = np.empty(x.shape[1:], x.dtype)
+    for shard in x.addressable_shards:
+      if r in range(x.shape[0])[shard.index[0]]:
+        out[shard.index[1:]] = np.asarray(shard.data)[0]
+    return out
+  return {r: jax.tree.map(lambda x: row(x, r), error) for r in mine}
+
+
+def error_from_rows(rows: dict, like):
+  """The inverse of error_rows: global arrays laid out as `like`, each process giving its rows."""
+  def leaf(i, x):
+    return jax.make_array_from_callback(
+        x.shape, x.sharding, lambda idx: jax.tree.leaves(rows[range(x.shape[0])[idx[0]][0]])[i][idx[1:]][None])
+  return jax.tree.unflatten(jax.tree.structure(like),
+                            [leaf(i, x) for i, x in enumerate(jax.tree.leaves(like))])
 
 
 def local_values(params) -> tuple[int, int]:
