@@ -177,17 +177,18 @@ from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 from hetjax.compression import grad as gradc  # noqa: E402
 
 
-def _collective_bytes(hlo: str) -> dict:
+def _collective_bytes(hlo: str, workers: int = 8) -> dict:
   """Bytes per worker that all-gather / all-reduce ops put on the wire, from compiled HLO."""
   sizes = {'u8': 1, 'u16': 2, 's8': 1, 'bf16': 2, 'f16': 2, 'f32': 4, 'u32': 4, 's32': 4}
   out = {'all-gather': 0, 'all-reduce': 0}
   for line in hlo.splitlines():
+    line = re.sub(r'/\*.*?\*/', '', line)  # tuple comments such as /*index=5*/
     for op in out:
       m = re.search(r'= \(?([^=]*?)\)? ' + op + r'(-start)?\(', line)
       if m:
         for dt, dims in re.findall(r'(\w+)\[([\d,]*)\]', m.group(1)):
           n = sizes[dt] * math.prod(int(d) for d in dims.split(',') if d)
-          out[op] += n // 8 if op == 'all-gather' else n  # all-gather result holds 8 workers' parts
+          out[op] += n // workers if op == 'all-gather' else n  # the result holds every worker's part
   return out
 
 

@@ -63,6 +63,7 @@ def test_short_training_run_writes_metrics(tmp_path):
     (['--config=configs/generate.py', '--config.prompt_ids=' + ','.join(['1'] * 300)], 'longer than'),
     (['--config=configs/generate.py', '--config.prompt_ids=1,x'], 'comma-separated'),
     (['--config=configs/model_info.py', '--config.mode=dance'], 'unknown mode'),
+    (['--config=configs/train.py', '--config.dp.grad_bits=3'], 'dp.grad_bits must be 0 (off) or one of'),
 ])
 def test_bad_input_gets_one_line(tmp_path, args, message):
   r = run(*args, f'--config.workdir={tmp_path}')

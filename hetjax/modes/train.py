@@ -42,6 +42,9 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   if kind not in transports:
     raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put' or 'pair', got {pcfg.transport!r}")
   codec, grad_codec = make_codec(pcfg.codec, cfg.get('aqsgd')), make_codec(pcfg.grad_codec)
+  grad_bits = dp_grad_bits(cfg)
+  if grad_bits and plan.dp == 1:
+    say(f'note: dp.grad_bits={grad_bits} has no effect: the plan has one data-parallel replica')
 
   stateful = any(getattr(c, 'stateful', False) for c in (codec, grad_codec))
 
@@ -53,9 +56,19 @@ def pipeline_state_factory(cfg, mcfg, workdir):
       warmup = cfg.aqsgd.warmup_epochs
     pipe = make_pipeline(plan, mcfg, cfg.train, codec=codec, grad_codec=grad_codec,
                          transport=transports[kind](), init_state=nnx.state(model), buffers=store,
-                         warmup_epochs=warmup)
+                         warmup_epochs=warmup, grad_bits=grad_bits)
     return train_state(pipe, model, data, seed, profile_every=pcfg.profile_every)
   return make_state
+
+
+def dp_grad_bits(cfg) -> int:
+  """--config.dp.grad_bits, checked: 0 (fp32 all-reduce) or 2, 4, 8 (compressed)."""
+  bits = cfg.dp.grad_bits if 'dp' in cfg else 0
+  if bits:
+    from hetjax.compression.grad import check
+    from hetjax.parallel.dp_grads import BUCKET
+    check(bits, BUCKET)
+  return bits
 
 
 def record_replan(workdir: str) -> None:
@@ -89,6 +102,9 @@ def run(cfg, workdir: str) -> None:
   if is_leader():
     source = f'from {cfg.init_from}' if init_model is not None else cfg.model
     print(f'model {source}: {mcfg.num_params():,} parameters; workdir {workdir}')
+  if dp_grad_bits(cfg) and not (cfg.get('pipeline') and cfg.pipeline.plan) and is_leader():
+    print(f'note: dp.grad_bits={cfg.dp.grad_bits} has no effect on one device '
+          f'(it compresses the pipeline\'s data-parallel gradients)')
   make_state = pipeline_state_factory(cfg, mcfg, workdir)
   if lost_processes() and is_leader():
     record_replan(workdir)

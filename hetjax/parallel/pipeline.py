@@ -22,12 +22,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hetjax.compression import aqsgd, buffers as buffers_lib
+from hetjax.compression import aqsgd, buffers as buffers_lib, grad as gradc
 from hetjax.checkpoint.manager import host_copy
 from hetjax.compression.codecs import Identity
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
 from hetjax.models.model import build_model, split_state
+from hetjax.parallel import dp_grads
 from hetjax.parallel.exchange import DevicePutTransport, Exchange
 from hetjax.parallel.meshes import StageGroup, build_stage_groups, place
 from hetjax.parallel.runtime import Message, Runtime, sum_over_processes
@@ -54,9 +55,10 @@ def _sq_norm(grads: nnx.State, skip_tied: bool = False):
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(group_key, optimizer_key):
+def _programs(group_key, optimizer_key, grad_bits: int = 0):
   """Jitted programs of one stage group, cached so that pipelines with the same stages (e.g. the
-  same plan under another schedule) share compilations."""
+  same plan under another schedule) share compilations. grad_bits > 0 (and dp > 1): backward
+  programs return per-replica gradients, reduced by `reduce` (dp_grads.py)."""
   group, graphdef = group_key.group, group_key.graphdef
   # The same state layout as train.make_optimizer (clip, adamw), so checkpoints move between
   # single-device and pipeline runs; the clip itself is global and applied before `update`.
@@ -74,12 +76,15 @@ def _programs(group_key, optimizer_key):
     _, vjp = jax.vjp(lambda p, h: _run(graphdef, p, h), params, x)
     return vjp(g_out)
 
-  def loss_backward(params, x, targets):
+  def loss_backward(params, x, targets, scale=None):
+    """scale: a factor on the loss (per-replica gradients), None for none."""
+    def loss_of(p, h):
+      loss = cross_entropy(_run(graphdef, p, h), targets)
+      return loss if scale is None else loss * scale
     if group.has_embed:
-      loss, grads = jax.value_and_grad(lambda p: cross_entropy(_run(graphdef, p, x), targets))(params)
+      loss, grads = jax.value_and_grad(lambda p: loss_of(p, x))(params)
       return loss, grads, None
-    loss, (grads, g_in) = jax.value_and_grad(
-        lambda p, h: cross_entropy(_run(graphdef, p, h), targets), argnums=(0, 1))(params, x)
+    loss, (grads, g_in) = jax.value_and_grad(loss_of, argnums=(0, 1))(params, x)
     return loss, grads, g_in
 
   def loss(params, x, targets):
@@ -98,15 +103,23 @@ def _programs(group_key, optimizer_key):
         lambda t: jax.tree.map(constrain, t, shard) if like_params(t) else constrain(t, group.replicated),
         optimizer.init(params), is_leaf=like_params)
 
+  grad_out = shard
+  extra = {}
+  if grad_bits:
+    grad_out = dp_grads.replica_shardings(group)
+    backward = dp_grads.per_replica_backward(backward, group.dp)
+    loss_backward = dp_grads.per_replica_loss_backward(loss_backward, group.dp)
+    extra = dict(reduce=dp_grads.reduce_program(group, grad_bits),
+                 zero_error=dp_grads.zero_error_program(group))
   return types.SimpleNamespace(
       forward=jax.jit(forward, out_shardings=act),
-      backward=jax.jit(backward, out_shardings=(shard, act)),
-      loss_backward=jax.jit(loss_backward, out_shardings=(group.replicated, shard, act)),
+      backward=jax.jit(backward, out_shardings=(grad_out, act)),
+      loss_backward=jax.jit(loss_backward, out_shardings=(group.replicated, grad_out, act)),
       loss=jax.jit(loss, out_shardings=group.replicated),
       accumulate=jax.jit(_tree_add, donate_argnums=0),
       init=jax.jit(init),
       update=jax.jit(update, donate_argnums=(0, 1)),
-      sq_norm=jax.jit(_sq_norm, static_argnums=1))
+      sq_norm=jax.jit(_sq_norm, static_argnums=1), **extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,14 +132,16 @@ class _GroupKey:
 
 
 class StageRunner:
-  """One stage group's parameters, optimizer state and jitted programs."""
+  """One stage group's parameters, optimizer state, DP error memory (compressed gradients only)
+  and jitted programs."""
 
-  def __init__(self, group: StageGroup, params, tcfg):
+  def __init__(self, group: StageGroup, params, tcfg, grad_bits: int = 0):
     optimizer_key = tuple(sorted((k, v) for k, v in tcfg.items()))
     self.programs = _programs(_GroupKey(group.graphdef, group.mesh, group.has_embed, group),
-                              optimizer_key)
+                              optimizer_key, grad_bits)
     self.params = params
     self.opt_state = self.programs.init(params)
+    self.dp_error = self.programs.zero_error(params) if grad_bits else None
 
 
 def stage_times(events: list[dict]) -> dict:
@@ -217,10 +232,12 @@ class Pipeline:
   def __init__(self, plan: Plan, cfg: ModelConfig, tcfg, *, seed: int = 0, codec=None,
                transport=None, grad_codec=None, profile: bool = False, colocate: bool = False,
                init_state: nnx.State | None = None, buffers: buffers_lib.BufferStore | None = None,
-               warmup_epochs: int = 0):
+               warmup_epochs: int = 0, grad_bits: int = 0):
     """`buffers`: where a stateful codec (AQ-SGD) keeps its per-sample memory (one store per
     process; default: SampleState rows in device memory). While a batch's 'epoch' is below
-    `warmup_epochs` everything travels in full precision and only fills the buffers."""
+    `warmup_epochs` everything travels in full precision and only fills the buffers.
+    `grad_bits` 2, 4 or 8: replicas exchange compressed gradients with error feedback
+    (dp_grads.py); 0: XLA's fp32 all-reduce. With one replica there is nothing to reduce."""
     if plan.kind != 'train':
       raise HetjaxError(f'the pipeline trainer runs training plans, got kind={plan.kind!r}')
     self.plan, self.cfg, self.tcfg = plan, cfg, tcfg
@@ -242,7 +259,11 @@ class Pipeline:
     self.clip_norm = tcfg.clip_norm
     full = init_state if init_state is not None else nnx.state(build_model(cfg, seed))
     stage_params = split_state(full, [g.abstract for g in self.groups])
-    self.runners = [StageRunner(g, place(jax.tree.map(np.asarray, p), g.param_sharding), tcfg)
+    if grad_bits:
+      gradc.check(grad_bits, dp_grads.BUCKET)
+    self.grad_bits = grad_bits if self.groups[0].dp > 1 else 0
+    self.runners = [StageRunner(g, place(jax.tree.map(np.asarray, p), g.param_sharding), tcfg,
+                                self.grad_bits)
                     if g.is_local else None for g, p in zip(self.groups, stage_params)]
     self.timeline: list[dict] = []
 
@@ -267,6 +288,11 @@ class Pipeline:
     grads = [self.store.get('step', ('grads', s)) for s in range(len(groups))]
     losses = [self.store.get('step', ('loss', m)) for m in range(M)]
     self.store.clear('step')
+    new_error = {}
+    if self.grad_bits:  # per-replica gradients -> their compressed sum, on every replica
+      for s, run in enumerate(runners):
+        if run is not None:
+          grads[s], new_error[s] = run.programs.reduce(grads[s], run.dp_error)
     if self.tied:
       grads = self._sum_tied(grads)
     mine = lambda g: g.leader(0).process_index == jax.process_index()  # counts each stage once
@@ -274,7 +300,9 @@ class Pipeline:
              for s, (g, run) in enumerate(zip(groups, runners)) if run is not None and mine(g))
     loss_sum = float(sum(losses)) / M if runners[-1] is not None and mine(groups[-1]) else 0.0
     sent = self._bytes() - sent_before
-    sq, loss, sent = sum_over_processes(np.array([sq, loss_sum, sent]))
+    dp_sent = sum(dp_grads.bytes_per_step(run.params, g, self.grad_bits, M)
+                  for g, run in zip(groups, runners) if run is not None and mine(g))
+    sq, loss, sent, dp_sent = sum_over_processes(np.array([sq, loss_sum, sent, dp_sent]))
     norm = float(np.sqrt(sq)) / M  # of the mean gradient over micro-batches
     scale = (1.0 if norm < self.clip_norm else self.clip_norm / norm) / M
     # A non-finite step leaves parameters and optimizer state as they were (every process sees the
@@ -284,8 +312,10 @@ class Pipeline:
       if run is not None and finite:
         run.params, run.opt_state = run.programs.update(run.params, run.opt_state, grads[s],
                                                         jnp.float32(scale))
+        run.dp_error = new_error.get(s, run.dp_error)
     jax.block_until_ready([r.params for r in runners if r is not None])
-    metrics = {'loss': float(loss), 'grad_norm': norm, 'bytes_sent': int(sent)}
+    metrics = {'loss': float(loss), 'grad_norm': norm, 'bytes_sent': int(sent),
+               'dp_bytes_sent': int(dp_sent)}
     if self.profile:
       self.timeline = events
       metrics.update(stage_times(events))

@@ -70,7 +70,8 @@ class HeteroReplicas:
 
   def __init__(self, plan: Plan, cfg: ModelConfig, tcfg, *, seed: int = 0, codec=None,
                transport=None, grad_codec=None, profile: bool = False, colocate: bool = False,
-               init_state: nnx.State | None = None, buffers=None, warmup_epochs: int = 0):
+               init_state: nnx.State | None = None, buffers=None, warmup_epochs: int = 0,
+               grad_bits: int = 0):
     if plan.kind != 'train':
       raise HetjaxError(f'the pipeline trainer runs training plans, got kind={plan.kind!r}')
     if jax.process_count() > 1:
@@ -79,6 +80,9 @@ class HeteroReplicas:
     if buffers is not None or any(getattr(c, 'stateful', False) for c in (codec, grad_codec)):
       raise HetjaxError('AQ-SGD (per-sample codec state) is not supported with heterogeneous '
                         'replicas; use a stateless codec or identical replicas')
+    if grad_bits:
+      raise HetjaxError('dp.grad_bits (compressed gradients) is not supported with heterogeneous '
+                        'replicas; their per-layer reduction is fp32')
     plan.validate(model=cfg)
     self.plan, self.cfg, self.profile = plan, cfg, profile
     self.clip_norm = tcfg.clip_norm

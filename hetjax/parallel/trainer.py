@@ -11,7 +11,9 @@ import numpy as np
 from flax import nnx
 
 from hetjax.checkpoint.manager import Checkpointer, StageSpec, tensor_index
+from hetjax.checkpoint.repartition import flatten
 from hetjax.models.model import Stage, merge_states
+from hetjax.parallel import dp_grads
 from hetjax.parallel.pipeline import Pipeline
 from hetjax.parallel.timeline import draw_gantt, write_chrome_trace
 
@@ -54,12 +56,49 @@ class PipelineTrainState:
             for g, r in zip(self.pipe.groups, self.pipe.runners) if r is not None]
 
   def _with_codec_state(self):
-    """_local() with each stage's codec buffers (AQ-SGD) under extra/codec."""
+    """_local() with each stage's codec buffers (AQ-SGD) under extra/codec, plus one entry per
+    stage with DP error memory (dp.grad_bits): the rows of the replicas this process holds."""
     out = []
     for s, (spec, tensors) in zip(self._local_stages(), self._local()):
       state = self.pipe.codec_state(s)
       out.append((spec, {**tensors, 'extra': {'codec': state} if state else {}}))
+      rows = self._dp_error_rows(s)
+      if rows:  # its own entry: a stage's other tensors are written by one process only
+        out.append((spec, {'extra': {'dp_error': rows}}))
     return out
+
+  def _dp_error_rows(self, s: int) -> dict:
+    """{'<start>_<end>': {'r<replica>': rows}} of stage s's DP error memory on this process (named
+    by its layers: the first and last stage both hold the tied table), or {}."""
+    run, g = self.pipe.runners[s], self.pipe.groups[s]
+    if run is None or run.dp_error is None:
+      return {}
+    rows = dp_grads.error_rows(run.dp_error, g)
+    return {f'{g.start}_{g.end}': {f'r{r}': tree for r, tree in rows.items()}}
+
+  def _restore_dp_error(self, ckpt: Checkpointer, step: int) -> None:
+    """Load each stage's DP error memory saved for the same layers, replicas and shapes; the
+    others start at zero, said in one line."""
+    index = tensor_index(ckpt.meta(step))
+    found, missing = [], []
+    for s in self._local_stages():
+      rows = self._dp_error_rows(s)
+      if not rows:
+        continue
+      template = {'extra': {'dp_error': rows}}
+      ok = all(list(index.get(name, (None, None))[1] or []) == list(np.shape(x))
+               for name, x in flatten(template).items())
+      (found if ok else missing).append((s, template))
+    if found:
+      saved, _ = ckpt.restore([t for _, t in found], step, whole_model=False)
+      for (s, _), got in zip(found, saved):
+        rows = next(iter(got['extra']['dp_error'].values()))
+        run = self.pipe.runners[s]
+        run.dp_error = dp_grads.error_from_rows({int(r[1:]): t for r, t in rows.items()}, run.dp_error)
+    if missing and jax.process_index() == 0:
+      names = ', '.join(next(iter(t['extra']['dp_error'])) for _, t in missing)
+      print(f'note: the checkpoint has no DP error memory for layers {names} (other stages or '
+            f'replicas); it starts at zero')
 
   def _local_stages(self):
     return [s for s, r in enumerate(self.pipe.runners) if r is not None]
@@ -102,3 +141,4 @@ class PipelineTrainState:
     self.rng = jax.random.wrap_key_data(np.asarray(meta['rng'], np.uint32))
     self.step = int(meta['step'])
     self._restore_codec_state(ckpt, self.step)
+    self._restore_dp_error(ckpt, self.step)
