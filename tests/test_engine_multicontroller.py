@@ -65,3 +65,27 @@ def test_a_sample_after_multi_controller_training_runs_over_the_plan(tmp_path):
   assert len(at) == 1, r.stdout[-2000:]
   sample = lines[at[0] + 1].split('] ', 1)[-1]
   assert sample.startswith('hacker')  # the prompt, then the sampled text
+
+
+def test_serving_across_processes_equals_each_request_alone(tmp_path):
+  """mode=serve (static rounds) over a replica whose stages live in 2 processes: process 0 admits,
+  every process runs the same rounds, and the leader writes every request's tokens and times."""
+  plan = Plan([Replica([Stage(0, 2, [0]), Stage(2, 4, [1, 2])], max_batch=2)], num_layers=4, kind='serve')
+  plan.save(str(tmp_path / 'plan.json'))
+  prompts = [[5, 17, 99], [3, 42, 7, 8, 1], [60, 2], [11]]
+  (tmp_path / 'requests.jsonl').write_text(''.join(
+      json.dumps({'id': f'r{i}', 'ids': p, 'max_new_tokens': 3 + i, 'arrival_s': 0.2 * i}) + '\n'
+      for i, p in enumerate(prompts)))
+  cmd = [sys.executable, '-m', 'hetjax.launch', '-n', '2', '--devices=1,2', '--grace=30',
+         f'--timeout={LAUNCH_TIMEOUT_S}', '--', sys.executable, 'run.py', '--config=configs/serve.py',
+         '--config.model=tiny_llama', f'--config.plan={tmp_path / "plan.json"}', '--config.batching=static',
+         f'--config.requests={tmp_path / "requests.jsonl"}', f'--config.workdir={tmp_path / "run"}']
+  r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=2 * LAUNCH_TIMEOUT_S)
+  assert r.returncode == 0, r.stderr[-3000:]
+  done = [json.loads(line) for line in (tmp_path / 'run' / 'completions.jsonl').read_text().splitlines()]
+  model = build_model(get_model_config('tiny_llama'), 0)
+  for i, (p, c) in enumerate(zip(prompts, done)):
+    assert c['id'] == f'r{i}'
+    assert c['ids'] == generate(model, np.array([p]), 3 + i)[0].tolist()
+    assert 0 <= c['ttft_s'] <= c['latency_s']

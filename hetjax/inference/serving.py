@@ -19,6 +19,9 @@ import time
 
 import numpy as np
 
+import jax
+
+from hetjax.distributed import gather_text, is_leader, leader_text
 from hetjax.errors import HetjaxError
 from hetjax.inference.dispatch import ReplicaState, make_policy
 from hetjax.inference.engine import ServeEngine, pad_prompts
@@ -92,6 +95,7 @@ class Server:
     self.states = [ReplicaState(np.ones(b * len(r.stages) + 1), b * len(r.stages))
                    for b, r in zip(self.max_batch, plan.replicas)]
     self.busy: list[tuple] = []    # (replica, start_s, end_s) of each round
+    self.admissions = 0            # admission decisions shared so far (several processes)
 
   def serve(self, requests: list[Request], progress=print) -> list[Request]:
     pending = list(requests)
@@ -99,10 +103,7 @@ class Server:
     now = lambda: time.perf_counter() - start
     finished, rounds = 0, 0
     while pending or any(s.queue for s in self.states):
-      while pending and pending[0].arrival_s <= now():
-        req = pending.pop(0)
-        req.replica = self.policy.choose(self.states, now())
-        self.states[req.replica].queue.append(req)
+      self._admit(requests, pending, now)
       if not any(s.queue for s in self.states):
         time.sleep(max(0.0, min(pending[0].arrival_s - now(), 0.5)))
         continue
@@ -111,7 +112,32 @@ class Server:
       progress(f'\rserved {finished}/{len(requests)} requests in {rounds} rounds, {now():.1f} s',
                end='', flush=True)
     progress('')
+    share_results(requests)
     return requests
+
+  def _admit(self, requests, pending, now) -> None:
+    """The requests that have arrived go to replicas' queues. With several processes, process 0
+    decides (arrivals on its clock, its policy state) and every process applies its decision, so
+    all run the same rounds."""
+    def decide():
+      out = []
+      while pending and pending[0].arrival_s <= now():
+        req = pending.pop(0)
+        req.replica = self.policy.choose(self.states, now())
+        self.states[req.replica].queue.append(req)
+        out.append([next(i for i, r in enumerate(requests) if r is req), req.replica])
+      return json.dumps(out)
+    if jax.process_count() == 1:
+      decide()
+      return
+    self.admissions += 1
+    decided = json.loads(leader_text(f'serve/admit/{self.admissions}', decide))
+    if not is_leader():
+      for i, replica in decided:
+        req = requests[i]
+        pending[:] = [r for r in pending if r is not req]
+        req.replica = replica
+        self.states[replica].queue.append(req)
 
   def _round(self, now) -> int:
     """One round: each busy replica's queue (up to max_batch per group, one group per stage)."""
@@ -149,6 +175,18 @@ class Server:
         # The last measured round time: the dispatch policy's service time for this replica.
         self.states[r].service[1:] = t1 - t0
     return sum(len(g) for groups in layout for g in groups)
+
+
+def share_results(requests: list[Request]) -> None:
+  """With several processes, a request's tokens and times are known on the process of its
+  replica's head stage: every process gets them all."""
+  if jax.process_count() == 1:
+    return
+  mine = {i: [r.output, r.first_token_s, r.done_s] for i, r in enumerate(requests) if r.finished}
+  for text in gather_text('serve/results', json.dumps(mine)):
+    for i, (output, first, done) in json.loads(text).items():
+      req = requests[int(i)]
+      req.output, req.first_token_s, req.done_s = output, first, done
 
 
 def summary(requests: list[Request], seconds: float, deadline_s: float) -> dict:
@@ -252,6 +290,9 @@ class ContinuousServer(Server):
 
   def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict,
                seed: int = 0, chunk: int = 8, eos=()):
+    if jax.process_count() > 1:
+      raise HetjaxError('continuous batching runs in one process (its slots follow each request as '
+                        'it finishes); with several processes use --config.batching=static')
     super().__init__(engine, policy, max_batch, sampling, seed, eos)
     self.chunk = chunk
 
