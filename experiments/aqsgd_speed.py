@@ -228,8 +228,8 @@ def main(_):
   write_csv(os.path.join(out, 'results.csv'), rows)
   plot(rows, os.path.join(out, 'aqsgd_speed.png'))
   wrote(out, 'results.csv', 'aqsgd_speed.png')
-  for arm, why in skipped.items():
-    print(f'skipped {arm}: {why}')
+  for why in dict.fromkeys(skipped.values()):
+    print(f'skipped {", ".join(a for a in skipped if skipped[a] == why)}: {why}')
   print('machine load (uptime) at start and after each link:')
   for l in loads:
     print(f'  {l}')
