@@ -75,6 +75,7 @@ class BufferStore:
     self._filled: dict = {}   # key -> bool (num_samples,)
     self._pending: dict = {}  # key -> (ids tuple, future)
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='buffer-prefetch')
+    self.prefetch_hits = 0    # gathers served by a prefetch
 
   # ---- sizing -------------------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class BufferStore:
       return None
     pending = self._pending.pop(key, None)
     if pending is not None and pending[0] == tuple(ids):
+      self.prefetch_hits += 1
       return pending[1].result()
     if pending is not None:
       pending[1].result()
@@ -254,6 +256,9 @@ class StoreRows:
 
   def scatter(self, ids, state) -> None:
     self.store.scatter(self.key, ids, state)
+
+  def prefetch(self, ids) -> None:
+    self.store.prefetch(self.key, ids)
 
   def reset(self) -> None:
     self.store.reset(self.key)

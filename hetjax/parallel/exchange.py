@@ -115,11 +115,20 @@ class Exchange:
       self.states[k] = self.new_state()
     return self.states[k]
 
+  @staticmethod
+  def _update(state, ids, new, next_ids) -> None:
+    """Store the new rows, then start reading the next message's rows (where the state can)."""
+    state.scatter(ids, new)
+    if next_ids is not None and hasattr(state, 'prefetch'):
+      state.prefetch(next_ids)
+
   def send(self, x, src: StageGroup, dst: StageGroup, shape, dtype=jnp.float32,
-           batch_sharded: bool = True, key=None, ids=None):
+           batch_sharded: bool = True, key=None, ids=None, next_ids=None):
     """Move global array `x` of `shape` (on src's mesh; None on processes without src devices) to
     dst's mesh. Batch-sharded arrays travel as one slice per replica; replicated ones travel whole
-    to every replica. Returns the array on dst's mesh where this process owns dst devices."""
+    to every replica. Returns the array on dst's mesh where this process owns dst devices.
+    `next_ids`: the samples of the next message with this key; each side that keeps state starts
+    reading their rows now (a state with `prefetch`), overlapped with the compute in between."""
     encode, decode = _coders(self.codec)
     dp = dst.dp
     rows = shape[0] // dp if batch_sharded else shape[0]
@@ -130,6 +139,7 @@ class Exchange:
     for r in range(dp):
       s_dev, d_dev = src.leader(r), dst.leader(r)
       piece_ids = None if ids is None else np.asarray(ids)[r * rows:(r + 1) * rows]
+      next_piece = None if next_ids is None else np.asarray(next_ids)[r * rows:(r + 1) * rows]
       send_state = recv_state = None
       if self.stateful:  # each side reads its own memory; the two hold the same rows
         if _mine(s_dev):
@@ -143,13 +153,13 @@ class Exchange:
         piece = next(p.data for p in x.addressable_shards if p.device == s_dev)
         wire, new = encode(piece, send_state)
         if self.stateful:
-          self.state(key, r, 'send').scatter(piece_ids, new)
+          self._update(self.state(key, r, 'send'), piece_ids, new, next_piece)
         self.bytes_sent += tree_nbytes(wire)
       got = self.transport.move(wire, wire_shape, s_dev, d_dev)
       if got is not None:
         pieces[r], new = decode(got, recv_state, dtype=dtype)
         if self.stateful:
-          self.state(key, r, 'recv').scatter(piece_ids, new)
+          self._update(self.state(key, r, 'recv'), piece_ids, new, next_piece)
     if not dst.is_local:
       return None
     sharding = dst.batch_sharding(len(shape)) if batch_sharded else dst.replicated

@@ -155,6 +155,17 @@ def stage_times(events: list[dict]) -> dict:
   return out
 
 
+def next_micro(order) -> dict:
+  """(kind, stage, micro) -> the micro-batch of the next op of that kind on that stage in `order`
+  (absent for the last): whose buffer rows a stage's next message in that direction needs."""
+  out, last = {}, {}
+  for op in order:
+    if (op.kind, op.stage) in last:
+      out[(op.kind, op.stage, last[(op.kind, op.stage)])] = op.micro
+    last[(op.kind, op.stage)] = op.micro
+  return out
+
+
 class TrainHandler:
   """Runs the ops of one training step; what an op leaves for a later op of its own stage (stashed
   inputs, the last stage's input gradient) lives in the store for the op's lifetime, gradient sums
@@ -198,10 +209,14 @@ class TrainHandler:
                    grads if prev is None else self.pipe.runners[s].programs.accumulate(prev, grads))
 
   def message(self, op, consumer):
-    ids = None if self.ids is None else self.ids[self._rows(op.micro)]
+    ids = next_ids = None
+    if self.ids is not None:  # and the samples of this stage's next message in that direction
+      ids = self.ids[self._rows(op.micro)]
+      following = self.pipe.next_micro.get((op.kind, op.stage, op.micro))
+      next_ids = None if following is None else self.ids[self._rows(following)]
     if op.kind == 'F':
-      return Message('act', self.act_shape, key=(op.stage, 'fwd'), ids=ids)
-    return Message('grad', self.act_shape, key=(op.stage, 'bwd'), ids=ids)
+      return Message('act', self.act_shape, key=(op.stage, 'fwd'), ids=ids, next_ids=next_ids)
+    return Message('grad', self.act_shape, key=(op.stage, 'bwd'), ids=ids, next_ids=next_ids)
 
 
 class EvalHandler(TrainHandler):
@@ -245,6 +260,7 @@ class Pipeline:
     self.micro = plan.micro_batches
     self.order = global_order(train(plan.schedule, len(self.groups), self.micro))
     self.eval_order = global_order(forward(len(self.groups), self.micro))
+    self.next_micro = next_micro(self.order)
     transport = transport or DevicePutTransport()
     self.exchanges = {'act': Exchange(transport, codec or Identity()),
                       'grad': Exchange(transport, grad_codec or Identity()),

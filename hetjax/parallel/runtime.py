@@ -36,6 +36,7 @@ class Message:
   batch_sharded: bool = True   # rows split over the receiving stage's replicas
   key: object = None           # codec-state key (boundary, direction)
   ids: object = None           # sample ids of the rows, for codecs with per-sample state
+  next_ids: object = None      # ids of the next message with this key (its state is prefetched)
 
 
 def consumers(order: list[Op]) -> dict:
@@ -72,7 +73,8 @@ class Runtime:
       for consumer in sends_to.get(op.id, ()):
         msg = handler.message(op, consumer)
         got = self.exchanges[msg.channel].send(out, group, self.groups[consumer.stage], msg.shape,
-                                               msg.dtype, msg.batch_sharded, msg.key, msg.ids)
+                                               msg.dtype, msg.batch_sharded, msg.key, msg.ids,
+                                               msg.next_ids)
         if got is not None:
           inbox[(op.id, consumer.id)] = got
           if profile:
