@@ -170,7 +170,6 @@ def codec_work_s(reps=30):
   link is free, measured without the noise of two loaded processes."""
   import time
   import jax
-  import jax.numpy as jnp
   from hetjax.compression.aqsgd import AQSGD
   from hetjax.compression.buffers import BufferStore
   from hetjax.compression.codecs import Identity, make_codec
