@@ -52,12 +52,12 @@ def run(cfg, workdir: str) -> None:
       f'{cfg.model}; machine load {load:.1f} on {os.cpu_count()} cores (measurements share it)')
 
   mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
-  fwd, bwd, flops = (np.full(n, -np.inf) for _ in range(3))
+  fwd, bwd, flops, cores = (np.full(n, -np.inf) for _ in range(4))
   for i in mine:
     r = calibration.measure_layer(mcfg, ccfg.micro_batch_size, ccfg.seq_len, devices[i], ccfg.reps,
                                   cfg.seed)
-    fwd[i], bwd[i], flops[i] = r.forward_s, r.backward_s, r.forward_flops
-  fwd, bwd, flops = _gather(fwd), _gather(bwd), _gather(flops)
+    fwd[i], bwd[i], flops[i], cores[i] = r.forward_s, r.backward_s, r.forward_flops, r.cores
+  fwd, bwd, flops, cores = _gather(fwd), _gather(bwd), _gather(flops), _gather(cores)
   rates = 3 * flops / (fwd + bwd) / 1e12
 
   multi = jax.process_count() > 1
@@ -86,6 +86,7 @@ def run(cfg, workdir: str) -> None:
   details = {'model': cfg.model, 'micro_batch_size': ccfg.micro_batch_size, 'seq_len': ccfg.seq_len,
              'layer_forward_s': fwd.tolist(), 'layer_backward_s': bwd.tolist(),
              'layer_forward_flops': flops.tolist(), 'fitted_efficiency': efficiency,
+             'achieved_cores': cores.tolist(),
              'links': links, 'load_average': load, 'processes': jax.process_count()}
   cluster = calibration.calibrated_cluster(
       f'calibrated_{cfg.model}', rates, delay, bw, gpus, memory,
@@ -94,9 +95,13 @@ def run(cfg, workdir: str) -> None:
       regions=[base.devices[h[0]].region for h in hosts[:n]] if base else None)
   Cluster.from_dict(cluster)  # what is written must load as a cluster
 
-  say(f'{"device":>7} {"fwd ms/layer":>13} {"bwd ms/layer":>13} {"TFLOP/s":>9} {"efficiency":>10}')
+  say(f'{"device":>7} {"fwd ms/layer":>13} {"bwd ms/layer":>13} {"TFLOP/s":>9} {"efficiency":>10} '
+      f'{"cores got":>9}')
   for i in range(n):
-    say(f'{i:>7} {fwd[i] * 1e3:>13.3f} {bwd[i] * 1e3:>13.3f} {rates[i]:>9.4f} {efficiency[i]:>10.3f}')
+    say(f'{i:>7} {fwd[i] * 1e3:>13.3f} {bwd[i] * 1e3:>13.3f} {rates[i]:>9.4f} {efficiency[i]:>10.3f} '
+        f'{cores[i]:>9.2f}')
+  say('cores got = process CPU time / wall while timing: the TFLOP/s above are what each device '
+      'achieved (a CFS quota caps a process; it cannot reserve a core on a shared machine)')
   say(f'{"link":>7} {"latency ms":>13} {"Gbit/s":>13}')
   for i in range(n):
     for j in range(i + 1, n):
