@@ -28,7 +28,8 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   from hetjax.modes.planning import training_plan
   from hetjax.parallel.trainer import PipelineTrainState
   say = print if is_leader() else (lambda *a, **k: None)
-  plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say).check_model(cfg.model)
+  plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say,
+                       workdir).check_model(cfg.model)
   if lost_processes():
     plan = replan_over_processes(plan)
     say(f're-planned over the {jax.process_count()} remaining processes:\n{plan.table()}')
