@@ -1,5 +1,4 @@
-"""Emulated heterogeneous testbed: the scheduler's plan against random, index-order and even-layer
-placements, measured vs predicted from a calibration.
+"""Emulated testbed: the scheduler's plan vs random, index and even-layer plans, measured vs predicted from a calibration.
 
 Reproduces: DT-FM's claim that a scheduled placement beats a random one on a heterogeneous network,
 measured on the emulated testbed (hetjax.launch --emulate: per-process CPU quotas in proportion to
