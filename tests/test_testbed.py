@@ -143,6 +143,12 @@ def test_two_process_testbed_applies_quotas_and_cleans_up(tmp_path):
   for i, group, share in got:
     assert group.startswith(f'/{testbed.PREFIX}') and group.endswith(f'-p{i}')
     assert float(share) <= float(table[i]) * 1.15 + 0.03, r.stdout  # the quota caps what it got
+  # the launcher's account of the run: CPU seconds per group (cpuacct), at least the 1.5 s spin
+  # times the share each probe saw, and never more cores than its quota over the whole run
+  used = re.findall(r'^\s+p(\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$', r.stdout, re.M)
+  assert len(used) == 2 and 'cores got' in r.stdout, r.stdout
+  for (i, quota, cpu, cores, _), (_, _, share) in zip(used, got):
+    assert float(cpu) >= 1.5 * float(share) * 0.9 and float(cores) <= float(quota) * 1.15 + 0.03
   assert not [n for n in os.listdir(f'{testbed.CGROUP_ROOT}/cpu') if n.startswith(testbed.PREFIX)
               and not testbed._alive(int(n.split('-')[1]))]
 
