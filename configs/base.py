@@ -61,9 +61,10 @@ def checkpoint_fields() -> ml_collections.ConfigDict:
 
 def pipeline_fields() -> ml_collections.ConfigDict:
   """Training through the pipeline runtime. plan: '' trains on one device; 'search' plans over
-  `cluster` now; any other value is a plan.json path. The batch is micro-batches x replicas x
+  `cluster` now (with calibrate=true: over this run's devices measured first, mode=calibrate's
+  method); any other value is a plan.json path. The batch is micro-batches x replicas x
   micro_batch_size sequences (train.batch_size must match a loaded plan's)."""
   return ml_collections.ConfigDict(dict(
       plan='', cluster='local_hetero', schedule='1f1b', micro_batch_size=4,
       codec='fp32', grad_codec='fp32', transport='auto', search_evaluations=300,
-      profile_every=0))
+      profile_every=0, calibrate=False))

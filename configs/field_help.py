@@ -41,6 +41,7 @@ HELP = {
     'pipeline.grad_codec': "gradient exchange between stages: 'fp32', 'bf16' or bits 2, 3, 4, 8",
     'pipeline.transport': "'auto', 'device_put' (one process) or 'pair' (ppermute, multi-controller)",
     'pipeline.search_evaluations': 'candidates the plan search evaluates',
+    'pipeline.calibrate': 'with plan=search: measure the devices and links first and plan over that',
     'pipeline.profile_every': 'time each stage every N steps and draw timeline.png (0: never)',
     'ckpt.every': 'save a checkpoint every N steps (0: only the last step)',
     'ckpt.keep': 'keep the last K checkpoints (0: all)',
@@ -110,7 +111,8 @@ HELP = {
     'train.c_pp_bytes': "DT-FM's c_pp: bytes per pipeline tasklet (0: derived from the model)",
     'train.c_dp_bytes': "DT-FM's c_dp: bytes per stage's gradient sync (0: derived from the model)",
     'train.schedule': "pipeline schedule: 'gpipe' or '1f1b'",
-    'train.efficiency': 'achieved fraction of peak TFLOP/s in the cost model',
+    'train.efficiency': 'achieved fraction of peak TFLOP/s in the cost model (0: 1.0 over a measured '
+                        'cluster, else 0.4)',
     'train.activation_bits': 'bits per activation value on the wire between stages (16: uncompressed)',
     'train.recompute': 'activation recomputation in the memory model',
     'search.method': 'hetjax | dtfm | hybrid | random | index',

@@ -18,7 +18,8 @@ def get_config():
   c.num_devices = 0              # 0: the scenario's default (64 for DT-FM's cases)
   c.train = ml_collections.ConfigDict(dict(
       global_batch=1024, seq_len=0,  # 0: the model's max_len
-      micro_batch_size=1, schedule='1f1b', efficiency=0.4, activation_bits=16, recompute=False,
+      # efficiency 0: automatic, 1.0 over a measured cluster (mode=calibrate), else 0.4
+      micro_batch_size=1, schedule='1f1b', efficiency=0.0, activation_bits=16, recompute=False,
       # DT-FM's constants in bytes (paper: c_pp = 0.471 GiB per tasklet, c_dp = 0.65 GB per stage);
       # 0 derives them from the model and the batch
       c_pp_bytes=0.0, c_dp_bytes=0.0))

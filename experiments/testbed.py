@@ -1,18 +1,23 @@
-"""Emulated heterogeneous testbed: the scheduler's plan against random and index order, measured vs predicted.
+"""Emulated testbed: the scheduler's plan vs random, index and even-layer plans, measured vs predicted from a calibration.
 
 Reproduces: DT-FM's claim that a scheduled placement beats a random one on a heterogeneous network,
 measured on the emulated testbed (hetjax.launch --emulate: per-process CPU quotas in proportion to
 device speed, tbf-shaped links, user-space link latency) against hetjax's training cost model
-(no paper table reproduced; issue 12's proof suite, partial: no even-layers baseline yet).
+(no paper table; issue 12's proof suite).
 
-  python experiments/testbed.py --scenarios=two_regions     # needs root; minutes per scenario
+  python experiments/testbed.py --scenarios=two_regions     # needs root; a few minutes per scenario
 
-For each scenario (2-4 processes, one CPU device each) and each plan (hetjax scheduler, random,
-index order; mode=plan with search.method), it trains a tiny GPT for --steps steps over the plan
-on the testbed and compares the median step time (the first 2 steps, compilation, not timed) with
-the plan's predicted step time. Writes results.csv and testbed.png (predicted against measured,
-with the +-15% band), prints the table last. Measurements on a shared machine are contention-bound:
-CPU quotas cap a process, they do not reserve a core for it.
+For each scenario (2-4 processes, one CPU device each):
+1. calibrate on the testbed (mode=calibrate under the same emulation, at the run's shapes): the
+   rate each emulated device achieves (its quota, or less when the shared machine is busy: quotas
+   cap, they do not reserve) and each link's latency and bandwidth;
+2. plan over the calibrated cluster (efficiency 1.0): the hetjax scheduler; index order; random
+   device orders (--random_draws distinct draws, never index order); the scheduler's devices with
+   the layers split evenly ("even");
+3. train a tiny GPT for --steps steps over each plan on the testbed and compare the median step
+   time (the first 2 steps, compilation, not timed) with the plan's predicted step time.
+Writes results.csv and testbed.png (predicted against measured, with the +-15% band), prints the
+table last. Absolute times are CPU times on a shared machine; the ratios are the result.
 """
 
 import json
@@ -29,13 +34,17 @@ import numpy as np
 
 flags.DEFINE_string('out', 'runs/testbed/', 'Output folder (results.csv, testbed.png, runs/).')
 flags.DEFINE_list('scenarios', ['all'], 'Scenario names to run, or all.')
-flags.DEFINE_list('plans', ['hetjax', 'random', 'index'], 'search.method values to compare.')
-flags.DEFINE_integer('steps', 5, 'Steps per run; the first 2 (compilation) are not timed.')
-flags.DEFINE_integer('layers', 3, 'Transformer blocks of the tiny GPT.')
+flags.DEFINE_list('plans', ['scheduler', 'index', 'random', 'even'], 'Plans to compare.')
+flags.DEFINE_integer('steps', 12, 'Steps per run; the first 2 (compilation) are not timed.')
+flags.DEFINE_integer('layers', 6, 'Transformer blocks of the tiny GPT.')
+flags.DEFINE_integer('random_draws', 2, 'Distinct random device orders per scenario (not index order).')
+flags.DEFINE_float('cpus', 1.5, 'Cores shared out as quotas (the rest is left to other users).')
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH, SEQ, MICRO = 8, 32, 4
+BATCH, SEQ, MICRO = 16, 32, 4   # 4 micro-batches per step
+ACT_BYTES = 4                   # the runtime sends float32 activations (codec fp32)
+LARGE_BYTES = 1 << 20           # calibration's larger ping-pong message (20 Mbit/s: 0.4 s)
 # name: (TFLOP/s per host (quota in proportion), one-way delay ms, bandwidth Gbit/s), symmetric
 SCENARIOS = {
     'two_regions': ([0.01, 0.005, 0.0025], [[0, 5, 50], [5, 0, 50], [50, 50, 0]],
@@ -57,6 +66,10 @@ SCENARIOS = {
 }
 
 
+class RunFailed(Exception):
+  pass
+
+
 def cluster_file(path, name):
   tflops, delay, bw = SCENARIOS[name]
   devices = [{'id': i, 'gpu': 'CPU', 'host': f'h{i}', 'region': 'emulated', 'tflops': t,
@@ -66,37 +79,164 @@ def cluster_file(path, name):
   return len(tflops)
 
 
-def plan(cluster_path, n, method, workdir):
-  """mode=plan with one search method; (plan.json path, predicted step s)."""
-  cmd = [sys.executable, 'run.py', '--config=configs/plan.py', f'--config.cluster={cluster_path}',
-         '--config.model=tiny_gpt', f'--config.model_overrides.num_layers={FLAGS.layers}',
-         f'--config.train.global_batch={BATCH}', f'--config.train.seq_len={SEQ}',
-         f'--config.train.micro_batch_size={MICRO}', f'--config.search.method={method}',
-         f'--config.search.d_pp={n}', '--config.search.evaluations=50', '--config.draw=false',
-         '--config.train.efficiency=1.0', '--config.seed=1', f'--config.workdir={workdir}']
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  found = re.search(r'predicted step \(s\): total=([\d.]+)', r.stdout)
-  if r.returncode or not found:
-    raise SystemExit(f'plan failed ({" ".join(cmd)}):\n{r.stderr[-2000:]}')
-  return os.path.join(workdir, 'plan.json'), float(found.group(1))
+def launch(cluster_path, n, args, workdir, what):
+  """run.py with `args` in n processes on the testbed emulating cluster_path; its stdout."""
+  cmd = [sys.executable, '-m', 'hetjax.launch', '-n', str(n), f'--emulate={cluster_path}',
+         f'--cpus={FLAGS.cpus}', '--timeout=600', '--', sys.executable, 'run.py', *args,
+         f'--config.model_overrides.num_layers={FLAGS.layers}', f'--config.workdir={workdir}']
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  print(f'  {what} ...', flush=True)
+  for attempt in range(2):  # a loaded machine can time out gloo's set-up (30 s): one retry
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
+    if not r.returncode:
+      return r.stdout
+    print(f'  {what} failed (attempt {attempt + 1}): {r.stderr.strip().splitlines()[-1:]}', flush=True)
+  raise RunFailed(f'{what} failed ({" ".join(cmd)}):\n{r.stdout[-1500:]}\n{r.stderr[-2000:]}')
+
+
+def calibrate(cluster_path, n, workdir):
+  """mode=calibrate on the testbed at the training shapes; (cluster path, details dict)."""
+  launch(cluster_path, n, ['--config=configs/calibrate.py', f'--config.cluster={cluster_path}',
+                           f'--config.calibrate.micro_batch_size={MICRO}',
+                           f'--config.calibrate.seq_len={SEQ}', '--config.calibrate.reps=3',
+                           f'--config.calibrate.large_bytes={LARGE_BYTES}'], workdir, 'calibrating')
+  path = os.path.join(workdir, 'cluster.json')
+  return path, json.load(open(path))['calibration']
 
 
 def train(cluster_path, n, plan_path, workdir):
-  """Launch n processes on the testbed; (median step s, bytes sent per step)."""
-  cmd = [sys.executable, '-m', 'hetjax.launch', '-n', str(n), f'--emulate={cluster_path}',
-         '--timeout=800', '--', sys.executable, 'run.py', '--config=configs/train.py',
-         f'--config.pipeline.plan={plan_path}', f'--config.model_overrides.num_layers={FLAGS.layers}',
-         f'--config.train.steps={FLAGS.steps}', f'--config.train.batch_size={BATCH}',
-         f'--config.train.seq_len={SEQ}', '--config.train.eval_every=0',
-         '--config.train.log_every=1', f'--config.workdir={workdir}']
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  print(f'  training over {plan_path} ...', flush=True)
-  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  if r.returncode:
-    raise SystemExit(f'run failed ({" ".join(cmd)}):\n{r.stderr[-2000:]}')
-  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))][2:]
-  steps = [x['step_time_s'] for x in records]
-  return float(np.median(steps)), int(records[-1]['bytes_sent'])
+  """Train over the plan on the testbed; (median step s, quartile spread s, bytes per step)."""
+  launch(cluster_path, n, ['--config=configs/train.py', f'--config.pipeline.plan={plan_path}',
+                           f'--config.train.steps={FLAGS.steps}',
+                           f'--config.train.batch_size={BATCH}', f'--config.train.seq_len={SEQ}',
+                           '--config.train.eval_every=0', '--config.train.log_every=1'],
+         workdir, f'training over {os.path.basename(os.path.dirname(plan_path))}')
+  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  steps = [x['step_time_s'] for x in records if 'step_time_s' in x][2:]
+  q1, q3 = np.percentile(steps, [25, 75])
+  return float(np.median(steps)), float(q3 - q1), int(records[-1]['bytes_sent'])
+
+
+def make_plans(cal, model, setup, n):
+  """name -> Plan over the calibrated cluster (one device per process, pipeline over all n)."""
+  import dataclasses
+  from hetjax.search import baselines
+  from hetjax.search.layers import equal_layers
+  from hetjax.search.planner import SearchConfig, plan_training
+  from hetjax.plan import Stage
+  search = SearchConfig(method='hetjax', d_pp=n, population=30, evaluations=300,
+                        screen_evaluations=30, progress_s=0)
+  sched = plan_training(cal, model, setup, search, seed=0, model_name='tiny_gpt')
+  plans = {'scheduler': sched, 'index': baselines.index_plan(cal, model, setup, n, 1)}
+  bounds = np.cumsum([0] + equal_layers(model.num_layers, n))
+  even = [Stage(int(bounds[k]), int(bounds[k + 1]), s.devices)
+          for k, s in enumerate(sched.replicas[0].stages)]
+  plans['even'] = dataclasses.replace(sched, replicas=[dataclasses.replace(sched.replicas[0],
+                                                                           stages=even)])
+  seen, draws = {tuple(range(n))}, 0
+  for seed in range(1, 200):
+    if draws == FLAGS.random_draws:
+      break
+    p = baselines.random_plan(cal, model, setup, n, 1, seed)
+    order = tuple(s.devices[0] for s in p.replicas[0].stages)
+    if order not in seen:  # a distinct draw, never index order
+      seen.add(order)
+      draws += 1
+      plans[f'random{draws}' if FLAGS.random_draws > 1 else 'random'] = p
+  for p in plans.values():
+    p.model = 'tiny_gpt'
+  return {k: v for k, v in plans.items() if re.sub(r'\d+$', '', k) in FLAGS.plans}
+
+
+def runtime_model(plan, cal, nominal, model, setup):
+  """Step time of the runtime as it runs today (diagnosis, not hetjax's cost model): every process
+  walks one global op order; compute is dispatched asynchronously, but each transfer is a blocking
+  rendezvous of sender and receiver (PairPermuteTransport waits for its ppermute), after which the
+  receiver sleeps the emulated one-way delay; after the pipeline the tied embedding gradient goes
+  last -> first -> last. Rates, bandwidths and software latency come from the calibration, the
+  emulated sleep from the nominal scenario."""
+  from hetjax.costmodel import training as cm
+  from hetjax.parallel import schedules
+  from hetjax.parallel.runtime import consumers
+  stages = plan.replicas[0].stages
+  S, M, dev = len(stages), plan.micro_batches, [st.devices[0] for st in stages]
+  f = [cm.stage_fwd_flops(model, setup, st.num_layers, st.head) / (cal.tflops(d) * 1e12)
+       for st, d in zip(stages, dev)]
+  last = S - 1
+
+  def duration(op):  # the last stage's F computes forward and backward together; its B only sends
+    if op.kind == 'F':
+      return 3 * f[op.stage] if op.stage == last else f[op.stage]
+    return 0.0 if op.stage == last else 2 * f[op.stage]
+
+  host, device = dict.fromkeys(dev, 0.0), dict.fromkeys(dev, 0.0)
+
+  def transfer(a, b, nbytes):
+    sleep = nominal.delay_ms[a, b] / 1e3
+    start = max(host[a], device[a], host[b], device[b])
+    end = start + max(cal.delay_ms[a, b] / 1e3 - sleep, 0.0) + nbytes * 8 / (cal.bandwidth_gbps[a, b] * 1e9)
+    host[a] = device[a] = end
+    host[b] = device[b] = end + sleep
+
+  order = schedules.global_order(schedules.train(plan.schedule, S, M))
+  sends = consumers(order)
+  for op in order:
+    p = dev[op.stage]
+    device[p] = max(device[p], host[p]) + duration(op)
+    for c in sends.get(op.id, ()):
+      transfer(p, dev[c.stage], cm.boundary_bytes(model, setup))
+  if model.tie_embeddings and S > 1:
+    table = model.vocab_size * model.hidden * 4
+    transfer(dev[-1], dev[0], table)
+    transfer(dev[0], dev[-1], table)
+  return max(list(host.values()) + list(device.values()))
+
+
+def describe(plan):
+  return ' '.join(f'{s.devices[0]}:{s.end - s.start}' for s in plan.replicas[0].stages)
+
+
+def run_scenario(name, out):
+  from hetjax.cluster import Cluster
+  from hetjax.costmodel.training import TrainSetup, estimate
+  from hetjax.models.config import get_model_config
+  model = get_model_config('tiny_gpt', num_layers=FLAGS.layers)
+  setup = TrainSetup(global_batch=BATCH, seq_len=SEQ, micro_batch_size=MICRO, efficiency=1.0,
+                     act_bytes=ACT_BYTES)
+  nominal_path = os.path.abspath(os.path.join(out, f'{name}.json'))
+  n = cluster_file(nominal_path, name)
+  print(f'scenario {name}: {n} processes (machine load {os.getloadavg()[0]:.1f})', flush=True)
+  work = os.path.abspath(os.path.join(out, 'runs', name))
+  cal_path, details = calibrate(nominal_path, n, os.path.join(work, 'calibrate'))
+  cal, nominal = Cluster.load(cal_path), Cluster.load(nominal_path)
+  print(f'  calibrated TFLOP/s {np.round(cal.tflops_array(), 4).tolist()}, cores got '
+        f'{np.round(details["achieved_cores"], 2).tolist()}', flush=True)
+  rows = []
+  for label, plan in make_plans(cal, model, setup, n).items():
+    path = os.path.join(work, label, 'plan.json')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plan.save(path)
+    try:
+      measured, spread, sent = train(nominal_path, n, path, os.path.join(work, label, 'train'))
+    except RunFailed as e:
+      print(str(e)[-600:], flush=True)
+      measured, spread, sent = float('nan'), float('nan'), 0
+    predicted = estimate(plan, cal, model, setup)['total']
+    rows.append({'scenario': name, 'plan': label, 'stages': describe(plan),
+                 'measured_s': round(measured, 4), 'spread_s': round(spread, 4),
+                 'predicted_s': round(predicted, 4),
+                 'measured_over_predicted': round(measured / predicted, 3),
+                 'predicted_nominal_s': round(estimate(plan, nominal, model, setup)['total'], 4),
+                 'runtime_model_s': round(runtime_model(plan, cal, nominal, model, setup), 4),
+                 'bytes_sent': sent, 'load': round(os.getloadavg()[0], 1),
+                 'calibrated_tflops': ' '.join(f'{t:.4f}' for t in cal.tflops_array()),
+                 'cores_got': ' '.join(f'{c:.2f}' for c in details['achieved_cores'])})
+    print(f'  {label:>10} [{rows[-1]["stages"]}] measured {measured:.3f} s (+-{spread / 2:.3f}), '
+          f'predicted {predicted:.3f} s, runtime model {rows[-1]["runtime_model_s"]:.3f} s', flush=True)
+  sched = next((r for r in rows if r['plan'] == 'scheduler'), None)
+  for r in rows:
+    r['scheduler_over_this'] = round(sched['measured_s'] / r['measured_s'], 3) if sched else ''
+  return rows
 
 
 def main(_):
@@ -111,25 +251,37 @@ def main(_):
   print(f'machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
   rows = []
   for name in names:
-    cpath = os.path.abspath(os.path.join(out, f'{name}.json'))
-    n = cluster_file(cpath, name)
-    print(f'scenario {name}: {n} processes', flush=True)
-    for method in FLAGS.plans:
-      work = os.path.abspath(os.path.join(out, 'runs', f'{name}_{method}'))
-      plan_path, predicted = plan(cpath, n, method, work + '_plan')
-      measured, sent = train(cpath, n, plan_path, work)
-      rows.append({'scenario': name, 'plan': 'scheduler' if method == 'hetjax' else method,
-                   'measured_s': round(measured, 4), 'predicted_s': round(predicted, 4),
-                   'measured_over_predicted': round(measured / predicted, 3), 'bytes_sent': sent})
-  for name in names:
-    mine = [r for r in rows if r['scenario'] == name]
-    sched = next((r for r in mine if r['plan'] == 'scheduler'), None)
-    for r in mine:
-      r['scheduler_over_this'] = round(sched['measured_s'] / r['measured_s'], 3) if sched else ''
-  write_csv(os.path.join(out, 'results.csv'), rows)
+    rows += run_scenario(name, out)
+    write_csv(os.path.join(out, 'results.csv'), rows)  # after each scenario: partial runs count
   plot(rows, os.path.join(out, 'testbed.png'))
   wrote(out, 'results.csv', 'testbed.png')
-  print_table(rows)
+  summary(rows)
+  print_table(rows, columns=['scenario', 'plan', 'stages', 'measured_s', 'predicted_s',
+                             'measured_over_predicted', 'bytes_sent', 'scheduler_over_this'])
+
+
+def summary(rows):
+  """The issue's goals, each line a verdict."""
+  within = [r for r in rows if abs(r['measured_over_predicted'] - 1) <= 0.15]
+  failed = [r for r in rows if not np.isfinite(r['measured_s'])]
+  print(f'goal +-15%: {len(within)} of {len(rows)} rows within' +
+        (f' ({len(failed)} runs failed)' if failed else ''))
+  rows = [r for r in rows if np.isfinite(r['measured_s'])]
+  for name in dict.fromkeys(r['scenario'] for r in rows):
+    mine = [r for r in rows if r['scenario'] == name]
+    sched = next((r for r in mine if r['plan'] == 'scheduler'), None)
+    others = [r for r in mine if r['plan'] != 'scheduler']
+    if not sched or not others:
+      continue
+    best = min(others, key=lambda r: r['measured_s'])
+    rand = [r for r in others if r['plan'].startswith('random')]
+    line = (f'{name}: scheduler/best baseline ({best["plan"]}) = '
+            f'{sched["measured_s"] / best["measured_s"]:.2f} (goal <= 1.05)')
+    if rand:
+      mean = lambda key: float(np.mean([r[key] for r in rand]))
+      line += (f'; random/scheduler measured {mean("measured_s") / sched["measured_s"]:.2f}x, '
+               f'predicted {mean("predicted_s") / sched["predicted_s"]:.2f}x')
+    print(line)
 
 
 def plot(rows, path):
@@ -140,8 +292,8 @@ def plot(rows, path):
   x = np.linspace(0, top, 50)
   ax.fill_between(x, x * 0.85, x * 1.15, color='0.9', label='+-15%')
   ax.plot(x, x, 'k-', lw=0.8)
-  for plan_name, marker in (('scheduler', 'o'), ('random', 's'), ('index', '^')):
-    pts = [(r['predicted_s'], r['measured_s']) for r in rows if r['plan'] == plan_name]
+  for plan_name, marker in (('scheduler', 'o'), ('random', 's'), ('index', '^'), ('even', 'v')):
+    pts = [(r['predicted_s'], r['measured_s']) for r in rows if r['plan'].startswith(plan_name)]
     if pts:
       ax.scatter(*zip(*pts), marker=marker, label=plan_name)
   ax.set_xlabel('predicted step (s)')

@@ -29,6 +29,7 @@ class LayerRate:
   forward_s: float      # one block, one micro-batch
   backward_s: float
   forward_flops: float
+  cores: float = float('nan')  # CPU time / wall while timing: what this process actually got
 
   @property
   def tflops(self) -> float:
@@ -39,14 +40,17 @@ class LayerRate:
 MIN_WINDOW_S = 0.3  # many CFS periods: a quota-limited process shows its average rate, not a burst
 
 
-def _mean_time(fn, reps: int) -> float:
-  """Mean time of fn over at least `reps` calls and MIN_WINDOW_S seconds, after a warm-up."""
+def _mean_time(fn, reps: int) -> tuple[float, float, float]:
+  """(mean time per call, wall s, process CPU s) of fn over at least `reps` calls and MIN_WINDOW_S
+  seconds, after a warm-up. CPU time / wall is the share of cores the process got: under a CFS
+  quota at most the quota, less when the machine is busier than the quotas allow."""
   jax.block_until_ready(fn())  # compile and warm up
-  calls, start = 0, time.perf_counter()
+  calls, start, cpu = 0, time.perf_counter(), time.process_time()
   while calls < reps or time.perf_counter() - start < MIN_WINDOW_S:
     jax.block_until_ready(fn())
     calls += 1
-  return (time.perf_counter() - start) / calls
+  wall = time.perf_counter() - start
+  return wall / calls, wall, time.process_time() - cpu
 
 
 def measure_layer(mcfg: ModelConfig, micro_batch: int, seq_len: int, device, reps: int = 5,
@@ -73,10 +77,11 @@ def measure_layer(mcfg: ModelConfig, micro_batch: int, seq_len: int, device, rep
       return vjp(g)
 
     g = jnp.ones_like(x)
-    forward_s = _mean_time(lambda: fwd(params, x), reps)
-    both_s = _mean_time(lambda: bwd(params, x, g), reps)
+    forward_s, wall_f, cpu_f = _mean_time(lambda: fwd(params, x), reps)
+    both_s, wall_b, cpu_b = _mean_time(lambda: bwd(params, x, g), reps)
   flops = micro_batch * seq_len * mcfg.block_flops_per_token(seq_len)
-  return LayerRate(forward_s, max(both_s - forward_s, 1e-9), flops)
+  return LayerRate(forward_s, max(both_s - forward_s, 1e-9), flops,
+                   (cpu_f + cpu_b) / (wall_f + wall_b))
 
 
 @dataclasses.dataclass

@@ -63,11 +63,13 @@ class Device:
 
 @dataclasses.dataclass
 class Cluster:
-  """Devices plus symmetric delay (ms) and bandwidth (Gbit/s) matrices. Diagonals are ignored."""
+  """Devices plus symmetric delay (ms) and bandwidth (Gbit/s) matrices. Diagonals are ignored.
+  `measured`: the TFLOP/s are achieved rates from mode=calibrate, not datasheet peaks."""
   name: str
   devices: list[Device]
   delay_ms: np.ndarray
   bandwidth_gbps: np.ndarray
+  measured: bool = False
 
   def __post_init__(self):
     checks.text(self.name, 'cluster name')
@@ -184,7 +186,7 @@ class Cluster:
     ids = list(ids)
     devs = [dataclasses.replace(self.devices[i], id=k) for k, i in enumerate(ids)]
     return Cluster(name or f'{self.name}[{len(ids)}]', devs, self.delay_ms[np.ix_(ids, ids)],
-                   self.bandwidth_gbps[np.ix_(ids, ids)])
+                   self.bandwidth_gbps[np.ix_(ids, ids)], self.measured)
 
   # ---- (de)serialisation
   def to_dict(self) -> dict[str, Any]:
@@ -192,7 +194,8 @@ class Cluster:
     np.fill_diagonal(bw, 0.0)
     return {'name': self.name,
             'devices': [{k: v for k, v in dataclasses.asdict(d).items() if v is not None} for d in self.devices],
-            'delay_ms': self.delay_ms.tolist(), 'bandwidth_gbps': bw.tolist()}
+            'delay_ms': self.delay_ms.tolist(), 'bandwidth_gbps': bw.tolist(),
+            **({'measured': True} if self.measured else {})}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any], name: str = 'cluster') -> 'Cluster':
@@ -203,7 +206,10 @@ class Cluster:
         raw = checks.sequence(d['devices'], f'cluster {name!r} devices', 1, MAX_DEVICES)
         devs = [Device(**{**checks.mapping(dv, f'cluster {name!r} device {i}'), 'id': i})
                 for i, dv in enumerate(raw)]
-        return cls(d.get('name', name), devs, d['delay_ms'], d['bandwidth_gbps'])
+        measured = d.get('measured', False)
+        if not isinstance(measured, bool):
+          raise HetjaxError(f'cluster {name!r}: measured must be true or false, got {measured!r}')
+        return cls(d.get('name', name), devs, d['delay_ms'], d['bandwidth_gbps'], measured)
       except (KeyError, TypeError, ValueError) as e:
         raise HetjaxError(f'cluster {name!r}: malformed cluster file ({e})') from None
     return _from_compact(d, name)

@@ -46,7 +46,7 @@ RULES = {
     'pipeline.codec': ('str', None), 'pipeline.grad_codec': ('str', None),
     'pipeline.transport': ('str', ('auto', 'device_put', 'pair')),
     'pipeline.search_evaluations': ('int', 1, MAX_EVALUATIONS),
-    'pipeline.profile_every': ('int', 0, BIG),
+    'pipeline.profile_every': ('int', 0, BIG), 'pipeline.calibrate': ('bool',),
     # generation
     'generate.prompt': ('str', None), 'generate.prompt_ids': ('str', None),
     'generate.max_new_tokens': ('int', 0, MAX_LEN), 'generate.temperature': ('real', 0, 1e6),
@@ -55,7 +55,7 @@ RULES = {
     # planning (mode=plan)
     'cluster': ('str', None), 'num_devices': ('int', 0, MAX_DEVICES),
     'train.global_batch': ('int', 1, BIG), 'train.micro_batch_size': ('int', 1, BIG),
-    'train.schedule': ('str', ('gpipe', '1f1b')), 'train.efficiency': ('real', 0, 1, True),
+    'train.schedule': ('str', ('gpipe', '1f1b')), 'train.efficiency': ('real', 0, 1),  # 0: auto
     'train.activation_bits': ('int', 1, 32), 'train.recompute': ('bool',),
     'search.method': ('str', None), 'search.d_pp': ('int', 0, MAX_DEVICES),
     'search.tp': ('int', 0, MAX_DEVICES), 'search.population': ('int', 2, MAX_POPULATION),

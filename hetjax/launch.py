@@ -300,10 +300,12 @@ def launch_emulated(command: list[str], args, devices: list[int], options: dict)
             flush=True)
       print(bed.table(), flush=True)
       os.environ['HETJAX_LINK_DELAY_MS'] = json.dumps(delays.tolist())
+      start = time.monotonic()
       try:
         return launch(command, n, devices, network=bed, **options)
       finally:
         os.environ.pop('HETJAX_LINK_DELAY_MS', None)
+        print(bed.usage_table(time.monotonic() - start), flush=True)
   except HetjaxError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -3,7 +3,7 @@
 Process i runs in namespace `hj<pid>n<i>` with address 10.77.<k>.<i+1> on its loopback. Every pair of
 processes gets its own veth link, shaped on both ends with tbf to the cluster's bandwidth between
 their hosts (times a scale factor, since this machine cannot emulate every rate). netem is not
-available here, so latency is not emulated: the cost model adds it.
+available here: latency is emulated in user space by the transport (hetjax/parallel/emulated_link.py).
 The hostname resolves to the namespace's own address inside it (gloo binds to that address).
 Needs root; everything is removed on exit, also after a failure.
 """
@@ -24,6 +24,18 @@ def _sh(*args: str) -> None:
   r = subprocess.run(args, capture_output=True, text=True)
   if r.returncode:
     raise HetjaxError(f'network emulation: `{" ".join(args)}` failed: {r.stderr.strip()}')
+
+
+BURST_S = 0.001      # tbf bucket: 1 ms at the link's rate ...
+MIN_BURST = 4096     # ... but at least a few full-size (1500 B) packets
+
+
+def burst_bytes(rate_mbit: float) -> int:
+  """tbf's bucket size. A message up to this size leaves at line rate, so a large bucket makes a
+  link look faster than its rate and biases a latency fit low by burst / rate (a 32 KB bucket at 20
+  Mbit/s: 13 ms). One millisecond at the rate keeps that bias near 1 ms; GSO packets larger than
+  the bucket are segmented by tbf, so a small bucket still passes them."""
+  return max(MIN_BURST, int(rate_mbit * 1e6 / 8 * BURST_S))
 
 
 def host_bandwidths(cluster, n: int) -> np.ndarray:
@@ -87,9 +99,8 @@ class EmulatedNetwork:
           _sh('ip', '-n', ns, 'route', 'add', f'{dst}/32', 'dev', dev, 'src', src)
           rate = self.rates_mbit[i, j]
           if np.isfinite(rate):
-            burst = max(32, int(rate * 1000 / 8 / 100))  # bytes for ~10 ms at the rate, >= 32 KB
             _sh('ip', 'netns', 'exec', ns, 'tc', 'qdisc', 'add', 'dev', dev, 'root', 'tbf',
-                'rate', f'{rate:.3f}mbit', 'burst', f'{burst}kb', 'latency', '500ms')
+                'rate', f'{rate:.3f}mbit', 'burst', str(burst_bytes(rate)), 'latency', '500ms')
 
   def wrap(self, i: int, command: list[str]) -> list[str]:
     return ['ip', 'netns', 'exec', self.namespaces[i], *command]

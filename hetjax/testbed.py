@@ -100,6 +100,11 @@ def why_unavailable() -> str:
   return ''
 
 
+def _separate_cpuacct() -> bool:
+  acct = f'{CGROUP_ROOT}/cpuacct'
+  return os.path.isdir(acct) and os.path.realpath(acct) != os.path.realpath(f'{CGROUP_ROOT}/cpu')
+
+
 def _write(path: str, value: str) -> None:
   try:
     with open(path, 'w') as f:
@@ -146,7 +151,7 @@ def _remove_group(path: str) -> None:
 def sweep_stale() -> list[str]:
   """Remove groups and network namespaces of launchers that are no longer running."""
   gone = []
-  for base in (f'{CGROUP_ROOT}/cpu', f'{CGROUP_ROOT}/cpuset', CGROUP_ROOT):
+  for base in (f'{CGROUP_ROOT}/cpu', f'{CGROUP_ROOT}/cpuset', f'{CGROUP_ROOT}/cpuacct', CGROUP_ROOT):
     if not os.path.isdir(base):
       continue
     for name in os.listdir(base):
@@ -199,13 +204,29 @@ class ComputeQuotas:
       _write(f'{path}/cpuset.cpus', str(share.core))
       return
     cpu, cpuset = f'{CGROUP_ROOT}/cpu/{name}', f'{CGROUP_ROOT}/cpuset/{name}'
-    for path in (cpu, cpuset):
+    paths = [cpu, cpuset]
+    if _separate_cpuacct():  # CPU time used; where cpuacct is mounted with cpu, cpu/ has it
+      paths.append(f'{CGROUP_ROOT}/cpuacct/{name}')
+    for path in paths:
       os.makedirs(path)
       made.append(path)
     _write(f'{cpu}/cpu.cfs_period_us', str(PERIOD_US))
     _write(f'{cpu}/cpu.cfs_quota_us', str(quota_us))
     _write(f'{cpuset}/cpuset.mems', _read(f'{CGROUP_ROOT}/cpuset/cpuset.mems'))
     _write(f'{cpuset}/cpuset.cpus', str(share.core))
+
+  def used(self, i: int) -> tuple[float, float]:
+    """(CPU seconds used, seconds throttled by the quota) of process i's group so far."""
+    paths = self.groups[i]
+    try:
+      if self.version == 2:
+        stat = dict(l.split() for l in _read(f'{paths[0]}/cpu.stat').splitlines())
+        return int(stat['usage_usec']) / 1e6, int(stat.get('throttled_usec', 0)) / 1e6
+      acct = next(p for p in paths if os.path.exists(f'{p}/cpuacct.usage'))
+      stat = dict(l.split() for l in _read(f'{paths[0]}/cpu.stat').splitlines())
+      return int(_read(f'{acct}/cpuacct.usage')) / 1e9, int(stat.get('throttled_time', 0)) / 1e9
+    except (OSError, StopIteration, KeyError, ValueError):
+      return float('nan'), float('nan')
 
   def wrap(self, i: int, command: list[str]) -> list[str]:
     """`command` run inside process i's groups (a shell joins them, then execs the command)."""
@@ -231,6 +252,17 @@ class Testbed:
   def wrap(self, i: int, command: list[str]) -> list[str]:
     # Join the cgroups first: `ip netns exec` remounts /sys, hiding the cgroup folders.
     return self.quotas.wrap(i, self.network.wrap(i, command))
+
+  def usage_table(self, wall_s: float) -> str:
+    """What each process actually got over the run: CPU time / wall against its quota, and how
+    long the quota throttled it. Below the quota and never throttled: other work on the machine
+    took the rest (quotas cap; they do not reserve)."""
+    lines = [f'{"process":>8} {"quota":>6} {"CPU s":>7} {"cores got":>9} {"throttled s":>11}  '
+             f'(over {wall_s:.1f} s wall)']
+    for i, s in enumerate(self.quotas.shares):
+      cpu, throttled = self.quotas.used(i)
+      lines.append(f'{"p" + str(i):>8} {s.quota:>6.3f} {cpu:>7.2f} {cpu / wall_s:>9.3f} {throttled:>11.2f}')
+    return '\n'.join(lines)
 
   def table(self) -> str:
     """What was applied: processes (quota, core) and links (bandwidth, latency)."""

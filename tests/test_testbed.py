@@ -143,6 +143,12 @@ def test_two_process_testbed_applies_quotas_and_cleans_up(tmp_path):
   for i, group, share in got:
     assert group.startswith(f'/{testbed.PREFIX}') and group.endswith(f'-p{i}')
     assert float(share) <= float(table[i]) * 1.15 + 0.03, r.stdout  # the quota caps what it got
+  # the launcher's account of the run: CPU seconds per group (cpuacct), at least the 1.5 s spin
+  # times the share each probe saw, and never more cores than its quota over the whole run
+  used = re.findall(r'^\s+p(\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$', r.stdout, re.M)
+  assert len(used) == 2 and 'cores got' in r.stdout, r.stdout
+  for (i, quota, cpu, cores, _), (_, _, share) in zip(used, got):
+    assert float(cpu) >= 1.5 * float(share) * 0.9 and float(cores) <= float(quota) * 1.15 + 0.03
   assert not [n for n in os.listdir(f'{testbed.CGROUP_ROOT}/cpu') if n.startswith(testbed.PREFIX)
               and not testbed._alive(int(n.split('-')[1]))]
 
@@ -207,3 +213,74 @@ def test_calibrate_mode_writes_a_measured_cluster(tmp_path):
   assert d['measured'] is True and d['date'] and len(d['devices']) == 2
   cluster = Cluster.from_dict(d)
   assert np.all(cluster.tflops_array() > 0) and cluster.bandwidth_gbps[0, 1] > 0
+
+
+def test_tbf_bucket_keeps_the_latency_bias_near_a_millisecond():
+  from hetjax.netem import burst_bytes
+  for mbit in (20, 50, 100, 1000, 10000):
+    bias_ms = burst_bytes(mbit) * 8 / (mbit * 1e6) * 1e3  # a bucket's worth leaves at line rate
+    assert bias_ms <= 1.7, (mbit, bias_ms)  # the old >= 32 KB bucket: 13 ms at 20 Mbit/s
+    assert burst_bytes(mbit) >= 2 * 1514  # full-size Ethernet frames still pass
+
+
+def test_measured_cluster_plans_with_efficiency_one():
+  from hetjax.cluster import Cluster
+  from hetjax.costmodel.training import TrainSetup, efficiency_for
+  d = {'devices': [{'gpu': 'CPU', 'host': 'a', 'region': 'r', 'tflops': 0.01}] * 2,
+       'delay_ms': [[0, 1], [1, 0]], 'bandwidth_gbps': [[0, 1], [1, 0]]}
+  plain, measured = Cluster.from_dict(d), Cluster.from_dict({**d, 'measured': True})
+  assert not plain.measured and measured.measured
+  assert efficiency_for(plain) == TrainSetup.efficiency and efficiency_for(measured) == 1.0
+  assert efficiency_for(measured, 0.5) == 0.5  # set by hand: kept
+  assert Cluster.from_dict(measured.to_dict()).measured and measured.subset([1]).measured
+  with pytest.raises(HetjaxError):
+    Cluster.from_dict({**d, 'measured': 'yes'})
+  with pytest.raises(HetjaxError):
+    efficiency_for(plain, float('nan'))
+
+
+@pytest.mark.slow  # compiles and times a block on two devices: about 10 s
+def test_pipeline_calibrate_plans_over_what_it_measured(tmp_path):
+  import json
+  import ml_collections
+  from hetjax.cluster import Cluster
+  from hetjax.costmodel.training import TrainSetup, estimate
+  from hetjax.models.config import get_model_config
+  from hetjax.modes.planning import training_plan
+  nominal = tmp_path / 'nominal.json'
+  nominal.write_text(json.dumps({
+      'devices': [{'gpu': 'CPU', 'host': f'h{i}', 'region': 'r', 'tflops': 5.0} for i in range(2)],
+      'delay_ms': [[0, 1], [1, 0]], 'bandwidth_gbps': [[0, 1], [1, 0]]}))
+  pcfg = ml_collections.ConfigDict(dict(plan='search', cluster=str(nominal), calibrate=True,
+                                        micro_batch_size=2, schedule='1f1b', codec='fp32',
+                                        search_evaluations=20))
+  tcfg = ml_collections.ConfigDict(dict(batch_size=4, seq_len=16))
+  model = get_model_config('tiny_gpt', num_layers=2)
+  plan = training_plan(pcfg, tcfg, model, 'tiny_gpt', 0, lambda *a, **k: None, str(tmp_path))
+  cal = Cluster.load(str(tmp_path / 'calibrated_cluster.json'))
+  assert cal.measured and cal.n == 2 and [d.host for d in cal.devices] == ['h0', 'h1']
+  assert np.all(cal.tflops_array() < 1.0)  # measured CPU rates, not the nominal 5 TFLOP/s
+  setup = TrainSetup(global_batch=4, seq_len=16, micro_batch_size=2, efficiency=1.0, act_bytes=4)
+  assert plan.prediction['total'] == pytest.approx(estimate(plan, cal, model, setup)['total'])
+
+
+@pytest.mark.slow  # two processes on a shaped link, compiling under load: about 40 s
+@pytest.mark.skipif(bool(NO_TESTBED), reason=f'testbed unavailable here: {NO_TESTBED}')
+def test_link_calibration_on_an_emulated_link(tmp_path):
+  import json
+  spec = tmp_path / 'link.json'
+  spec.write_text(json.dumps({
+      'devices': [{'gpu': 'CPU', 'host': f'h{i}', 'region': 'r', 'tflops': 0.01} for i in range(2)],
+      'delay_ms': [[0, 30], [30, 0]], 'bandwidth_gbps': [[0, 0.02], [0.02, 0]]}))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  r = subprocess.run([sys.executable, '-m', 'hetjax.launch', '-n', '2', f'--emulate={spec}',
+                      '--cpus=1', '--timeout=200', '--', sys.executable, 'run.py',
+                      '--config=configs/calibrate.py', '--config.model_overrides.num_layers=1',
+                      '--config.calibrate.seq_len=16', '--config.calibrate.reps=3',
+                      f'--config.calibrate.large_bytes={1 << 20}', f'--config.workdir={tmp_path}'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  got = json.load(open(tmp_path / 'cluster.json'))
+  # tbf at 20 Mbit/s, 30 ms one-way in user space; the fit adds gloo's software latency (a few ms)
+  assert 27 < got['delay_ms'][0][1] < 40, got['calibration']['links']
+  assert 0.017 < got['bandwidth_gbps'][0][1] < 0.021, got['calibration']['links']

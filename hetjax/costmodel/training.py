@@ -58,6 +58,16 @@ class TrainSetup:
     return int(per)
 
 
+def efficiency_for(cluster: Cluster, requested: float = 0.0) -> float:
+  """The efficiency to plan with: `requested` when set (> 0); else 1.0 over a measured cluster
+  (mode=calibrate: its TFLOP/s are achieved rates) and TrainSetup's default over datasheet peaks."""
+  if not (isinstance(requested, (int, float)) and np.isfinite(requested) and 0 <= requested <= 1):
+    raise HetjaxError(f'train.efficiency must be in (0, 1], or 0 for automatic, got {requested!r}')
+  if requested:
+    return float(requested)
+  return 1.0 if cluster.measured else TrainSetup.efficiency
+
+
 # ------------------------------------------------------------------ bytes and FLOPs
 def wire_bytes(n_values: float, bits: int, group: int = 128, scale_bytes: int = 4) -> float:
   """Bytes to send n_values at `bits` per value: 16 bits is plain fp16/bf16; fewer adds per-group scales."""

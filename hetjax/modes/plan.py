@@ -5,18 +5,21 @@ from __future__ import annotations
 import os
 
 from hetjax.cluster import get_cluster
-from hetjax.costmodel.training import TrainSetup, check_memory
+from hetjax.costmodel.training import TrainSetup, check_memory, efficiency_for
 from hetjax.errors import HetjaxError
 from hetjax.models.config import model_config_from
 
 
-def setup_from(cfg, model) -> TrainSetup:
+def setup_from(cfg, model, cluster=None) -> TrainSetup:
+  """TrainSetup from the config; train.efficiency 0 means automatic (efficiency_for the cluster)."""
   t = cfg.train
   seq = t.seq_len or model.max_len
   if seq > model.max_len:
     raise HetjaxError(f'train.seq_len={seq} exceeds the model max_len={model.max_len}')
   return TrainSetup(global_batch=t.global_batch, seq_len=seq, micro_batch_size=t.micro_batch_size,
-                    schedule=t.schedule, efficiency=t.efficiency, activation_bits=t.activation_bits,
+                    schedule=t.schedule,
+                    efficiency=efficiency_for(cluster, t.efficiency) if cluster else t.efficiency or TrainSetup.efficiency,
+                    activation_bits=t.activation_bits,
                     recompute=t.recompute, c_pp_bytes=t.get('c_pp_bytes', 0.0) or None,
                     c_dp_bytes=t.get('c_dp_bytes', 0.0) or None)
 
@@ -37,7 +40,10 @@ def run(cfg, workdir: str) -> None:
 
   model = model_config_from(cfg)
   cluster = get_cluster(cfg.cluster, cfg.get('num_devices') or None)
-  setup = setup_from(cfg, model)
+  setup = setup_from(cfg, model, cluster)
+  if cluster.measured:
+    print(f'{cluster.name} is a measured cluster (mode=calibrate): planning with efficiency '
+          f'{setup.efficiency:g}' + ('' if cfg.train.efficiency else ' (its TFLOP/s are achieved rates)'))
   if setup.schedule not in ('gpipe', '1f1b'):
     raise HetjaxError(f"train.schedule must be 'gpipe' or '1f1b', got {setup.schedule!r}")
   print(cluster.summary())

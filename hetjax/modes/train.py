@@ -26,7 +26,8 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   from hetjax.modes.planning import training_plan
   from hetjax.parallel.replicas import make_pipeline, train_state  # heterogeneous replicas too
   say = print if is_leader() else (lambda *a, **k: None)
-  plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say).check_model(cfg.model)
+  plan = training_plan(pcfg, cfg.train, mcfg, cfg.model, cfg.seed, say,
+                       workdir).check_model(cfg.model)
   if lost_processes():
     from hetjax.modes.replan import replan_after_loss
     plan = replan_after_loss(plan, pcfg, cfg.train, mcfg, cfg.model, cfg.seed,
