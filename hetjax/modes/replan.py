@@ -8,7 +8,6 @@ could disagree)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from hetjax.cluster import Cluster, get_cluster
