@@ -141,9 +141,13 @@ class DtfmObjective:
     self.dp_pair = dp_pair_cost(cluster, c_dp, group_size)
     self.cache: dict = {}
 
-  def dp(self, groups: np.ndarray) -> float:
+  def group_dp(self, groups: np.ndarray) -> np.ndarray:
+    """Each group's DP cost (its slowest device's summed pair costs)."""
     g = np.asarray(groups)
-    return float(self.dp_pair[g[:, :, None], g[:, None, :]].sum(axis=-1).max())
+    return self.dp_pair[g[:, :, None], g[:, None, :]].sum(axis=-1).max(axis=1)
+
+  def dp(self, groups: np.ndarray) -> float:
+    return float(self.group_dp(groups).max())
 
   def pp_edges(self, groups: np.ndarray) -> np.ndarray:
     """k x k bottleneck-matching cost between groups (rows sorted; one direction, one tasklet)."""
@@ -166,9 +170,15 @@ class DtfmObjective:
     return e
 
   def __call__(self, groups) -> float:
-    g = np.asarray(groups)
-    g = np.sort(g, axis=1)
+    g = np.sort(np.asarray(groups), axis=1)
     return self.dp(g) + 2 * open_path(self.pp_edges(g))[0]
+
+  def ranked(self, groups) -> tuple[float, float]:
+    """(cost, sum of the groups' DP costs): the second part ranks plans of equal cost, so a local
+    search can walk along the plateaus of the max (lowering a group that is not the slowest)."""
+    g = np.sort(np.asarray(groups), axis=1)
+    dp = self.group_dp(g)
+    return float(dp.max()) + 2 * open_path(self.pp_edges(g))[0], float(dp.sum())
 
 
 def plan_link_cost(cluster: Cluster, plan: Plan, c_pp: float, c_dp: float) -> dict:
