@@ -217,7 +217,7 @@ def clustered(w: np.ndarray, sizes: Sequence[int], rng: np.random.Generator, tri
 
 def transversal(w_line: np.ndarray, w_group: np.ndarray, k: int, line_len: int, rng: np.random.Generator,
                 tries: int = 3, fitness: Optional[Callable[[np.ndarray], object]] = None,
-                kicks: int = 8) -> np.ndarray:
+                evaluations: int = 1000) -> np.ndarray:
   """k groups that cut across lines (pipeline segments over fast links).
 
   Cluster the items into lines of `line_len` items with a small within-line sum of w_line; bundle
@@ -254,7 +254,7 @@ def transversal(w_line: np.ndarray, w_group: np.ndarray, k: int, line_len: int, 
   bundle_of = np.repeat(np.arange(k // line_len), per_bundle)
   if fitness is None or k // line_len < 2:
     return build(bundle_of)
-  return build(bundle_search(bundle_of, lambda b: fitness(build(b)), rng, kicks))
+  return build(bundle_search(bundle_of, lambda b: fitness(build(b)), rng, evaluations))
 
 
 def better(a, b, rtol: float = 1e-12) -> bool:
@@ -269,12 +269,13 @@ def better(a, b, rtol: float = 1e-12) -> bool:
 
 
 def bundle_search(bundle_of: np.ndarray, fitness: Callable[[np.ndarray], object], rng: np.random.Generator,
-                  kicks: int = 8) -> np.ndarray:
+                  evaluations: int = 1000) -> np.ndarray:
   """Iterated local search over a balanced partition (`bundle_of`: bundle per line) on the true
   fitness (a number, or a tuple compared in order, so that moves along a plateau of the first part
   count when they lower the next). Descent: first-improving swaps of two lines of different bundles.
   Kick: two random swaps of the best bundling that each change its cost (swapping two equivalent
-  lines changes nothing), then descend again; `kicks` times. Returns the best bundling seen."""
+  lines changes nothing), then descend again, until `evaluations` bundlings were scored. Returns the
+  best bundling seen."""
   cache = {}
 
   def score(b):
@@ -285,7 +286,7 @@ def bundle_search(bundle_of: np.ndarray, fitness: Callable[[np.ndarray], object]
 
   def descend(b, cost):
     """The local optimum, its cost and its swap neighbours that change the cost."""
-    while True:
+    while len(cache) < evaluations:
       pairs = [(i, j) for i in range(len(b)) for j in range(i + 1, len(b)) if b[i] != b[j]]
       moves = []
       for p in rng.permutation(len(pairs)):
@@ -300,11 +301,10 @@ def bundle_search(bundle_of: np.ndarray, fitness: Callable[[np.ndarray], object]
           moves.append((i, j))
       else:
         return b, cost, moves
+    return b, cost, []
 
   best, best_cost, moves = descend(bundle_of, score(bundle_of))
-  for _ in range(kicks):
-    if not moves:
-      break
+  while moves and len(cache) < evaluations:
     b = best.copy()
     for m in rng.choice(len(moves), size=min(2, len(moves)), replace=False):
       i, j = moves[m]

@@ -53,6 +53,7 @@ class SearchConfig:
   progress_s: float = 5.0       # progress line this often during long searches (0: never)
   seeds: bool = True            # dtfm: start from partitions read from the link matrices
   seed_variants: int = 4        # dtfm: independent draws of those seeds (the clusterings are randomised)
+  bundle_evaluations: int = 600  # dtfm: true-cost evaluations per search of a seed's bundling of lines
 
 
 # ------------------------------------------------------------------ TP units
@@ -280,7 +281,7 @@ def _ga_config(search: SearchConfig, evaluations: int, population: int) -> GACon
 
 
 def dtfm_seeds(cluster: Cluster, pair: list[np.ndarray], c_pp: float, d_pp: int, d_dp: int,
-               rng: np.random.Generator, fitness=None) -> list[np.ndarray]:
+               rng: np.random.Generator, fitness=None, bundle_evaluations: int = 600) -> list[np.ndarray]:
   """Starting partitions that read the structure from the link matrices, whatever the device
   numbering: groups over fast DP links (clustered by each gain), and groups that cut across
   pipelines, or pipeline segments of every length that divides d_pp, laid over fast PP links
@@ -289,7 +290,8 @@ def dtfm_seeds(cluster: Cluster, pair: list[np.ndarray], c_pp: float, d_pp: int,
   pp_link = cluster.transfer_time(c_pp)
   np.fill_diagonal(pp_link, 0.0)
   if d_dp > 1:
-    seeds += [transversal(pp_link, pair[0], d_pp, line, rng, fitness=fitness) for line in range(2, d_pp + 1) if d_pp % line == 0]
+    seeds += [transversal(pp_link, pair[0], d_pp, line, rng, fitness=fitness, evaluations=bundle_evaluations)
+              for line in range(2, d_pp + 1) if d_pp % line == 0]
   return seeds
 
 
@@ -319,7 +321,8 @@ def plan_dtfm(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search
     cfg = dataclasses.replace(cfg, label='dtfm search', kl_steps=min(16, max(1, cluster.n // 2)))
     rng = np.random.default_rng(seed + 7919)
     seeds = [a for _ in range(search.seed_variants if search.seeds else 0)
-             for a in dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, rng, lambda a: objective.ranked(groups_of(a, d_pp)))]
+             for a in dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, rng, lambda a: objective.ranked(groups_of(a, d_pp)),
+                                 search.bundle_evaluations)]
   res = genetic_partition([d_dp] * d_pp, fit, cfg, seed, pair, initial=seeds)
   groups = groups_of(res.assign, d_pp)
   d = cm.dtfm_cost(cluster, groups, c_pp, c_dp, ev.cache)
