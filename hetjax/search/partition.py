@@ -228,7 +228,8 @@ def transversal(w_line: np.ndarray, w_group: np.ndarray, k: int, line_len: int, 
 
   The bundling decides which lines share groups, and no swap of single items can change it (that
   moves a whole line). Without `fitness` the lines are bundled most tightly linked first; with it,
-  the bundling is searched on fitness itself (`bundle_search`).
+  the bundling is searched on fitness itself (`bundle_search`), when `evaluations` leave room for
+  four scans of all line swaps (a descent and a few kicks).
   """
   n = len(w_line)
   if k % line_len or n % k:
@@ -252,7 +253,8 @@ def transversal(w_line: np.ndarray, w_group: np.ndarray, k: int, line_len: int, 
     return assign
 
   bundle_of = np.repeat(np.arange(k // line_len), per_bundle)
-  if fitness is None or k // line_len < 2:
+  swaps = n_lines * (n_lines - per_bundle) // 2
+  if fitness is None or k // line_len < 2 or 4 * swaps > evaluations:  # no room for a descent and kicks
     return build(bundle_of)
   return build(bundle_search(bundle_of, lambda b: fitness(build(b)), rng, evaluations))
 
