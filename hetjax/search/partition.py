@@ -276,11 +276,12 @@ def bundle_search(bundle_of: np.ndarray, fitness: Callable[[np.ndarray], object]
   fitness (a number, or a tuple compared in order, so that moves along a plateau of the first part
   count when they lower the next). Descent: first-improving swaps of two lines of different bundles.
   Kick: two random swaps of the best bundling that each change its cost (swapping two equivalent
-  lines changes nothing), then descend again, until `evaluations` bundlings were scored. Returns the
-  best bundling seen."""
-  cache = {}
+  lines changes nothing), then descend again, until `evaluations` bundlings were scored (repeats
+  count too, so that a small space ends the search). Returns the best bundling seen."""
+  cache, calls = {}, [0]
 
   def score(b):
+    calls[0] += 1
     key = b.tobytes()
     if key not in cache:
       cache[key] = fitness(b)
@@ -288,7 +289,7 @@ def bundle_search(bundle_of: np.ndarray, fitness: Callable[[np.ndarray], object]
 
   def descend(b, cost):
     """The local optimum, its cost and its swap neighbours that change the cost."""
-    while len(cache) < evaluations:
+    while calls[0] < evaluations:
       pairs = [(i, j) for i in range(len(b)) for j in range(i + 1, len(b)) if b[i] != b[j]]
       moves = []
       for p in rng.permutation(len(pairs)):
@@ -306,7 +307,7 @@ def bundle_search(bundle_of: np.ndarray, fitness: Callable[[np.ndarray], object]
     return b, cost, []
 
   best, best_cost, moves = descend(bundle_of, score(bundle_of))
-  while moves and len(cache) < evaluations:
+  while moves and calls[0] < evaluations:
     b = best.copy()
     for m in rng.choice(len(moves), size=min(2, len(moves)), replace=False):
       i, j = moves[m]
