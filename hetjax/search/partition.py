@@ -2,7 +2,9 @@
 multi-point crossover, partition-size repair, a local search per offspring (one Kernighan-Lin style
 pass of swaps, then exact layer moves by linear assignment), steady-state replacement (an offspring
 replaces the worse of its parents if it is better) and restarts around the best when it stalls.
-Constructive starts: balanced clusterings (`clustered`) and partitions across lines (`transversal`).
+Constructive starts: balanced clusterings (`clustered`) and partitions across lines (`transversal`),
+whose bundling of lines can be searched on the true fitness (`bundle_search`): a move of a whole line
+(e.g. a host) between bundles, which the item swaps of the GA cannot make.
 
 An individual is `assign`: group index per item, with fixed group sizes. The GA minimises a black-box
 `fitness(assign)`; the local search minimises the sum of pair weights W inside groups (the gain function).

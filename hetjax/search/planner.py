@@ -2,8 +2,9 @@
 
 Methods:
   'dtfm'    DT-FM's bi-level search at a fixed shape (D_PP x D_DP, TP 1, equal layers): GA partition
-            minimising DT-FM's cost (dp + 2 pp), started from partitions read from the link matrices,
-            local search by KL passes and exact layer matchings, restarts when it stalls.
+            minimising DT-FM's cost (dp + 2 pp), started from partitions read from the link matrices
+            (transversal ones with their bundling of lines searched on that cost), local search by KL
+            passes and exact layer matchings, restarts when it stalls.
   'hetjax'  DT-FM's machinery plus: choose TP (devices of one host), D_PP and D_DP; uneven layer counts
             from each group's compute under memory caps; fitness = the full step-time model.
   'hybrid'  DT-FM's hybrid baseline: the same GA with DT-FM's hybrid gain only.
