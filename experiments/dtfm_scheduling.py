@@ -15,6 +15,7 @@ dtfm (hetjax's search), dtfm_noseed (the same without seeds read from the matric
 released code, --peer_dir; 330-440 s per run unloaded, so --peer_seeds is small).
 
   python experiments/dtfm_scheduling.py --seeds=10
+  python experiments/dtfm_scheduling.py --methods=dtfm --bundle_evaluations=0   # ablation: no bundle search
   python experiments/dtfm_scheduling.py --peer_dir=/work/peer/DT-FM --peer_seeds=1 --scenarios=dtfm_case5
 
 Writes results.csv, cost_by_scenario.png and table.txt under --out; prints the table last.
