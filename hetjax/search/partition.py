@@ -239,7 +239,6 @@ def transversal(w_line: np.ndarray, w_group: np.ndarray, k: int, line_len: int, 
   n_lines, per_bundle = n // line_len, n // k
   lines = groups_of(clustered(w_line, [line_len] * n_lines, rng, tries), n_lines)
   lines.sort(key=lambda line: w_line[np.ix_(line, line)].sum())
-
   lines = [np.asarray(line) for line in lines]
 
   def build(bundle_of: np.ndarray) -> np.ndarray:
