@@ -15,6 +15,7 @@ dtfm (hetjax's search), dtfm_noseed (the same without seeds read from the matric
 released code, --peer_dir; 330-440 s per run unloaded, so --peer_seeds is small).
 
   python experiments/dtfm_scheduling.py --seeds=10
+  python experiments/dtfm_scheduling.py --methods=dtfm --bundle_evaluations=0   # ablation: no bundle search
   python experiments/dtfm_scheduling.py --peer_dir=/work/peer/DT-FM --peer_seeds=1 --scenarios=dtfm_case5
 
 Writes results.csv, cost_by_scenario.png and table.txt under --out; prints the table last.
@@ -66,6 +67,7 @@ flags.DEFINE_string('peer_mode', 'default', "peer gain: 'default' (DT-FM) or 'ba
 flags.DEFINE_string('model', 'gpt3_xl', 'model (sets layers; c_pp/c_dp come from the flags below)')
 flags.DEFINE_integer('evaluations', 5000, 'distinct candidates per search (DT-FM: 5000)')
 flags.DEFINE_integer('seed_variants', 4, 'dtfm: independent draws of the structural seeds')
+flags.DEFINE_integer('bundle_evaluations', 600, 'dtfm: true-cost evaluations per search of a seed\'s bundling of lines')
 flags.DEFINE_float('c_pp_bytes', PAPER_C_PP, 'DT-FM c_pp in bytes (0: derive from the model)')
 flags.DEFINE_float('c_dp_bytes', PAPER_C_DP, 'DT-FM c_dp in bytes (0: derive from the model)')
 flags.DEFINE_string('out', 'runs/dtfm_scheduling/', 'output directory')
@@ -182,7 +184,8 @@ def peer_rows(name: str, cluster: Cluster, c_pp: float, c_dp: float, cache_path:
 # ------------------------------------------------------------------ main
 def run_method(name, cluster, model, setup, method, seed) -> dict:
   cfg = SearchConfig(method='dtfm' if method == 'dtfm_noseed' else method, evaluations=FLAGS.evaluations,
-                     seeds=method != 'dtfm_noseed', seed_variants=FLAGS.seed_variants, progress_s=0.0)
+                     seeds=method != 'dtfm_noseed', seed_variants=FLAGS.seed_variants,
+                     bundle_evaluations=FLAGS.bundle_evaluations, progress_s=0.0)
   t0, c0 = time.perf_counter(), time.process_time()
   plan = plan_training(cluster, model, setup, cfg, seed=seed, model_name=FLAGS.model)
   return {'scenario': name, 'method': method, 'seed': seed, 'dtfm_cost_s': plan.prediction['dtfm_cost'],

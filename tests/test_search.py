@@ -1,6 +1,8 @@
 """Search: matching and Held-Karp vs brute force, GA vs brute force, layers, determinism, planners."""
+import importlib.util
 import itertools
 import os
+import sys
 import time
 
 import numpy as np
@@ -203,6 +205,59 @@ def test_transversal_lays_pipeline_segments_on_hosts():
     assert sorted(a[ids]) == [0, 0, 1, 1]   # fast segments: two GPUs of each host in each fast group
 
 
+def _scheduling_experiment():
+  """experiments/dtfm_scheduling.py as a module (its mixed scenarios), imported once (absl flags)."""
+  if 'dtfm_scheduling' not in sys.modules:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
+                        'dtfm_scheduling.py')
+    spec = importlib.util.spec_from_file_location('dtfm_scheduling', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules['dtfm_scheduling'] = module
+  return sys.modules['dtfm_scheduling']
+
+
+def _best_host_bundling(c, objective, k, line_len):
+  """Brute force over bundlings of lines (`line_len` devices of one host, in id order; leftover
+  single GPUs of a region likewise) into two bundles; each bundle gives line_len groups, one device
+  of each of its lines per group (devices of a host are interchangeable). Returns the best cost."""
+  blocks = [ids for ids in c.hosts().values() if len(ids) > 1]
+  singles: dict = {}
+  for ids in c.hosts().values():
+    if len(ids) == 1:
+      singles.setdefault(c.devices[ids[0]].region, []).append(ids[0])
+  lines = [ids[i:i + line_len] for ids in blocks + list(singles.values()) for i in range(0, len(ids), line_len)]
+  assert k == 2 * line_len and all(len(x) == line_len for x in lines) and sum(map(len, lines)) == c.n
+  n = len(lines)
+  best = np.inf
+  for a in itertools.combinations(range(1, n), n // 2 - 1):
+    bundles = [(0,) + a, [i for i in range(n) if i not in (0,) + a]]
+    best = min(best, objective([[lines[i][j] for i in b] for b in bundles for j in range(line_len)]))
+  return best
+
+
+def test_bundle_search_reaches_best_bundling():
+  # 32 GPUs on 4-GPU hosts in 5 uneven regions (shuffled ids), 8 groups of 4: which hosts share a
+  # group decides the cost, and no swap of two devices moves a host. The plain bundling misses the
+  # best one in some draws; the bundling searched on the true cost finds it in every draw.
+  ex = _scheduling_experiment()
+  c = ex._regional('small_world', {'Oregon': [4] * 3, 'Virginia': [4] * 2, 'Tokyo': [4], 'London': [4],
+                                   'Frankfurt': [4]}, 2.0, 5.0)
+  objective = cm.DtfmObjective(c, PAPER['c_pp_bytes'], PAPER['c_dp_bytes'], 4)
+  best = _best_host_bundling(c, objective, 8, 4)
+  link = c.transfer_time(PAPER['c_pp_bytes'])
+  np.fill_diagonal(link, 0)
+  w = cm.dp_pair_cost(c, PAPER['c_dp_bytes'], 4)
+  plain, searched = [], []
+  for seed in range(5):
+    plain.append(objective(groups_of(transversal(link, w, 8, 4, np.random.default_rng(seed)), 8)))
+    a = transversal(link, w, 8, 4, np.random.default_rng(seed), evaluations=200,
+                    fitness=lambda a: objective.ranked(groups_of(a, 8)))
+    searched.append(objective(groups_of(a, 8)))
+  assert searched == pytest.approx([best] * 5)
+  assert max(plain) > best * 1.02
+
+
 def test_dtfm_reaches_brute_force_with_shuffled_ids():
   m = get_model_config('gpt3_xl')
   setup = cm.TrainSetup(global_batch=64, **PAPER)
@@ -249,6 +304,19 @@ def test_dtfm_shuffled_case5_reaches_best_known_in_9_of_10_seeds():
     assert p.prediction['dtfm_cost'] >= best * (1 - 1e-9)
     hits += p.prediction['dtfm_cost'] <= best * (1 + 1e-9)
   assert hits >= 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['uneven_world', 'spot_geo'])
+def test_dtfm_mixed_scenarios_reach_best_host_bundling_in_every_seed(name):
+  # the experiment's mixed scenarios (64 GPUs, shuffled ids); the reference is the best plan over all
+  # bundlings of 4-GPU lines (hosts, halves of 8-GPU hosts, a region's single GPUs four by four)
+  c, m = _scheduling_experiment().scenario(name), get_model_config('gpt3_xl')
+  setup = cm.TrainSetup(**PAPER)
+  best = _best_host_bundling(c, cm.DtfmObjective(c, PAPER['c_pp_bytes'], PAPER['c_dp_bytes'], 8), 8, 4)
+  for seed in range(5):
+    p = plan_training(c, m, setup, SearchConfig(method='dtfm', progress_s=0), seed=seed)
+    assert p.prediction['dtfm_cost'] <= best * (1 + 1e-9)
 
 
 def test_cli_sets_dtfm_constants(tmp_path):

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from hetjax.cluster import Cluster
 from hetjax.errors import HetjaxError
@@ -151,9 +152,13 @@ class DtfmObjective:
     self.dp_pair = dp_pair_cost(cluster, c_dp, group_size)
     self.cache: dict = {}
 
-  def dp(self, groups: np.ndarray) -> float:
+  def group_dp(self, groups: np.ndarray) -> np.ndarray:
+    """Each group's DP cost (its slowest device's summed pair costs)."""
     g = np.asarray(groups)
-    return float(self.dp_pair[g[:, :, None], g[:, None, :]].sum(axis=-1).max())
+    return self.dp_pair[g[:, :, None], g[:, None, :]].sum(axis=-1).max(axis=1)
+
+  def dp(self, groups: np.ndarray) -> float:
+    return float(self.group_dp(groups).max())
 
   def pp_edges(self, groups: np.ndarray) -> np.ndarray:
     """k x k bottleneck-matching cost between groups (rows sorted; one direction, one tasklet)."""
@@ -169,16 +174,28 @@ class DtfmObjective:
         else:
           e[a, b] = e[b, a] = v
     if todo:
-      sub = self.pp_link[groups[:, None, :, None], groups[None, :, None, :]]   # [a, b] block
-      for a, b in todo:
-        v = self.cache[(keys[a], keys[b])] = bottleneck_value(sub[a, b])
-        e[a, b] = e[b, a] = v
+      a, b = np.array(todo).T
+      sub = self.pp_link[groups[a][:, :, None], groups[b][:, None, :]]   # [pair] block
+      # every row and column needs an edge: the bottleneck is at least the largest row / column minimum,
+      # and on structured clusters it usually is that bound (checked by one assignment)
+      lower = np.maximum(sub.min(axis=2).max(axis=1), sub.min(axis=1).max(axis=1))
+      for p, (i, j) in enumerate(todo):
+        too_long = sub[p] > lower[p]
+        r, c = linear_sum_assignment(too_long)
+        v = float(lower[p]) if not too_long[r, c].any() else bottleneck_value(sub[p])
+        self.cache[(keys[i], keys[j])] = e[i, j] = e[j, i] = v
     return e
 
   def __call__(self, groups) -> float:
-    g = np.asarray(groups)
-    g = np.sort(g, axis=1)
+    g = np.sort(np.asarray(groups), axis=1)
     return self.dp(g) + 2 * open_path(self.pp_edges(g))[0]
+
+  def ranked(self, groups) -> tuple[float, float]:
+    """(cost, sum of the groups' DP costs): the second part ranks plans of equal cost, so a local
+    search can walk along the plateaus of the max (lowering a group that is not the slowest)."""
+    g = np.sort(np.asarray(groups), axis=1)
+    dp = self.group_dp(g)
+    return float(dp.max()) + 2 * open_path(self.pp_edges(g))[0], float(dp.sum())
 
 
 def plan_link_cost(cluster: Cluster, plan: Plan, c_pp: float, c_dp: float) -> dict:

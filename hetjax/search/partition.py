@@ -2,7 +2,9 @@
 multi-point crossover, partition-size repair, a local search per offspring (one Kernighan-Lin style
 pass of swaps, then exact layer moves by linear assignment), steady-state replacement (an offspring
 replaces the worse of its parents if it is better) and restarts around the best when it stalls.
-Constructive starts: balanced clusterings (`clustered`) and partitions across lines (`transversal`).
+Constructive starts: balanced clusterings (`clustered`) and partitions across lines (`transversal`),
+whose bundling of lines can be searched on the true fitness (`bundle_search`): a move of a whole line
+(e.g. a host) between bundles, which the item swaps of the GA cannot make.
 
 An individual is `assign`: group index per item, with fixed group sizes. The GA minimises a black-box
 `fitness(assign)`; the local search minimises the sum of pair weights W inside groups (the gain function).
@@ -216,14 +218,20 @@ def clustered(w: np.ndarray, sizes: Sequence[int], rng: np.random.Generator, tri
 
 
 def transversal(w_line: np.ndarray, w_group: np.ndarray, k: int, line_len: int, rng: np.random.Generator,
-                tries: int = 3) -> np.ndarray:
+                tries: int = 3, fitness: Optional[Callable[[np.ndarray], object]] = None,
+                evaluations: int = 1000) -> np.ndarray:
   """k groups that cut across lines (pipeline segments over fast links).
 
   Cluster the items into lines of `line_len` items with a small within-line sum of w_line; bundle
-  the lines, most tightly linked first, into k / line_len bundles of n / k lines; each bundle gives
-  line_len groups, one item of each of its lines per group, line by line by an optimal assignment
-  that keeps each group's within sum of w_group small. line_len = k lays whole pipelines over fast
-  links; a shorter line lays pipeline segments (e.g. over 4-GPU hosts when there are 8 stages).
+  the lines into k / line_len bundles of n / k lines; each bundle gives line_len groups, one item of
+  each of its lines per group, line by line by an optimal assignment that keeps each group's within
+  sum of w_group small. line_len = k lays whole pipelines over fast links; a shorter line lays
+  pipeline segments (e.g. over 4-GPU hosts when there are 8 stages).
+
+  The bundling decides which lines share groups, and no swap of single items can change it (that
+  moves a whole line). Without `fitness` the lines are bundled most tightly linked first; with it,
+  the bundling is searched on fitness itself (`bundle_search`), when `evaluations` leave room for
+  four scans of all line swaps (a descent and a few kicks).
   """
   n = len(w_line)
   if k % line_len or n % k:
@@ -231,16 +239,84 @@ def transversal(w_line: np.ndarray, w_group: np.ndarray, k: int, line_len: int, 
   n_lines, per_bundle = n // line_len, n // k
   lines = groups_of(clustered(w_line, [line_len] * n_lines, rng, tries), n_lines)
   lines.sort(key=lambda line: w_line[np.ix_(line, line)].sum())
-  assign = np.full(n, -1)
-  for b in range(k // line_len):
-    bundle = lines[b * per_bundle:(b + 1) * per_bundle]
-    labels = b * line_len + np.arange(line_len)
-    assign[bundle[0]] = rng.permutation(labels)
-    for line in bundle[1:]:
-      cost = np.array([[w_group[v, assign == g].sum() for g in labels] for v in line])
-      rows, cols = linear_sum_assignment(cost)
-      assign[np.asarray(line)[rows]] = labels[cols]
-  return assign
+  lines = [np.asarray(line) for line in lines]
+
+  def build(bundle_of: np.ndarray) -> np.ndarray:
+    assign = np.full(n, -1)
+    for b in range(k // line_len):
+      bundle = [lines[i] for i in np.flatnonzero(bundle_of == b)]
+      assign[bundle[0]] = b * line_len + np.arange(line_len)
+      acc = w_group[:, bundle[0]].copy()     # acc[v, g]: w_group from v to the bundle's group g so far
+      for line in bundle[1:]:
+        rows, cols = linear_sum_assignment(acc[line])
+        assign[line[rows]] = b * line_len + cols
+        acc[:, cols] += w_group[:, line[rows]]
+    return assign
+
+  bundle_of = np.repeat(np.arange(k // line_len), per_bundle)
+  swaps = n_lines * (n_lines - per_bundle) // 2
+  if fitness is None or k // line_len < 2 or 4 * swaps > evaluations:  # no room for a descent and kicks
+    return build(bundle_of)
+  return build(bundle_search(bundle_of, lambda b: fitness(build(b)), rng, evaluations))
+
+
+def better(a, b, rtol: float = 1e-12) -> bool:
+  """a < b for costs that are numbers or tuples compared in order (a tie on one part goes to the next)."""
+  for x, y in zip(np.atleast_1d(a), np.atleast_1d(b)):
+    tol = rtol * (1 + abs(y))
+    if x < y - tol:
+      return True
+    if x > y + tol:
+      return False
+  return False
+
+
+def bundle_search(bundle_of: np.ndarray, fitness: Callable[[np.ndarray], object], rng: np.random.Generator,
+                  evaluations: int = 1000) -> np.ndarray:
+  """Iterated local search over a balanced partition (`bundle_of`: bundle per line) on the true
+  fitness (a number, or a tuple compared in order, so that moves along a plateau of the first part
+  count when they lower the next). Descent: first-improving swaps of two lines of different bundles.
+  Kick: two random swaps of the best bundling that each change its cost (swapping two equivalent
+  lines changes nothing), then descend again, until `evaluations` bundlings were scored (repeats
+  count too, so that a small space ends the search). Returns the best bundling seen."""
+  cache, calls = {}, [0]
+
+  def score(b):
+    calls[0] += 1
+    key = b.tobytes()
+    if key not in cache:
+      cache[key] = fitness(b)
+    return cache[key]
+
+  def descend(b, cost):
+    """The local optimum, its cost and its swap neighbours that change the cost."""
+    while calls[0] < evaluations:
+      pairs = [(i, j) for i in range(len(b)) for j in range(i + 1, len(b)) if b[i] != b[j]]
+      moves = []
+      for p in rng.permutation(len(pairs)):
+        c = b.copy()
+        i, j = pairs[p]
+        c[i], c[j] = b[j], b[i]
+        fc = score(c)
+        if better(fc, cost):
+          b, cost = c, fc
+          break
+        if better(cost, fc):
+          moves.append((i, j))
+      else:
+        return b, cost, moves
+    return b, cost, []
+
+  best, best_cost, moves = descend(bundle_of, score(bundle_of))
+  while moves and calls[0] < evaluations:
+    b = best.copy()
+    for m in rng.choice(len(moves), size=min(2, len(moves)), replace=False):
+      i, j = moves[m]
+      b[i], b[j] = b[j], b[i]
+    b, cost, around = descend(b, score(b))
+    if better(cost, best_cost):
+      best, best_cost, moves = b, cost, around
+  return best
 
 
 def genetic_partition(sizes: Sequence[int], fitness: Callable[[np.ndarray], float], cfg: GAConfig,

@@ -2,8 +2,9 @@
 
 Methods:
   'dtfm'    DT-FM's bi-level search at a fixed shape (D_PP x D_DP, TP 1, equal layers): GA partition
-            minimising DT-FM's cost (dp + 2 pp), started from partitions read from the link matrices,
-            local search by KL passes and exact layer matchings, restarts when it stalls.
+            minimising DT-FM's cost (dp + 2 pp), started from partitions read from the link matrices
+            (transversal ones with their bundling of lines searched on that cost), local search by KL
+            passes and exact layer matchings, restarts when it stalls.
   'hetjax'  DT-FM's machinery plus: choose TP (devices of one host), D_PP and D_DP; uneven layer counts
             from each group's compute under memory caps; fitness = the full step-time model.
   'hybrid'  DT-FM's hybrid baseline: the same GA with DT-FM's hybrid gain only.
@@ -53,6 +54,7 @@ class SearchConfig:
   progress_s: float = 5.0       # progress line this often during long searches (0: never)
   seeds: bool = True            # dtfm: start from partitions read from the link matrices
   seed_variants: int = 4        # dtfm: independent draws of those seeds (the clusterings are randomised)
+  bundle_evaluations: int = 600  # dtfm: true-cost evaluations per search of a seed's bundling of lines
 
 
 # ------------------------------------------------------------------ TP units
@@ -280,16 +282,17 @@ def _ga_config(search: SearchConfig, evaluations: int, population: int) -> GACon
 
 
 def dtfm_seeds(cluster: Cluster, pair: list[np.ndarray], c_pp: float, d_pp: int, d_dp: int,
-               rng: np.random.Generator) -> list[np.ndarray]:
+               rng: np.random.Generator, fitness=None, bundle_evaluations: int = 600) -> list[np.ndarray]:
   """Starting partitions that read the structure from the link matrices, whatever the device
   numbering: groups over fast DP links (clustered by each gain), and groups that cut across
   pipelines, or pipeline segments of every length that divides d_pp, laid over fast PP links
-  (transversal)."""
+  (transversal; with `fitness`, their bundling of lines is searched on it)."""
   seeds = [clustered(w, [d_dp] * d_pp, rng) for w in pair]
   pp_link = cluster.transfer_time(c_pp)
   np.fill_diagonal(pp_link, 0.0)
   if d_dp > 1:
-    seeds += [transversal(pp_link, pair[0], d_pp, line, rng) for line in range(2, d_pp + 1) if d_pp % line == 0]
+    seeds += [transversal(pp_link, pair[0], d_pp, line, rng, fitness=fitness, evaluations=bundle_evaluations)
+              for line in range(2, d_pp + 1) if d_pp % line == 0]
   return seeds
 
 
@@ -319,7 +322,8 @@ def plan_dtfm(cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup, search
     cfg = dataclasses.replace(cfg, label='dtfm search', kl_steps=min(16, max(1, cluster.n // 2)))
     rng = np.random.default_rng(seed + 7919)
     seeds = [a for _ in range(search.seed_variants if search.seeds else 0)
-             for a in dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, rng)]
+             for a in dtfm_seeds(cluster, pair, c_pp, d_pp, d_dp, rng, lambda a: objective.ranked(groups_of(a, d_pp)),
+                                 search.bundle_evaluations)]
   res = genetic_partition([d_dp] * d_pp, fit, cfg, seed, pair, initial=seeds)
   groups = groups_of(res.assign, d_pp)
   d = cm.dtfm_cost(cluster, groups, c_pp, c_dp, ev.cache)
