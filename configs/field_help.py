@@ -124,6 +124,7 @@ HELP = {
     'search.finalists': 'shapes searched in full after screening',
     'search.uneven_layers': 'let stages hold different numbers of layers',
     'search.time_limit': 'seconds per GA run (0: none)',
+    'search.hetero_replicas': 'also consider heterogeneous data-parallel replicas (rebalanced; built from regions, hosts or GPU kinds) and keep the plan predicted fastest',
     'draw': 'write a PNG of the plan',
     # plan_inference (serving)
     'method': 'hetjax (asymmetric stages) | symmetric',

@@ -25,6 +25,6 @@ def get_config():
       c_pp_bytes=0.0, c_dp_bytes=0.0))
   c.search = ml_collections.ConfigDict(dict(
       method='hetjax', d_pp=0, tp=0, population=100, evaluations=5000, screen_evaluations=300,
-      finalists=2, uneven_layers=True, time_limit=0.0))
+      finalists=2, uneven_layers=True, time_limit=0.0, hetero_replicas=False))
   c.draw = True
   return c

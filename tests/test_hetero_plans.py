@@ -59,3 +59,20 @@ def test_constructed_plans_are_valid_and_use_every_device(by):
   assert sorted(plan.devices) == list(range(LAB.n))
   assert sum(plan.replica_micro_batches()) * plan.micro_batch_size == SETUP.global_batch
   assert plan.prediction['total'] == pytest.approx(hr.estimate(plan, LAB, model, SETUP)['total'])
+
+
+def test_best_plan_keeps_the_fastest_candidate_and_scores_them_all():
+  """mode=plan's --config.search.hetero_replicas: the uniform plan against its rebalanced form and
+  island-built replicas, all scored by one model; a hetero plan wins where it is predicted faster."""
+  model = get_model_config('llama2_7b', num_layers=24, max_len=1024)
+  uniform = Plan([Replica([Stage(0, 12, [0, 1]), Stage(12, 24, [8, 9])]),
+                  Replica([Stage(0, 12, [2, 3]), Stage(12, 24, [10, 11])])],
+                 num_layers=24, micro_batches=16, micro_batch_size=1)
+  best, scores = hr.best_plan(uniform, LAB, model, SETUP)
+  names = [name for name, _ in scores]
+  assert names[0] == 'uniform' and len(names) >= 3
+  assert scores[0][1] == pytest.approx(hr.estimate(uniform, LAB, model, SETUP)['total'])
+  fastest = min(t for _, t in scores)
+  assert hr.estimate(best, LAB, model, SETUP)['total'] == pytest.approx(fastest)
+  # this hand-made uniform plan leaves the A100s half idle: something heterogeneous beats it
+  assert best is not uniform and fastest < scores[0][1]

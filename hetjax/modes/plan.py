@@ -48,6 +48,12 @@ def run(cfg, workdir: str) -> None:
     raise HetjaxError(f"train.schedule must be 'gpipe' or '1f1b', got {setup.schedule!r}")
   print(cluster.summary())
   plan = plan_training(cluster, model, setup, search_from(cfg), seed=cfg.seed, model_name=cfg.model)
+  if cfg.search.get('hetero_replicas', False):
+    from hetjax.search import hetero_replicas
+    plan, scores = hetero_replicas.best_plan(plan, cluster, model, setup, cfg.model)
+    uniform, chosen = scores[0][1], min(scores, key=lambda s: s[1])[0]
+    print('heterogeneous replicas, predicted step (gain over the uniform plan): '
+          + '; '.join(f'{name} {t:.3f} s ({uniform / t:.2f}x)' for name, t in scores) + f'; keeping {chosen}')
   print(plan.table(cluster))
   p = plan.prediction
   print(f"step {p['total']:.3f} s = compute {p['compute']:.3f} + bubble {p['bubble']:.3f} + TP {p['tp_comm']:.3f}"

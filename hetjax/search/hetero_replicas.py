@@ -300,3 +300,24 @@ def rebalance(plan: Plan, cluster: Cluster, model: ModelConfig, setup: cm.TrainS
   out.prediction = {k: v for k, v in pred.items() if k != 'replica_pipeline'}
   out.search = {**plan.search, 'rebalanced_from': plan.search.get('method', '?')}
   return out
+
+
+def best_plan(plan: Plan, cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup,
+              model_name: str = '') -> tuple[Plan, list[tuple[str, float]]]:
+  """The uniform `plan` against heterogeneous-replica plans: it rebalanced, and replicas built from
+  regions, hosts and GPU kinds (every device used). Returns the plan with the lowest predicted step
+  (all scored by `estimate`) and each candidate's (name, seconds); candidates that do not fit are
+  left out."""
+  uniform = estimate(plan, cluster, model, setup)['total']
+  cands = [('uniform', uniform, plan)]
+  makers = [('rebalanced', lambda: rebalance(plan, cluster, model, setup))]
+  makers += [(f'islands by {by}', lambda by=by: construct(cluster, model, setup, by, model_name=model_name))
+             for by in ('region', 'host', 'gpu')]
+  for name, make in makers:
+    try:
+      cand = make()
+    except HetjaxError:
+      continue
+    cands.append((name, cand.prediction['total'], cand))
+  best = min(cands, key=lambda c: c[1])
+  return best[2], [(name, t) for name, t, _ in cands]
