@@ -147,8 +147,9 @@ def test_two_process_testbed_applies_quotas_and_cleans_up(tmp_path):
   # times the share each probe saw, and never more cores than its quota over the whole run
   used = re.findall(r'^\s+p(\d)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$', r.stdout, re.M)
   assert len(used) == 2 and 'cores got' in r.stdout, r.stdout
-  for (i, quota, cpu, cores, _), (_, _, share) in zip(used, got):
-    assert float(cpu) >= 1.5 * float(share) * 0.9 and float(cores) <= float(quota) * 1.15 + 0.03
+  share_of = {i: share for i, _, share in got}   # the GOT lines come in whichever order processes print
+  for i, quota, cpu, cores, _ in used:
+    assert float(cpu) >= 1.5 * float(share_of[i]) * 0.9 and float(cores) <= float(quota) * 1.15 + 0.03
   assert not [n for n in os.listdir(f'{testbed.CGROUP_ROOT}/cpu') if n.startswith(testbed.PREFIX)
               and not testbed._alive(int(n.split('-')[1]))]
 
