@@ -298,12 +298,7 @@ class Pipeline:
       self.buffers.warming_up = buffers_lib.warming_up(float(batch.get('epoch', 0.0)),
                                                        self.warmup_epochs)
     sent_before = self._bytes()
-    handler = TrainHandler(self, inputs, targets, None if ids is None else np.asarray(ids), mb,
-                           act_shape)
-    events = self.runtime.run(self.order, handler, self.profile)
-    grads = [self.store.get('step', ('grads', s)) for s in range(len(groups))]
-    losses = [self.store.get('step', ('loss', m)) for m in range(M)]
-    self.store.clear('step')
+    grads, losses, events = self.gradients(inputs, targets, ids, mb, act_shape)
     new_error = {}
     if self.grad_bits:  # per-replica gradients -> their compressed sum, on every replica
       for s, run in enumerate(runners):
@@ -336,6 +331,17 @@ class Pipeline:
       self.timeline = events
       metrics.update(stage_times(events))
     return metrics
+
+  def gradients(self, inputs, targets, ids, mb: int, act_shape):
+    """Run the schedule's forward and backward ops: (per-stage gradient sums, per-micro-batch
+    losses, the runtime's events). The step's state is cleared afterwards."""
+    handler = TrainHandler(self, inputs, targets, None if ids is None else np.asarray(ids), mb,
+                           act_shape)
+    events = self.runtime.run(self.order, handler, self.profile)
+    grads = [self.store.get('step', ('grads', s)) for s in range(len(self.groups))]
+    losses = [self.store.get('step', ('loss', m)) for m in range(self.micro)]
+    self.store.clear('step')
+    return grads, losses, events
 
   def _split(self, batch):
     """Host inputs/targets, rows per micro-batch, and the activation shape between stages."""

@@ -31,7 +31,7 @@ from hetjax.compression.codecs import tree_nbytes
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
 from hetjax.models.model import build_model
-from hetjax.parallel.pipeline import Pipeline, TrainHandler, stage_times
+from hetjax.parallel.pipeline import Pipeline, stage_times
 from hetjax.parallel.trainer import PipelineTrainState
 from hetjax.plan import Plan
 
@@ -91,7 +91,7 @@ class HeteroReplicas:
     self.replicas = [
         Pipeline(dataclasses.replace(plan, replicas=[rep], micro_batches=m, prediction={}, search={}),
                  cfg, tcfg, codec=codec, transport=transport, grad_codec=grad_codec,
-                 colocate=colocate, init_state=full)
+                 colocate=colocate, init_state=full, profile=profile)
         for rep, m in zip(plan.replicas, self.micro)]
     # [replica][stage] -> {parameter path: its sharding}, where reduced gradients go
     self._shardings = [[{p: v[...].sharding for p, v in nnx.to_flat_state(run.params)}
@@ -128,11 +128,7 @@ class HeteroReplicas:
   def _backward(self, pipe: Pipeline, inputs, targets, offset: int):
     """Run replica `pipe`'s schedule: (per-stage gradient sums, per-micro-batch losses, events)."""
     inputs, targets, mb, act_shape = pipe._split({'inputs': inputs, 'targets': targets})
-    events = pipe.runtime.run(pipe.order, TrainHandler(pipe, inputs, targets, None, mb, act_shape),
-                              self.profile)
-    grads = [pipe.store.get('step', ('grads', s)) for s in range(len(pipe.groups))]
-    losses = [pipe.store.get('step', ('loss', m)) for m in range(pipe.micro)]
-    pipe.store.clear('step')
+    grads, losses, events = pipe.gradients(inputs, targets, None, mb, act_shape)
     if pipe.tied:
       grads = pipe._sum_tied(grads)
     for e in events:  # one timeline: replica r's stages after replica r-1's
