@@ -39,7 +39,9 @@ HELP = {
     'pipeline.micro_batch_size': 'sequences per micro-batch (search only)',
     'pipeline.codec': "activation exchange between stages: 'fp32', 'bf16' or bits 2, 3, 4, 8",
     'pipeline.grad_codec': "gradient exchange between stages: 'fp32', 'bf16' or bits 2, 3, 4, 8",
-    'pipeline.transport': "'auto', 'device_put' (one process) or 'pair' (ppermute, multi-controller)",
+    'pipeline.transport': "'auto' (device_put in one process, socket across processes), 'device_put', "
+                          "'pair' (blocking ppermute between processes) or 'socket' (asynchronous, "
+                          "host-staged TCP: sends overlap compute)",
     'pipeline.search_evaluations': 'candidates the plan search evaluates',
     'pipeline.calibrate': 'with plan=search: measure the devices and links first and plan over that',
     'pipeline.profile_every': 'time each stage every N steps and draw timeline.png (0: never)',

@@ -22,6 +22,7 @@ from flax import nnx
 from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
 from hetjax.models.layers import Block, sharding_scope
+from hetjax.parallel.exchange import resolve
 
 
 @dataclasses.dataclass
@@ -112,8 +113,8 @@ def ping_pong(transport, src, dst, nbytes: int, reps: int = 5) -> float | None:
   times = []
   for _ in range(reps + 1):  # the first trip compiles
     t = time.perf_counter()
-    back = transport.move(msg, shape, src, dst)
-    got = transport.move(back, shape, dst, src)
+    back = resolve(transport.move(msg, shape, src, dst))
+    got = resolve(transport.move(back, shape, dst, src))
     if got is not None:
       jax.block_until_ready(got)
     times.append(time.perf_counter() - t)

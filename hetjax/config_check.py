@@ -44,7 +44,7 @@ RULES = {
     'pipeline.plan': ('str', None), 'pipeline.cluster': ('str', None),
     'pipeline.schedule': ('str', ('gpipe', '1f1b')), 'pipeline.micro_batch_size': ('int', 1, BIG),
     'pipeline.codec': ('str', None), 'pipeline.grad_codec': ('str', None),
-    'pipeline.transport': ('str', ('auto', 'device_put', 'pair')),
+    'pipeline.transport': ('str', ('auto', 'device_put', 'pair', 'socket')),
     'pipeline.search_evaluations': ('int', 1, MAX_EVALUATIONS),
     'pipeline.profile_every': ('int', 0, BIG), 'pipeline.calibrate': ('bool',),
     # generation

@@ -2,7 +2,7 @@
 write a calibrated cluster file (see hetjax/calibration.py for the method).
 
 One process: the first calibrate.devices local devices, links over DevicePutTransport. Several
-processes (hetjax.launch): one device per process, links over PairPermuteTransport, with the
+processes (hetjax.launch): one device per process, links over SocketTransport (as training), with the
 launcher's emulated latency (if any) applied as in training. The fitted efficiency of each device
 (measured rate / catalog peak) is reported; the file's `tflops` are the measured rates and it says
 `measured: true`, so mode=plan and plan=search use efficiency 1.0 over it. `measure` is also what
@@ -44,7 +44,8 @@ def measure(mcfg, micro_batch: int, seq_len: int, reps: int, sizes: tuple[int, i
   """Measure `devices` (device i stands for `base` device base_ids[i], whose GPU name, host,
   region and memory it keeps) and the links between them; the calibrated cluster dict."""
   from hetjax.parallel.emulated_link import from_environment
-  from hetjax.parallel.exchange import DevicePutTransport, PairPermuteTransport
+  from hetjax.parallel.exchange import DevicePutTransport
+  from hetjax.parallel.socket_transport import SocketTransport
   n = len(devices)
   load = os.getloadavg()[0]
   say(f'calibrating {n} device(s) at micro-batch {micro_batch} x seq {seq_len}; machine load '
@@ -59,7 +60,8 @@ def measure(mcfg, micro_batch: int, seq_len: int, reps: int, sizes: tuple[int, i
   rates = 3 * flops / (fwd + bwd) / 1e12
 
   multi = jax.process_count() > 1
-  transport = from_environment(PairPermuteTransport() if multi else DevicePutTransport(), say)
+  # The transport training uses by default (pipeline.transport=auto), so links are measured as used.
+  transport = from_environment(SocketTransport() if multi else DevicePutTransport(), say)
   times = np.full((2, n, n), -np.inf)
   for i in range(n):
     for j in range(i + 1, n):

@@ -23,6 +23,7 @@ def pipeline_state_factory(cfg, mcfg, workdir):
   if pcfg is None or not pcfg.plan:
     return None
   from hetjax.parallel.exchange import DevicePutTransport, PairPermuteTransport
+  from hetjax.parallel.socket_transport import SocketTransport
   from hetjax.modes.planning import training_plan
   from hetjax.parallel.replicas import make_pipeline, train_state  # heterogeneous replicas too
   say = print if is_leader() else (lambda *a, **k: None)
@@ -35,13 +36,15 @@ def pipeline_state_factory(cfg, mcfg, workdir):
     say(f're-planned over the {jax.process_count()} remaining processes:\n{plan.table()}')
   if is_leader():
     plan.save(os.path.join(workdir, 'plan.json'))
-  transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport}
+  transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport,
+                'socket': SocketTransport}
   from hetjax.parallel.emulated_link import with_environment  # launcher --emulate: user-space latency
   transports = {k: with_environment(v, say) for k, v in transports.items()}
   kind = pcfg.transport if pcfg.transport != 'auto' else (
-      'pair' if jax.process_count() > 1 else 'device_put')
+      'socket' if jax.process_count() > 1 else 'device_put')
   if kind not in transports:
-    raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put' or 'pair', got {pcfg.transport!r}")
+    raise HetjaxError(f"pipeline.transport must be 'auto', 'device_put', 'pair' or 'socket', got "
+                      f"{pcfg.transport!r}")
   codec, grad_codec = make_codec(pcfg.codec, cfg.get('aqsgd')), make_codec(pcfg.grad_codec)
   grad_bits = dp_grad_bits(cfg)
   if grad_bits and plan.dp == 1:

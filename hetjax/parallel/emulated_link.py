@@ -1,8 +1,11 @@
 """EMULATION ONLY: per-link one-way latency added in user space around a real transport.
 
 The kernel here has no netem, so the launcher's --emulate cannot delay packets. Instead the
-receiving side of each transfer waits the link's one-way delay once the data has arrived: once per
-`move` (one message, however many leaves its pytree has), never once per leaf. Bandwidth stays
+receiving side of each transfer sees the data the link's one-way delay after it arrived: once per
+`move` (one message, however many leaves its pytree has), never once per leaf. With an
+asynchronous transport (a Deferred message) the delay runs from the arrival, alongside whatever
+the receiver computes meanwhile, as a delayed packet would; a blocking transport sleeps it after
+the transfer. Bandwidth stays
 shaped by tc tbf in the kernel. The delays come from the cluster's delay matrix between processes,
 which the launcher exports as HETJAX_LINK_DELAY_MS (a JSON matrix, ms, indexed by process).
 """
@@ -18,6 +21,7 @@ import jax
 import numpy as np
 
 from hetjax.errors import HetjaxError
+from hetjax.parallel.exchange import Deferred
 
 ENV = 'HETJAX_LINK_DELAY_MS'
 
@@ -33,12 +37,25 @@ class EmulatedLatencyTransport:
 
   def move(self, wire, wire_shape, src, dst):
     got = self.inner.move(wire, wire_shape, src, dst)
-    if dst.process_index == jax.process_index():  # the receiver sees the data one delay later
-      wait = self.delay_s(src, dst)
-      if wait > 0:
-        self.sleep(wait)
-        self.waited_s += wait
+    if dst.process_index != jax.process_index() or got is None:
+      return got
+    wait = self.delay_s(src, dst)
+    if wait <= 0:
+      return got
+    if isinstance(got, Deferred):  # asynchronous: the data is usable one delay after it arrived
+      return Deferred(lambda: self._after_delay(got, wait))
+    self.sleep(wait)  # blocking transport: the receiver sees the data one delay later
+    self.waited_s += wait
     return got
+
+  def _after_delay(self, got: Deferred, wait: float):
+    value = got.result()
+    arrived = got.arrived_s if got.arrived_s is not None else time.perf_counter()
+    left = arrived + wait - time.perf_counter()
+    if left > 0:
+      self.sleep(left)
+      self.waited_s += left
+    return value
 
 
 def process_delays(matrix_ms) -> Callable:

@@ -24,6 +24,24 @@ from hetjax.parallel.meshes import StageGroup
 from hetjax.parallel.state import SampleState
 
 
+class Deferred:
+  """A value that arrives later (a message still on the wire): `result()` waits for it, once.
+  `arrived_s` (perf_counter) is when its data arrived, where the transport knows it."""
+
+  def __init__(self, make):
+    self._make, self._value, self.arrived_s = make, None, None
+
+  def result(self):
+    if self._make is not None:
+      self._value, self._make = self._make(), None
+    return self._value
+
+
+def resolve(x):
+  """x's value: waits for a Deferred, returns anything else as it is."""
+  return x.result() if isinstance(x, Deferred) else x
+
+
 def _mine(device) -> bool:
   return device.process_index == jax.process_index()
 
@@ -123,10 +141,12 @@ class Exchange:
       state.prefetch(next_ids)
 
   def send(self, x, src: StageGroup, dst: StageGroup, shape, dtype=jnp.float32,
-           batch_sharded: bool = True, key=None, ids=None, next_ids=None):
+           batch_sharded: bool = True, key=None, ids=None, next_ids=None, lazy: bool = False):
     """Move global array `x` of `shape` (on src's mesh; None on processes without src devices) to
     dst's mesh. Batch-sharded arrays travel as one slice per replica; replicated ones travel whole
-    to every replica. Returns the array on dst's mesh where this process owns dst devices.
+    to every replica. Returns the array on dst's mesh where this process owns dst devices (with
+    `lazy`, a Deferred of it: decoding waits until the consumer needs it, so an asynchronous
+    transport's message can still be on the wire).
     `next_ids`: the samples of the next message with this key; each side that keeps state starts
     reading their rows now (a state with `prefetch`), overlapped with the compute in between."""
     encode, decode = _coders(self.codec)
@@ -135,7 +155,7 @@ class Exchange:
     piece_shape = (rows, *shape[1:])
     if self.stateful and ids is None:
       raise HetjaxError(f'codec {self.codec.name} keeps per-sample state: its messages need sample ids')
-    pieces = {}
+    arriving = []  # (replica, what the transport returned, receiver's state rows, ids, next ids)
     for r in range(dp):
       s_dev, d_dev = src.leader(r), dst.leader(r)
       piece_ids = None if ids is None else np.asarray(ids)[r * rows:(r + 1) * rows]
@@ -157,12 +177,19 @@ class Exchange:
         self.bytes_sent += tree_nbytes(wire)
       got = self.transport.move(wire, wire_shape, s_dev, d_dev)
       if got is not None:
-        pieces[r], new = decode(got, recv_state, dtype=dtype)
-        if self.stateful:
-          self._update(self.state(key, r, 'recv'), piece_ids, new, next_piece)
+        arriving.append((r, got, recv_state, piece_ids, next_piece))
     if not dst.is_local:
       return None
-    sharding = dst.batch_sharding(len(shape)) if batch_sharded else dst.replicated
-    local = [jax.device_put(pieces[r], d) for r in range(dp) for d in dst.replica_devices(r)
-             if _mine(d)]
-    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, local)
+
+    def receive():
+      pieces = {}
+      for r, got, recv_state, piece_ids, next_piece in arriving:
+        pieces[r], new = decode(resolve(got), recv_state, dtype=dtype)
+        if self.stateful:
+          self._update(self.state(key, r, 'recv'), piece_ids, new, next_piece)
+      sharding = dst.batch_sharding(len(shape)) if batch_sharded else dst.replicated
+      local = [jax.device_put(pieces[r], d) for r in range(dp) for d in dst.replica_devices(r)
+               if _mine(d)]
+      return jax.make_array_from_single_device_arrays(tuple(shape), sharding, local)
+
+    return Deferred(receive) if lazy else receive()

@@ -31,7 +31,7 @@ from hetjax.models.model import build_model, split_state
 from hetjax.parallel import dp_grads
 from hetjax.parallel.exchange import DevicePutTransport, Exchange
 from hetjax.parallel.meshes import StageGroup, build_stage_groups, place
-from hetjax.parallel.runtime import Message, Runtime, sum_over_processes
+from hetjax.parallel.runtime import Message, Runtime, gather_events, sum_over_processes
 from hetjax.parallel.schedules import forward, global_order, train
 from hetjax.parallel.state import StateStore
 from hetjax.plan import Plan
@@ -282,6 +282,7 @@ class Pipeline:
                                 self.grad_bits)
                     if g.is_local else None for g, p in zip(self.groups, stage_params)]
     self.timeline: list[dict] = []
+    self._profiled = 0  # profiled steps so far (names each gather of their events)
 
   # ---- one training step
   def step(self, batch: dict) -> dict:
@@ -328,8 +329,9 @@ class Pipeline:
     metrics = {'loss': float(loss), 'grad_norm': norm, 'bytes_sent': int(sent),
                'dp_bytes_sent': int(dp_sent)}
     if self.profile:
-      self.timeline = events
-      metrics.update(stage_times(events))
+      self._profiled += 1
+      self.timeline = gather_events(events, f'timeline/{self._profiled}')
+      metrics.update(stage_times(self.timeline))
     return metrics
 
   def gradients(self, inputs, targets, ids, mb: int, act_shape):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 
 import jax
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hetjax.parallel.exchange import Exchange
+from hetjax import distributed
+from hetjax.parallel.exchange import Exchange, resolve
 from hetjax.parallel.meshes import StageGroup
 from hetjax.parallel.schedules import Op
 
@@ -55,16 +57,19 @@ class Runtime:
     self.groups, self.exchanges = groups, exchanges
 
   def run(self, order: list[Op], handler, profile: bool = False, clock_start: float | None = None):
-    """Execute `order`. With `profile`, each op and its sends are waited for (which serialises
-    them) and a timeline of {kind, stage, micro, step, tick, start_s, compute_end_s, end_s} is
-    returned; otherwise an empty list."""
+    """Execute `order`. A received message is waited for only when the op that needs it runs (an
+    asynchronous transport's message may still be on the wire until then). With `profile`, each
+    op is waited for (which serialises a process's ops) and a timeline of this process's ops,
+    {kind, stage, micro, step, tick, start_s, compute_end_s, end_s, wait_s, process}, is returned
+    (wait_s: waiting for received messages, before start_s); otherwise an empty list."""
     t_start = time.perf_counter() if clock_start is None else clock_start
     sends_to = consumers(order)
     inbox: dict = {}
     events = []
     for op in order:
       group = self.groups[op.stage]
-      received = {d: inbox.pop((d, op.id)) for d in op.deps if (d, op.id) in inbox}
+      t_wait = time.perf_counter()
+      received = {d: resolve(inbox.pop((d, op.id))) for d in op.deps if (d, op.id) in inbox}
       t0 = time.perf_counter()
       out = handler.compute(op, received) if group.is_local else None
       if profile:
@@ -74,19 +79,27 @@ class Runtime:
         msg = handler.message(op, consumer)
         got = self.exchanges[msg.channel].send(out, group, self.groups[consumer.stage], msg.shape,
                                                msg.dtype, msg.batch_sharded, msg.key, msg.ids,
-                                               msg.next_ids)
+                                               msg.next_ids, lazy=True)
         if got is not None:
           inbox[(op.id, consumer.id)] = got
-          if profile:
-            jax.block_until_ready(got)
-      if profile:
+      if profile and group.is_local:  # only ops this process runs: others would time nothing
         events.append({'kind': op.kind, 'stage': op.stage, 'micro': op.micro, 'step': op.step,
                        'tick': op.tick, 'start_s': t0 - t_start, 'compute_end_s': t1 - t_start,
-                       'end_s': time.perf_counter() - t_start})
+                       'end_s': time.perf_counter() - t_start, 'wait_s': t0 - t_wait,
+                       'process': jax.process_index()})
     return events
 
   def bytes_sent(self) -> int:
     return sum(e.bytes_sent for e in set(self.exchanges.values()))
+
+
+def gather_events(events: list[dict], name: str) -> list[dict]:
+  """Every process's profiled events (runtime.run) on every process, in process order; `name`
+  unique per use. Each process times from its own step start; steps start together (the previous
+  step ends with a sum over processes)."""
+  if jax.process_count() == 1:
+    return events
+  return [e for text in distributed.gather_text(name, json.dumps(events)) for e in json.loads(text)]
 
 
 @functools.lru_cache(maxsize=1)
