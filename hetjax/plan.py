@@ -329,7 +329,8 @@ class Plan:
       lines.append(f'{k:>5} {rng:>9} {s.num_layers if s else "":>3} {s.tp if s else "":>3}  '
                    f'{" | ".join(cells)} {tag}')
     if self.prediction:
-      keys = [k for k in ('total', 'compute', 'bubble', 'pp_comm', 'tp_comm', 'dp_comm') if k in self.prediction]
+      keys = [k for k in ('total', 'compute', 'bubble', 'pp_comm', 'tp_comm', 'dp_comm',
+                                  'tied_comm') if k in self.prediction]
       lines.append('predicted step (s): ' + '  '.join(f'{k}={self.prediction[k]:.3f}' for k in keys))
     return '\n'.join(lines)
 

@@ -66,6 +66,26 @@ def test_step_time_by_hand():
   assert out['total'] == pytest.approx(out['compute'] + out['dp_comm'])
 
 
+def test_tied_table_exchange_by_hand():
+  """The tied table's gradient crosses the first-last link once each way, at the same time."""
+  m = get_model_config('gpt3_xl')
+  assert m.tie_embeddings
+  c = _cluster(3)
+  c.bandwidth_gbps[0, 2], c.delay_ms[2, 0] = 2.0, 30.0   # the slower direction decides
+  setup = cm.TrainSetup(global_batch=4, seq_len=2048, efficiency=0.5)
+  plan = Plan([Replica([Stage(0, 8, [0]), Stage(8, 16, [1]), Stage(16, 24, [2])])], 24,
+              micro_batches=4)
+  table = m.vocab_size * m.hidden * 4
+  want = max(table * 8 / 2e9 + 0.01, table * 8 / 8e9 + 0.03)
+  out = cm.estimate(plan, c, m, setup)
+  assert out['tied_comm'] == pytest.approx(want)
+  assert out['total'] == pytest.approx(out['pipeline'] + out['dp_comm'] + want)
+  one_device = Plan([Replica([Stage(0, 24, [0])])], 24, micro_batches=4)
+  untied = get_model_config('gpt3_xl', tie_embeddings=False)
+  assert cm.estimate(one_device, c, m, setup)['tied_comm'] == 0.0
+  assert cm.estimate(plan, c, untied, setup)['tied_comm'] == 0.0
+
+
 def test_memory_check_rejects_overfull_plan():
   m = get_model_config('llama2_70b')
   c = _cluster(1, gpu='T4')

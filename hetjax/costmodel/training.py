@@ -342,9 +342,28 @@ def dp_sync_time(plan: Plan, cluster: Cluster, model: ModelConfig, setup: TrainS
   return worst
 
 
+def tied_sync_time(plan: Plan, cluster: Cluster, model: ModelConfig, setup: TrainSetup) -> float:
+  """A tied token table's gradient crosses between each replica's first and last stage after the
+  pipeline, both ways at once (each side then holds the sum): table bytes / bandwidth + one-way
+  latency of the slower direction; 0 for untied tables or a table on one device. Max over replicas."""
+  if not model.tie_embeddings:
+    return 0.0
+  nbytes = model.vocab_size * model.hidden * setup.grad_bytes
+  worst = 0.0
+  for rep in plan.replicas:
+    i, j = rep.stages[0].devices[0], rep.stages[-1].devices[0]
+    if i == j:
+      continue
+    worst = max(worst, *(nbytes * 8 / (cluster.bandwidth_gbps[a, b] * 1e9) + cluster.delay_ms[a, b] / 1e3
+                         for a, b in ((i, j), (j, i))))
+  return worst
+
+
 def estimate(plan: Plan, cluster: Cluster, model: ModelConfig, setup: TrainSetup, exact: bool = True) -> dict:
   """Predicted step time of a training plan (seconds) with an additive breakdown:
-  total = compute + bubble + tp_comm + pp_comm + dp_comm, taken from the slowest replica."""
+  total = compute + bubble + tp_comm + pp_comm + dp_comm + tied_comm, the pipeline terms taken from
+  the slowest replica. The pipeline overlaps sends with compute (the runtime's socket transport
+  between processes does: transfers are asynchronous)."""
   m = plan.micro_batches
   best = None
   for r in range(plan.dp):
@@ -366,7 +385,8 @@ def estimate(plan: Plan, cluster: Cluster, model: ModelConfig, setup: TrainSetup
     if best is None or row['pipeline'] > best['pipeline']:
       best = row
   best['dp_comm'] = dp_sync_time(plan, cluster, model, setup)
-  best['total'] = best['pipeline'] + best['dp_comm']
+  best['tied_comm'] = tied_sync_time(plan, cluster, model, setup)
+  best['total'] = best['pipeline'] + best['dp_comm'] + best['tied_comm']
   tokens = setup.global_batch * setup.seq_len
   best['tokens_per_s'] = tokens / best['total']
   return {k: float(v) for k, v in best.items()}

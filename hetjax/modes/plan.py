@@ -57,7 +57,8 @@ def run(cfg, workdir: str) -> None:
   print(plan.table(cluster))
   p = plan.prediction
   print(f"step {p['total']:.3f} s = compute {p['compute']:.3f} + bubble {p['bubble']:.3f} + TP {p['tp_comm']:.3f}"
-        f" + PP {p['pp_comm']:.3f} + DP {p['dp_comm']:.3f}; {p['tokens_per_s']:.0f} tokens/s"
+        f" + PP {p['pp_comm']:.3f} + DP {p['dp_comm']:.3f} + tied table {p.get('tied_comm', 0.0):.3f}; "
+        f"{p['tokens_per_s']:.0f} tokens/s"
         + (f"; DT-FM cost {p['dtfm_cost']:.3f} s" if 'dtfm_cost' in p else ''))
   s = plan.search
   print(f"search: {s['method']} shape (tp, d_pp, d_dp)={tuple(s.get('shape', ()))} "

@@ -29,7 +29,7 @@ from hetjax.errors import HetjaxError
 from hetjax.models.config import ModelConfig
 from hetjax.models.model import build_model, split_state
 from hetjax.parallel import dp_grads
-from hetjax.parallel.exchange import DevicePutTransport, Exchange
+from hetjax.parallel.exchange import DevicePutTransport, Exchange, resolve
 from hetjax.parallel.meshes import StageGroup, build_stage_groups, place
 from hetjax.parallel.runtime import Message, Runtime, gather_events, sum_over_processes
 from hetjax.parallel.schedules import forward, global_order, train
@@ -374,9 +374,10 @@ class Pipeline:
     def table(s):
       return None if grads[s] is None else dict(nnx.to_flat_state(grads[s]))[TIED]
     shape = (self.cfg.vocab_size, self.cfg.hidden)
-    to_first = self.exchanges['tied'].send(table(-1), last, first, shape, batch_sharded=False)
-    to_last = self.exchanges['tied'].send(table(0), first, last, shape, batch_sharded=False)
-    for s, other in ((0, to_first), (len(grads) - 1, to_last)):
+    # Both ways at once: each side sends before it waits for the other's table.
+    to_first = self.exchanges['tied'].send(table(-1), last, first, shape, batch_sharded=False, lazy=True)
+    to_last = self.exchanges['tied'].send(table(0), first, last, shape, batch_sharded=False, lazy=True)
+    for s, other in ((0, resolve(to_first)), (len(grads) - 1, resolve(to_last))):
       if grads[s] is not None:
         flat = dict(nnx.to_flat_state(grads[s]))
         flat[TIED] = flat[TIED].replace(flat[TIED][...] + other)

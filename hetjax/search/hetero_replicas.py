@@ -79,13 +79,15 @@ def replica_plan(plan: Plan, r: int, micro_batches: int) -> Plan:
 def estimate(plan: Plan, cluster: Cluster, model: ModelConfig, setup: cm.TrainSetup,
              exact: bool = True) -> dict:
   """Predicted step (seconds): the slowest replica's pipeline row of cm.estimate for its share, with
-  dp_comm = the per-layer all-reduce; plus 'replica_pipeline' (each replica's pipeline seconds)."""
+  dp_comm = the per-layer all-reduce and the slowest tied-table exchange; plus 'replica_pipeline'
+  (each replica's pipeline seconds)."""
   micro = plan.replica_micro_batches()
   rows = [cm.estimate(replica_plan(plan, r, m), cluster, model, setup, exact)
           for r, m in enumerate(micro)]
   slowest = dict(max(rows, key=lambda x: x['pipeline']))
   slowest['dp_comm'] = allreduce_time(plan, cluster, model, setup)
-  slowest['total'] = slowest['pipeline'] + slowest['dp_comm']
+  slowest['tied_comm'] = max(x['tied_comm'] for x in rows)
+  slowest['total'] = slowest['pipeline'] + slowest['dp_comm'] + slowest['tied_comm']
   slowest['tokens_per_s'] = setup.global_batch * setup.seq_len / slowest['total']
   slowest['replica_pipeline'] = [x['pipeline'] for x in rows]
   return slowest
