@@ -116,7 +116,8 @@ HELP = {
     'train.efficiency': 'achieved fraction of peak TFLOP/s in the cost model (0: 1.0 over a measured '
                         'cluster, else 0.4)',
     'train.activation_bits': 'bits per activation value on the wire between stages (16: uncompressed)',
-    'train.recompute': 'activation recomputation in the memory model',
+    'train.recompute': 'activation recomputation (backward = 3x forward, inputs kept per layer); the '
+                       'pipeline runtime recomputes, so set it for plans that runtime will run',
     'search.method': 'hetjax | dtfm | hybrid | random | index',
     'search.d_pp': 'pipeline stages (0: searched)',
     'search.tp': 'tensor-parallel degree (0: searched over 1, 2, 4, 8)',

@@ -165,7 +165,7 @@ def run_scenario(name, out):
   from hetjax.models.config import get_model_config
   model = get_model_config('tiny_gpt', num_layers=FLAGS.layers)
   setup = TrainSetup(global_batch=BATCH, seq_len=SEQ, micro_batch_size=MICRO, efficiency=1.0,
-                     act_bytes=ACT_BYTES)
+                     act_bytes=ACT_BYTES, recompute=True)  # the runtime's backward recomputes
   nominal_path = os.path.abspath(os.path.join(out, f'{name}.json'))
   n = cluster_file(nominal_path, name)
   print(f'scenario {name}: {n} processes (machine load {os.getloadavg()[0]:.1f})', flush=True)

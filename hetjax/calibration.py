@@ -86,6 +86,60 @@ def measure_layer(mcfg: ModelConfig, micro_batch: int, seq_len: int, device, rep
 
 
 @dataclasses.dataclass
+class RuntimeOverhead:
+  op_s: float               # host time of one stage op beyond its compute (dispatch, exchange, sums)
+  update_s_per_layer: float  # a step's epilogue (tied sum, norms, AdamW update) per layer of a stage
+
+
+# The optimizer settings of the timed epilogue (AdamW costs the same whatever its rates).
+TIMING_OPTIMIZER = dict(steps=100, lr=1e-3, warmup_steps=0, min_lr_ratio=0.1, weight_decay=0.1,
+                        clip_norm=1.0)
+
+
+def measure_runtime(mcfg: ModelConfig, micro_batch: int, seq_len: int, device, layer: LayerRate,
+                    reps: int = 5, seed: int = 0) -> RuntimeOverhead:
+  """What the pipeline runtime costs on `device` beyond the layers' compute, timed on the runtime
+  itself: two 1-layer stages on the device, M = 2 and 4 micro-batches. A step's schedule takes
+  fixed + M x (4 ops x op_s + compute per micro-batch), the compute from `layer` (stage 0 runs the
+  forward, then a recomputed forward + backward; stage 1 its forward + backward and the head's, in
+  one op); the slope over M gives op_s. The epilogue is timed as the step runs it (without the sum
+  over processes, so processes calibrating at once do not wait for each other)."""
+  from hetjax.costmodel.training import head_flops_per_token
+  from hetjax.parallel.pipeline import Pipeline
+  from hetjax.plan import Plan, Replica, Stage
+  import ml_collections
+  two = dataclasses.replace(mcfg, num_layers=2)
+  tcfg = ml_collections.ConfigDict(dict(TIMING_OPTIMIZER, seq_len=seq_len))
+  where = jax.devices().index(device)
+  rng = np.random.default_rng(seed)
+  per_micro, pipe, grads = {}, None, None
+  for m in (2, 4):
+    # Two plan devices that colocate wraps onto this one.
+    plan = Plan([Replica([Stage(0, 1, [where]), Stage(1, 2, [where + len(jax.devices())])])],
+                num_layers=2, micro_batches=m, micro_batch_size=micro_batch)
+    pipe = Pipeline(plan, two, tcfg, seed=seed, colocate=True)
+    tokens = rng.integers(0, two.vocab_size, (m * micro_batch, seq_len))
+    inputs, targets, mb, act_shape = pipe._split({'inputs': tokens, 'targets': tokens})
+    run = lambda: jax.block_until_ready(pipe.gradients(inputs, targets, None, mb, act_shape)[0])
+    per_micro[m] = _mean_time(run, reps)[0]
+  grads = pipe.gradients(inputs, targets, None, mb, act_shape)[0]
+
+  def epilogue():
+    summed = pipe._sum_tied(list(grads))
+    for s, r in enumerate(pipe.runners):
+      float(r.programs.sq_norm(summed[s], s == 1))
+      r.params, r.opt_state = r.programs.update(r.params, r.opt_state, summed[s], jnp.float32(1e-9))
+    return [r.params for r in pipe.runners]
+
+  epilogue_s = _mean_time(epilogue, reps)[0]
+  s_per_flop = layer.forward_s / layer.forward_flops
+  head = 3 * micro_batch * seq_len * head_flops_per_token(two) * s_per_flop
+  compute = 3 * layer.forward_s + 2 * layer.backward_s + head
+  op_s = max((per_micro[4] - per_micro[2]) / 2 - compute, 0.0) / 4
+  return RuntimeOverhead(op_s, epilogue_s / 2)
+
+
+@dataclasses.dataclass
 class LinkFit:
   latency_s: float
   bandwidth_gbps: float
@@ -122,7 +176,8 @@ def ping_pong(transport, src, dst, nbytes: int, reps: int = 5) -> float | None:
 
 
 def calibrated_cluster(name: str, rates_tflops, delay_ms, bandwidth_gbps, gpus, memory_gb,
-                       date: str, details: dict, hosts=None, regions=None) -> dict:
+                       date: str, details: dict, hosts=None, regions=None, op_overhead_s=None,
+                       update_s_per_layer=None) -> dict:
   """A configs/clusters/*.json full-form dict, one device per host (default names p<i>), marked
   as measured."""
   n = len(rates_tflops)
@@ -135,6 +190,9 @@ def calibrated_cluster(name: str, rates_tflops, delay_ms, bandwidth_gbps, gpus, 
   return {'name': name, 'measured': True, 'date': date,
           'devices': [{'id': i, 'gpu': gpus[i], 'host': hosts[i] if hosts else f'p{i}',
                        'region': regions[i] if regions else 'measured',
-                       'tflops': float(rates_tflops[i]), 'memory_gb': float(memory_gb[i])}
+                       'tflops': float(rates_tflops[i]), 'memory_gb': float(memory_gb[i]),
+                       **({} if op_overhead_s is None else
+                          {'op_overhead_s': float(op_overhead_s[i]),
+                           'update_s_per_layer': float(update_s_per_layer[i])})}
                       for i in range(n)],
           'delay_ms': delay.tolist(), 'bandwidth_gbps': bw.tolist(), 'calibration': details}

@@ -59,6 +59,9 @@ class Device:
   tflops: Optional[float] = None     # measured/overridden peak; None -> catalog
   memory_gb: Optional[float] = None  # overridden capacity; None -> catalog
   mem_bw_gbs: Optional[float] = None  # measured memory bandwidth, GB/s; None -> catalog
+  # Measured by mode=calibrate on the pipeline runtime (None -> 0: datasheet clusters have none):
+  op_overhead_s: Optional[float] = None       # host seconds per stage op beyond its compute
+  update_s_per_layer: Optional[float] = None  # a training step's epilogue per layer of a stage
 
 
 @dataclasses.dataclass
@@ -102,6 +105,9 @@ class Cluster:
         for name in ('tflops', 'memory_gb', 'mem_bw_gbs'):
           if getattr(d, name) is not None:
             checks.real(getattr(d, name), f'device {i} {name}', 0, 1e9, lo_open=True)
+        for name in ('op_overhead_s', 'update_s_per_layer'):
+          if getattr(d, name) is not None:
+            checks.real(getattr(d, name), f'device {i} {name}', 0, 1e6)
     except HetjaxError as e:
       raise HetjaxError(f'cluster {self.name!r}: {e}') from None
     for what, m in (('delay_ms', self.delay_ms), ('bandwidth_gbps', self.bandwidth_gbps)):
@@ -143,6 +149,12 @@ class Cluster:
   def mem_bw_gbs(self, i: int) -> float:
     d = self.devices[i]
     return d.mem_bw_gbs if d.mem_bw_gbs is not None else self.spec(i).mem_bw_gbs
+
+  def op_overhead_s(self, i: int) -> float:
+    return self.devices[i].op_overhead_s or 0.0
+
+  def update_s_per_layer(self, i: int) -> float:
+    return self.devices[i].update_s_per_layer or 0.0
 
   def tflops_array(self) -> np.ndarray:
     return np.array([self.tflops(i) for i in range(self.n)])
@@ -248,7 +260,7 @@ def _from_compact(d: dict[str, Any], name: str) -> Cluster:
     for g, grp in enumerate(groups):
       grp = checks.mapping(grp, f'device group {g}')
       unknown = set(grp) - {'gpu', 'host', 'region', 'count', 'per_host', 'tflops', 'memory_gb',
-                          'mem_bw_gbs'}
+                          'mem_bw_gbs', 'op_overhead_s', 'update_s_per_layer'}
       if unknown:
         raise HetjaxError(f'device group {g} has unknown field(s) {sorted(unknown)}')
       count = checks.integer(grp.get('count', 1), f'device group {g} count', 1, MAX_DEVICES)
@@ -260,7 +272,8 @@ def _from_compact(d: dict[str, Any], name: str) -> Cluster:
       for k in range(count):
         devs.append(Device(len(devs), checks.text(grp.get('gpu'), f'device group {g} gpu'),
                            host if count == per_host else f'{host}-{k // per_host}', region,
-                           grp.get('tflops'), grp.get('memory_gb'), grp.get('mem_bw_gbs')))
+                           grp.get('tflops'), grp.get('memory_gb'), grp.get('mem_bw_gbs'),
+                           grp.get('op_overhead_s'), grp.get('update_s_per_layer')))
     links = checks.mapping(d.get('links'), 'links')
     unknown = set(links) - {'intra_host', 'intra_region', 'inter_region', 'inter_region_default'}
     if unknown:

@@ -214,6 +214,8 @@ def test_calibrate_mode_writes_a_measured_cluster(tmp_path):
   assert d['measured'] is True and d['date'] and len(d['devices']) == 2
   cluster = Cluster.from_dict(d)
   assert np.all(cluster.tflops_array() > 0) and cluster.bandwidth_gbps[0, 1] > 0
+  # The runtime's own host time was timed too: an AdamW update takes time; op overhead is >= 0.
+  assert all(cluster.update_s_per_layer(i) > 0 and cluster.op_overhead_s(i) >= 0 for i in range(2))
 
 
 def test_tbf_bucket_keeps_the_latency_bias_near_a_millisecond():
@@ -238,6 +240,31 @@ def test_measured_cluster_plans_with_efficiency_one():
     Cluster.from_dict({**d, 'measured': 'yes'})
   with pytest.raises(HetjaxError):
     efficiency_for(plain, float('nan'))
+
+
+def test_measured_runtime_overheads_enter_the_prediction_by_hand():
+  from hetjax.cluster import Cluster
+  from hetjax.costmodel import training as cm
+  from hetjax.models.config import get_model_config
+  from hetjax.plan import Plan, Replica, Stage
+  d = {'devices': [{'gpu': 'CPU', 'host': 'a', 'region': 'r', 'tflops': 0.01}] * 2,
+       'delay_ms': [[0, 1], [1, 0]], 'bandwidth_gbps': [[0, 1], [1, 0]], 'measured': True}
+  timed = {**d, 'devices': [{**d['devices'][0], 'op_overhead_s': 0.002, 'update_s_per_layer': 0.01},
+                            {**d['devices'][0], 'op_overhead_s': 0.001, 'update_s_per_layer': 0.03}]}
+  plain, measured = Cluster.from_dict(d), Cluster.from_dict(timed)
+  assert Cluster.from_dict(measured.to_dict()).devices == measured.devices
+  model = get_model_config('tiny_gpt', num_layers=6)
+  setup = cm.TrainSetup(global_batch=16, seq_len=32, micro_batch_size=4, efficiency=1.0)
+  one = Plan([Replica([Stage(0, 6, [0])])], 6, micro_batches=4, micro_batch_size=4)
+  a, b = cm.estimate(one, plain, model, setup), cm.estimate(one, measured, model, setup)
+  # one stage, 4 micro-batches: a forward and a backward op each, then 6 layers' epilogue
+  assert b['update'] == pytest.approx(6 * 0.01) and a['update'] == 0.0
+  assert b['total'] - a['total'] == pytest.approx(4 * 2 * 0.002 + 6 * 0.01)
+  two = Plan([Replica([Stage(0, 2, [0]), Stage(2, 6, [1])])], 6, micro_batches=4, micro_batch_size=4)
+  assert cm.estimate(two, measured, model, setup)['update'] == pytest.approx(max(2 * 0.01, 4 * 0.03))
+  for bad in (-0.001, float('inf'), 'fast'):
+    with pytest.raises(HetjaxError):
+      Cluster.from_dict({**d, 'devices': [{**d['devices'][0], 'op_overhead_s': bad}] * 2})
 
 
 @pytest.mark.slow  # compiles and times a block on two devices: about 10 s

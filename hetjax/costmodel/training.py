@@ -311,12 +311,16 @@ def _stage_times(plan: Plan, r: int, cluster: Cluster, model: ModelConfig, setup
   """Per stage (fwd, bwd, tp) seconds per micro-batch and per boundary (send, latency) for replica r."""
   rep = plan.replicas[r]
   fwd, bwd, tp = [], [], []
-  for st in rep.stages:
+  for k, st in enumerate(rep.stages):
     flops = stage_fwd_flops(model, setup, st.num_layers, st.head) / st.tp
     rate = min(cluster.tflops(d) for d in st.devices) * 1e12 * setup.efficiency
     f = flops / rate
-    fwd.append(f)
-    bwd.append(f * (3.0 if setup.recompute else 2.0))
+    overhead = max(cluster.op_overhead_s(d) for d in st.devices)  # host time per op (measured)
+    fwd.append(f + overhead)
+    # Recomputation repeats the forward in the backward, except on the last stage, whose loss
+    # and backward follow its forward at once.
+    recomputes = setup.recompute and k < len(rep.stages) - 1
+    bwd.append(f * (3.0 if recomputes else 2.0) + overhead)
     tp.append(tp_time_per_layer(cluster, st.devices, model, setup) * st.num_layers)
   nbytes = boundary_bytes(model, setup)
   send, lat = [], []
@@ -359,10 +363,18 @@ def tied_sync_time(plan: Plan, cluster: Cluster, model: ModelConfig, setup: Trai
   return worst
 
 
+def update_time(plan: Plan, cluster: Cluster) -> float:
+  """A step's epilogue after the pipeline (norms, optimizer update), each stage on its own devices at
+  once: the slowest stage's layers x its devices' measured seconds per layer (0 unless calibrated)."""
+  return max(st.num_layers * max(cluster.update_s_per_layer(d) for d in st.devices)
+             for rep in plan.replicas for st in rep.stages)
+
+
 def estimate(plan: Plan, cluster: Cluster, model: ModelConfig, setup: TrainSetup, exact: bool = True) -> dict:
   """Predicted step time of a training plan (seconds) with an additive breakdown:
-  total = compute + bubble + tp_comm + pp_comm + dp_comm + tied_comm, the pipeline terms taken from
-  the slowest replica. The pipeline overlaps sends with compute (the runtime's socket transport
+  total = compute + bubble + tp_comm + pp_comm + dp_comm + tied_comm + update, the pipeline terms
+  taken from the slowest replica. A calibrated cluster adds each device's host time per op to its
+  ops' compute (so 'compute' includes it) and its epilogue time as 'update'. The pipeline overlaps sends with compute (the runtime's socket transport
   between processes does: transfers are asynchronous)."""
   m = plan.micro_batches
   best = None
@@ -386,7 +398,8 @@ def estimate(plan: Plan, cluster: Cluster, model: ModelConfig, setup: TrainSetup
       best = row
   best['dp_comm'] = dp_sync_time(plan, cluster, model, setup)
   best['tied_comm'] = tied_sync_time(plan, cluster, model, setup)
-  best['total'] = best['pipeline'] + best['dp_comm'] + best['tied_comm']
+  best['update'] = update_time(plan, cluster)
+  best['total'] = best['pipeline'] + best['dp_comm'] + best['tied_comm'] + best['update']
   tokens = setup.global_batch * setup.seq_len
   best['tokens_per_s'] = tokens / best['total']
   return {k: float(v) for k, v in best.items()}

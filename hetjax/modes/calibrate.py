@@ -53,10 +53,15 @@ def measure(mcfg, micro_batch: int, seq_len: int, reps: int, sizes: tuple[int, i
 
   mine = [i for i, d in enumerate(devices) if d.process_index == jax.process_index()]
   fwd, bwd, flops, cores = (np.full(n, -np.inf) for _ in range(4))
+  op_s, update_s = np.full(n, -np.inf), np.full(n, -np.inf)
   for i in mine:
     r = calibration.measure_layer(mcfg, micro_batch, seq_len, devices[i], reps, seed)
     fwd[i], bwd[i], flops[i], cores[i] = r.forward_s, r.backward_s, r.forward_flops, r.cores
+    say(f'timing the pipeline runtime on device {i} (its host time per op and per step) ...')
+    o = calibration.measure_runtime(mcfg, micro_batch, seq_len, devices[i], r, reps, seed)
+    op_s[i], update_s[i] = o.op_s, o.update_s_per_layer
   fwd, bwd, flops, cores = _gather(fwd), _gather(bwd), _gather(flops), _gather(cores)
+  op_s, update_s = _gather(op_s), _gather(update_s)
   rates = 3 * flops / (fwd + bwd) / 1e12
 
   multi = jax.process_count() > 1
@@ -86,18 +91,20 @@ def measure(mcfg, micro_batch: int, seq_len: int, reps: int, sizes: tuple[int, i
              'layer_forward_s': fwd.tolist(), 'layer_backward_s': bwd.tolist(),
              'layer_forward_flops': flops.tolist(), 'fitted_efficiency': efficiency,
              'achieved_cores': cores.tolist(), 'links': links, 'load_average': load,
+             'op_overhead_s': op_s.tolist(), 'update_s_per_layer': update_s.tolist(),
              'processes': jax.process_count()}
   cluster = calibration.calibrated_cluster(
       name, rates, delay, bw, gpus, memory, time.strftime('%Y-%m-%d %H:%M:%S'), details,
       hosts=[base.devices[k].host for k in ids] if base else None,
-      regions=[base.devices[k].region for k in ids] if base else None)
+      regions=[base.devices[k].region for k in ids] if base else None, op_overhead_s=op_s,
+      update_s_per_layer=update_s)
   Cluster.from_dict(cluster)  # what is written must load as a cluster
 
   say(f'{"device":>7} {"fwd ms/layer":>13} {"bwd ms/layer":>13} {"TFLOP/s":>9} {"efficiency":>10} '
-      f'{"cores got":>9}')
+      f'{"cores got":>9} {"ms/op":>7} {"update ms/layer":>15}')
   for i in range(n):
     say(f'{i:>7} {fwd[i] * 1e3:>13.3f} {bwd[i] * 1e3:>13.3f} {rates[i]:>9.4f} {efficiency[i]:>10.3f} '
-        f'{cores[i]:>9.2f}')
+        f'{cores[i]:>9.2f} {op_s[i] * 1e3:>7.2f} {update_s[i] * 1e3:>15.2f}')
   say('cores got = process CPU time / wall while timing: the TFLOP/s above are what each device '
       'achieved (a CFS quota caps a process; it cannot reserve a core on a shared machine)')
   say(f'{"link":>7} {"latency ms":>13} {"Gbit/s":>13}')

@@ -74,6 +74,6 @@ def search_plan(pcfg, tcfg, mcfg: ModelConfig, model_name: str, seed: int, clust
   setup = TrainSetup(global_batch=tcfg.batch_size, seq_len=tcfg.seq_len,
                      micro_batch_size=pcfg.micro_batch_size, schedule=pcfg.schedule,
                      efficiency=efficiency_for(cluster), act_bytes=4 if bits >= 32 else 2,
-                     activation_bits=min(bits, 16))
+                     activation_bits=min(bits, 16), recompute=True)  # as the runtime's backward
   search = SearchConfig(evaluations=pcfg.search_evaluations, population=30, screen_evaluations=30)
   return plan_training(cluster, mcfg, setup, search, seed=seed, model_name=model_name)

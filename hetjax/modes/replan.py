@@ -29,7 +29,7 @@ def replan_setup(plan: Plan, tcfg) -> TrainSetup:
   """The old plan's workload: same global batch, micro-batch size, schedule and wire precision."""
   return TrainSetup(global_batch=tcfg.batch_size, seq_len=tcfg.seq_len,
                     micro_batch_size=plan.micro_batch_size, schedule=plan.schedule,
-                    activation_bits=plan.activation_bits)
+                    activation_bits=plan.activation_bits, recompute=True)  # as the runtime
 
 
 def search_replan(cluster: Cluster, plan: Plan, mcfg: ModelConfig, tcfg, model_name: str,

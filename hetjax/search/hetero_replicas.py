@@ -87,7 +87,8 @@ def estimate(plan: Plan, cluster: Cluster, model: ModelConfig, setup: cm.TrainSe
   slowest = dict(max(rows, key=lambda x: x['pipeline']))
   slowest['dp_comm'] = allreduce_time(plan, cluster, model, setup)
   slowest['tied_comm'] = max(x['tied_comm'] for x in rows)
-  slowest['total'] = slowest['pipeline'] + slowest['dp_comm'] + slowest['tied_comm']
+  slowest['update'] = cm.update_time(plan, cluster)
+  slowest['total'] = slowest['pipeline'] + slowest['dp_comm'] + slowest['tied_comm'] + slowest['update']
   slowest['tokens_per_s'] = setup.global_batch * setup.seq_len / slowest['total']
   slowest['replica_pipeline'] = [x['pipeline'] for x in rows]
   return slowest

@@ -160,7 +160,11 @@ class Evaluator:
     per_layer_fwd = cm.stage_fwd_flops(model, setup, 1, False) / t
     bwd_factor = 3.0 if setup.recompute else 2.0
     tp_layer = np.array([cm.tp_time_per_layer(cluster, u, model, setup) for u in units.devices])
-    self.layer_time = per_layer_fwd * (1 + bwd_factor) / rate + tp_layer   # fwd+bwd per micro-batch
+    # Calibrated clusters also measure the runtime's host time: per op, and the epilogue per layer
+    # (spread here over the step's micro-batches).
+    update = np.array([max(cluster.update_s_per_layer(d) for d in u) for u in units.devices])
+    self.op_overhead = np.array([max(cluster.op_overhead_s(d) for d in u) for u in units.devices])
+    self.layer_time = per_layer_fwd * (1 + bwd_factor) / rate + tp_layer + update / self.m  # per micro-batch
     self.head_time = cm.head_flops_per_token(model) * setup.micro_batch_size * setup.seq_len / t \
         * (1 + bwd_factor) / rate
     self.mem = np.array([min(cluster.memory_bytes(d) for d in u) for u in units.devices]) * setup.memory_fraction
@@ -194,8 +198,8 @@ class Evaluator:
     _, path, replicas = order_groups(self.link, groups, self.cache, exact_max)
     ordered = [groups[g] for g in path]
     per_layer = [float(self.layer_time[g].max()) for g in ordered]
-    extra = [0.0] * self.d_pp
-    extra[-1] = float(self.head_time[ordered[-1]].max())
+    extra = [2 * float(self.op_overhead[g].max()) for g in ordered]  # a forward and a backward op
+    extra[-1] += float(self.head_time[ordered[-1]].max())
     caps = [self.caps(g, s) for s, g in enumerate(ordered)]
     deficit = 0
     try:
