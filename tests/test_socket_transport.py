@@ -84,3 +84,27 @@ def test_two_processes_move_exact_data_without_waiting_for_each_other(tmp_path):
   assert found['exact'] and found['on_device'] and found['echo_exact'] and found['latency_exact'], found
   assert found['send_s'] < 0.5, found          # the receiver slept 1 s before taking any
   assert 0.49 <= found['latency_total_s'] < 0.8, found  # 0.9 s if latency and compute serialised
+
+
+def test_a_multi_controller_profile_merges_every_process_and_times_only_real_ops(tmp_path):
+  """Each process records only the ops it runs; the leader's timeline holds every stage's ops
+  once, from both processes, and a forward takes real time (not a skipped op's microseconds)."""
+  from hetjax.plan import Plan, Replica, Stage
+  from tests.test_multicontroller import launch_args
+  plan = Plan([Replica([Stage(0, 3, [0]), Stage(3, 6, [1])])], num_layers=6, micro_batches=2,
+              micro_batch_size=4)
+  plan.save(str(tmp_path / 'plan.json'))
+  workdir = tmp_path / 'run'
+  r = subprocess.run(launch_args(2, '1', tmp_path / 'plan.json', workdir, steps=2)
+                     + ['--config.pipeline.profile_every=2'], cwd=ROOT, env=env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  trace = json.load(open(workdir / 'timeline.json'))['traceEvents']
+  ops = [e for e in trace if e['ph'] == 'X']
+  assert sorted((e['pid'], e['tid'], e['name']) for e in ops) == sorted(
+      [(0, 0, f'{k}{m}') for k in 'FB' for m in range(2)]
+      + [(1, 1, f'F+B{m}') for m in range(2)] + [(1, 1, f'B{m}') for m in range(2)])
+  forwards = [e['dur'] for e in ops if e['name'].startswith('F')]
+  assert min(forwards) > 200, forwards  # microseconds: three layers' compute, not a skipped op
+  rows = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+  assert rows[-1]['stage0_fwd_s'] > 0 and rows[-1]['stage1_fwd_s'] > 0

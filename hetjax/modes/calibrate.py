@@ -16,6 +16,7 @@ import numpy as np
 
 from hetjax import calibration
 from hetjax.cluster import Cluster, get_cluster, gpu_spec
+from hetjax import distributed
 from hetjax.distributed import is_leader
 from hetjax.errors import HetjaxError
 from hetjax.metrics import write_json
@@ -60,6 +61,9 @@ def measure(mcfg, micro_batch: int, seq_len: int, reps: int, sizes: tuple[int, i
     say(f'timing the pipeline runtime on device {i} (its host time per op and per step) ...')
     o = calibration.measure_runtime(mcfg, micro_batch, seq_len, devices[i], r, reps, seed)
     op_s[i], update_s[i] = o.op_s, o.update_s_per_layer
+  # Slow devices finish much later; the coordinator's barrier waits for them (gloo's first
+  # collective would give up after 30 s).
+  distributed.barrier('calibrate/devices_measured')
   fwd, bwd, flops, cores = _gather(fwd), _gather(bwd), _gather(flops), _gather(cores)
   op_s, update_s = _gather(op_s), _gather(update_s)
   rates = 3 * flops / (fwd + bwd) / 1e12

@@ -7,12 +7,18 @@ import os
 
 
 def write_chrome_trace(events: list[dict], path: str) -> None:
-  """events: {'kind', 'stage', 'micro', 'start_s', 'end_s'} as recorded by Pipeline(profile=True)."""
-  trace = [{'name': f'{e["kind"]}{e["micro"]}', 'ph': 'X', 'pid': 0, 'tid': e['stage'],
+  """events: {'kind', 'stage', 'micro', 'start_s', 'end_s', 'process'?, 'wait_s'?} as recorded by
+  Pipeline(profile=True), every process's. One trace process per runtime process, one thread per
+  stage; the last stage's fused forward + backward is named F+B."""
+  last = max((e['stage'] for e in events), default=0)
+  name = lambda e: (f'F+B{e["micro"]}' if e['stage'] == last and e['kind'] == 'F' and last > 0
+                    else f'{e["kind"]}{e["micro"]}')
+  trace = [{'name': name(e), 'ph': 'X', 'pid': e.get('process', 0), 'tid': e['stage'],
             'ts': e['start_s'] * 1e6, 'dur': (e['end_s'] - e['start_s']) * 1e6,
-            'args': {'micro_batch': e['micro']}} for e in events]
-  trace += [{'name': 'thread_name', 'ph': 'M', 'pid': 0, 'tid': s, 'args': {'name': f'stage {s}'}}
-            for s in sorted({e['stage'] for e in events})]
+            'args': {'micro_batch': e['micro'], 'waited_for_inputs_s': e.get('wait_s', 0.0)}}
+           for e in events]
+  trace += [{'name': 'thread_name', 'ph': 'M', 'pid': p, 'tid': s, 'args': {'name': f'stage {s}'}}
+            for p, s in sorted({(e.get('process', 0), e['stage']) for e in events})]
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
     json.dump({'traceEvents': trace}, f)
