@@ -13,6 +13,9 @@ serve plans) and section 6 (bench_serve) on this machine, with one small GPT-2-s
      runs) vs the symmetric plan on the same devices (inference/serving.Server, Poisson arrivals);
   e. predicted vs measured per-batch decode latency of serve plans (1-3 stages, TP 1/2/4, batch 1
      and 8), the cost model calibrated once by a matmul probe (compute) and the copy probe (memory).
+  f. continuous batching (inference/serving.ContinuousServer) with slot prefill (a refilled slot's
+     prompt in one go) against one prompt token per step: time to first token and tokens/s of the
+     same requests over one 2-stage plan, alternating; with --clock=cpu every request arrives at 0.
   g. (a GPU, experiments/gpu_serve_check.sh) decode tokens/s of --gpu_models at --gpu_batches with
      the stages colocated on the one GPU, the fraction of the HBM roofline, and the pipelined-decode
      ratio (2 colocated stages, 2 groups, vs 1 stage).
@@ -43,7 +46,7 @@ import time
 import numpy as np
 
 flags.DEFINE_string('out', 'runs/bench_serve/', 'Output folder (bench_serve.csv, bench_serve.png).')
-flags.DEFINE_list('parts', ['a', 'b', 'c', 'd', 'e'], 'Which benchmarks to run (a-e, and g on a GPU; see the docstring).')
+flags.DEFINE_list('parts', ['a', 'b', 'c', 'd', 'e', 'f'], 'Which benchmarks to run (a-f, and g on a GPU; see the docstring).')
 flags.DEFINE_integer('layers', 6, 'Model blocks (GPT-2 family).')
 flags.DEFINE_integer('hidden', 512, 'Model width (heads of 64).')
 flags.DEFINE_integer('vocab', 8192, 'Vocabulary size.')
@@ -85,8 +88,17 @@ def best_of(fn, repeats):
 
 
 # ------------------------------------------------------------------ the model, in both libraries
-def make_models(workdir):
-  """A random Hugging Face GPT-2, and the same weights in hetjax via checkpoint/hf.import_hf."""
+def make_models(workdir, need_hf=True):
+  """A random Hugging Face GPT-2, and the same weights in hetjax via checkpoint/hf.import_hf; or,
+  where no part compares with transformers, (None, a random hetjax GPT-2 of the same shape)."""
+  if not need_hf:
+    from hetjax.models.config import get_model_config
+    from hetjax.models.model import build_model
+    h = FLAGS.hidden
+    cfg = get_model_config('tiny_gpt', num_layers=FLAGS.layers, hidden=h, num_heads=h // 64,
+                           num_kv_heads=h // 64, ffn=4 * h, vocab_size=FLAGS.vocab, norm_eps=1e-5,
+                           max_len=max(256, FLAGS.prompt_len + FLAGS.new_tokens))
+    return None, build_model(cfg, FLAGS.seed)
   import torch
   import transformers
   from hetjax.checkpoint import hf
@@ -423,6 +435,42 @@ def part_e(model, machine, rows):
         f'(ratio {m / pred:.2f}; probe-calibrated {m / probes[(name, batch)]:.2f})')
 
 
+def part_f(model, rows):
+  """Continuous batching, slot prefill vs a prompt token per step: the same requests (--requests of
+  --serve_prompt tokens, --serve_tokens new ones) over a 2-stage plan (4L@tp2 + 2L@tp1, groups of
+  4), warmed up once per mode, then --repeats passes alternating the modes; each mode's best pass."""
+  from hetjax.inference import serving
+  cfg, P, T = model.cfg, FLAGS.serve_prompt, FLAGS.serve_tokens
+  layers = [cfg.num_layers * 2 // 3, cfg.num_layers - cfg.num_layers * 2 // 3]
+  engine = engine_for(serve_plan([[0, 1], [2]], layers, max_batch=4), model)
+  rng = np.random.default_rng(FLAGS.seed)
+  prompts = rng.integers(0, cfg.vocab_size, (FLAGS.requests, P))
+  arrivals = (np.zeros(FLAGS.requests) if FLAGS.clock == 'cpu'
+              else np.cumsum(rng.exponential(1 / FLAGS.rate, FLAGS.requests)))
+  best, outputs = {}, {}
+  for i in range(FLAGS.repeats + 1):        # pass 0 compiles
+    for mode in ('token', 'slot'):
+      reqs = [serving.Request(str(k), prompts[k], T, float(a)) for k, a in enumerate(arrivals)]
+      server = serving.ContinuousServer(engine, 'round_robin', 4, {'temperature': 0.0}, FLAGS.seed,
+                                        prefill=mode, clock=clock)
+      t0 = clock()
+      server.serve(reqs, progress=lambda *a, **k: None)
+      out = serving.summary(reqs, clock() - t0, 0.0)
+      out['ttft_mean_s'] = float(np.mean([r.first_token_s - r.arrival_s for r in reqs]))
+      outputs[mode] = [r.output for r in reqs]
+      if i and (mode not in best or out['seconds'] < best[mode]['seconds']):
+        best[mode] = out
+    say(f'f. pass {i}/{FLAGS.repeats} done (load {os.getloadavg()[0]:.1f})')
+  same = float(np.mean([a == b for a, b in zip(outputs['slot'], outputs['token'])]))
+  for key, what in (('ttft_p50_s', 'TTFT p50 s'), ('ttft_mean_s', 'TTFT mean s'),
+                    ('tokens_per_s', 'tokens/s'), ('latency_p99_s', 'p99 latency s')):
+    after, before = best['slot'][key], best['token'][key]
+    rows.append({'part': 'f', 'what': what, 'hetjax': after, 'reference': before, 'ratio': after / before,
+                 'unit': f'{what} on --clock={FLAGS.clock} (hetjax: slot prefill; reference: a token per step)',
+                 'note': f'{FLAGS.requests} requests, prompt {P}, {T} new; same outputs: {same:.0%}'})
+    say(f'f. {what}: slot prefill {after:.3g}, token per step {before:.3g} (ratio {after / before:.2f})')
+
+
 def decode_step_time(eng, groups, T):
   """Seconds per decode step of a round: (T tokens - 1 token) / (T - 1), best of --repeats."""
   full = best_of(lambda: eng.run([groups], T), FLAGS.repeats)
@@ -525,9 +573,9 @@ def main(argv):
   say(f'copy bandwidth (read + write): numpy {bandwidth["numpy"] / 1e9:.1f} GB/s, '
       f'jax {bandwidth["jax"] / 1e9:.1f} GB/s')
   hf_model = model = None
-  if parts & {'a', 'b', 'c', 'd', 'e'}:
+  if parts & {'a', 'b', 'c', 'd', 'e', 'f'}:
     with tempfile.TemporaryDirectory() as tmp:
-      hf_model, model = make_models(tmp)
+      hf_model, model = make_models(tmp, need_hf=bool(parts & {'a', 'b'}))
   machine = local_machine(bandwidth) if parts & {'c', 'd', 'e'} else None
   if parts & {'a', 'b'}:
     part_ab(hf_model, model, bandwidth, rows)
@@ -537,6 +585,8 @@ def main(argv):
     part_d(model, machine, rows)
   if 'e' in parts:
     part_e(model, machine, rows)
+  if 'f' in parts:
+    part_f(model, rows)
   if 'g' in parts:
     part_g(rows)
   tag = os.path.join(FLAGS.out, 'bench_serve')
