@@ -10,7 +10,8 @@ serve plans) and section 6 (bench_serve) on this machine, with one small GPT-2-s
   c. pipelined decode: S stages on S devices with M = S request groups in flight vs one device
      (ServeEngine), throughput ratio, next to the cost model's prediction;
   d. serving: tokens/s and p99 latency of the HexGen plan (search/hexgen.py, what mode=plan_inference
-     runs) vs the symmetric plan on the same devices (inference/serving.Server, Poisson arrivals);
+     runs) vs the symmetric plan on the same devices (inference/serving.Server, Poisson arrivals;
+     with --clock=cpu every request arrives at 0);
   e. predicted vs measured per-batch decode latency of serve plans (1-3 stages, TP 1/2/4, batch 1
      and 8), the cost model calibrated once by a matmul probe (compute) and the copy probe (memory).
   f. continuous batching (inference/serving.ContinuousServer) with slot prefill (a refilled slot's
@@ -68,7 +69,7 @@ flags.DEFINE_list('gpu_batches', ['1', '16', '64'], 'Part g: decode batch sizes.
 flags.DEFINE_bool('gpu_on_cpu', False, 'Part g on CPU devices (a smoke test of the GPU script).')
 flags.DEFINE_integer('seed', 0, 'Seed of weights, prompts and arrivals.')
 flags.DEFINE_enum('clock', 'wall', ['wall', 'cpu'],
-                  'Part e and the link probe: "wall" times; or "cpu": the process pinned to one core and\n'
+                  'Parts d, e, f and the link probe: "wall" times; or "cpu": the process pinned to one core and\n'
                   'timed in CPU seconds (its wall time on an idle core), for a machine shared with other jobs.')
 FLAGS = flags.FLAGS
 
@@ -312,6 +313,8 @@ def part_d(model, machine, rows):
                              evaluations=200)
   rng = np.random.default_rng(FLAGS.seed)
   arrivals = np.cumsum(rng.exponential(1 / FLAGS.rate, FLAGS.requests))
+  if FLAGS.clock == 'cpu':      # a CPU clock does not advance while waiting: every request at 0
+    arrivals[:] = 0.0
   prompts = rng.integers(0, cfg.vocab_size, (FLAGS.requests, FLAGS.serve_prompt))
   for system, sym in (('hetjax', False), ('symmetric', True)):
     res = hexgen.plan_serving(machine, cfg, setup, dataclasses.replace(hcfg, symmetric=sym), FLAGS.seed, 'bench')
@@ -320,12 +323,13 @@ def part_d(model, machine, rows):
                        for r in plan.replicas)
     engine = engine_for(plan, model)
     for timed in (False, True):      # the first pass compiles every (replica, batch shape) it meets
-      server = serving.Server(engine, 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed)
+      server = serving.Server(engine, 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed,
+                              clock=clock)
       reqs = [serving.Request(str(i), prompts[i], FLAGS.serve_tokens, float(a)) for i, a in enumerate(arrivals)]
       say(f'd. {system}: {"timed" if timed else "warm-up"} pass over {len(reqs)} requests')
-      t0 = time.perf_counter()
+      t0 = clock()
       server.serve(reqs, progress=lambda *a, **k: None)
-    out = serving.summary(reqs, time.perf_counter() - t0, deadline)
+    out = serving.summary(reqs, clock() - t0, deadline)
     for what, key in (('tokens/s', 'tokens_per_s'), ('p99 latency s', 'latency_p99_s')):
       rows.append({'part': 'd', 'what': f'{system}: {what}', 'hetjax': out[key],
                    'reference': res.plan.prediction['tokens_per_s'] if key == 'tokens_per_s' else deadline,

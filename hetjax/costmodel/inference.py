@@ -10,6 +10,8 @@ A stage runs `n` layers on a TP group of `t` devices of one GPU type. Every term
              2 (t-1) (alpha + bytes / (t beta)), alpha/beta = worst delay/bandwidth inside the group
   PP         delay + bytes / bandwidth between consecutive stage leaders, plus the sampled token's hop
              from the last stage back to the first before each decode step
+  head       the LM head on the last stage, replicated over its TP group (one device's time: on
+             shared compute, t devices doing the same work on the same cores cost t times)
   overhead   op_overhead_s of host time per stage op (one prefill or one decode step of one group):
              the program launch and the runtime's bookkeeping, measured by a probe; on shared
              compute, device_overhead_s more for each further device of the TP group (each runs
@@ -140,11 +142,13 @@ def layer_cost(model: ModelConfig, setup: ServeSetup, tflops: float, mem_bw_gbs:
 
 
 def head_time(model: ModelConfig, setup: ServeSetup, tflops: float, mem_bw_gbs: float, tp: int) -> float:
-  """LM head (vocab-parallel) for the last prompt token and every decode step (gen_len calls)."""
+  """LM head for the last prompt token and every decode step (gen_len calls). The engine's head is
+  not split over the TP group (models/model.py: its table is replicated), so each of the tp devices
+  reads the whole table and does all of its FLOPs: one device's time, whatever tp is."""
   b, v = setup.batch, setup.bytes_per_value
-  rate = tp * tflops * 1e12 * setup.compute_efficiency
+  rate = tflops * 1e12 * setup.compute_efficiency
   bw = mem_bw_gbs * 1e9 * setup.memory_efficiency
-  per_step = max(2 * b * model.hidden * model.vocab_size / rate, model.vocab_size * model.hidden * v / tp / bw)
+  per_step = max(2 * b * model.hidden * model.vocab_size / rate, model.vocab_size * model.hidden * v / bw)
   return setup.gen_len * per_step
 
 

@@ -86,8 +86,10 @@ def parse_requests(lines, encode, max_len: int, default_new_tokens: int,
 class Server:
 
   def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict, seed: int = 0,
-               eos=()):
-    self.engine, self.sampling, self.seed = engine, sampling, seed
+               eos=(), clock=time.perf_counter):
+    """`clock` gives the seconds that arrivals and request times count in (a benchmark's CPU
+    clock needs every arrival at 0: waiting for one does not advance it)."""
+    self.engine, self.sampling, self.seed, self.clock = engine, sampling, seed, clock
     self.eos = frozenset(int(i) for i in eos)   # a request ends at its first token in eos
     self.policy = make_policy(policy)
     plan = engine.plan
@@ -100,8 +102,9 @@ class Server:
 
   def serve(self, requests: list[Request], progress=print) -> list[Request]:
     pending = list(requests)
-    start = time.perf_counter()
-    now = lambda: time.perf_counter() - start
+    clock = self.clock
+    start = clock()
+    now = lambda: clock() - start
     finished, rounds = 0, 0
     while pending or any(s.queue for s in self.states):
       self._admit(requests, pending, now)
@@ -305,8 +308,7 @@ class SlotGroup:
 class ContinuousServer(Server):
   """Continuous batching over all replicas at once, `chunk` decode steps per engine call (KV
   caches and slots carry over between calls). Dispatch and replica state as in Server; `busy`
-  holds the chunks each replica worked in. `prefill`: see SlotGroup. `clock` gives the seconds
-  that arrivals and request times count in (a benchmark's CPU clock needs every arrival at 0)."""
+  holds the chunks each replica worked in. `prefill`: see SlotGroup."""
 
   def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict,
                seed: int = 0, chunk: int = 8, eos=(), prefill: str = 'slot', clock=time.perf_counter):
@@ -315,8 +317,8 @@ class ContinuousServer(Server):
                         'it finishes); with several processes use --config.batching=static')
     if prefill not in ('slot', 'token'):
       raise HetjaxError(f"prefill must be 'slot' or 'token', got {prefill!r}")
-    super().__init__(engine, policy, max_batch, sampling, seed, eos)
-    self.chunk, self.prefill, self.clock = chunk, prefill, clock
+    super().__init__(engine, policy, max_batch, sampling, seed, eos, clock)
+    self.chunk, self.prefill = chunk, prefill
 
   def serve(self, requests: list[Request], progress=print) -> list[Request]:
     engine, clock = self.engine, self.clock
