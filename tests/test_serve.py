@@ -82,8 +82,8 @@ def test_serve_writes_completions_equal_to_generation(tmp_path):
   assert (tmp_path / 'run' / 'replica_timeline.png').stat().st_size > 1000
 
 
-@pytest.mark.parametrize('name, prefill', [('tiny_llama', 'slot'), ('tiny_gpt', 'slot'),
-                                           ('tiny_llama', 'token')])
+@pytest.mark.parametrize('name, prefill', [('tiny_llama', 'slot'), ('tiny_llama', 'token'),
+                                           pytest.param('tiny_gpt', 'slot', marks=pytest.mark.slow)])
 def test_continuous_batching_equals_each_request_served_alone(name, prefill):
   """Two slots per group (6 in all) for ten requests of different lengths: slots are refilled while
   other requests are mid-way (with slot prefill, their prompts prefilled into one row of a busy

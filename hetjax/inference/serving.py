@@ -6,7 +6,7 @@ keeps as many request groups in flight as it has stages (so its pipeline stays f
 `max_batch` requests. Two ways to batch:
 - `continuous` (ContinuousServer): every group is a set of slots; a finished request's slot is
   refilled by a waiting request at the group's next step. With `prefill='slot'` (default) that step
-  also prefills the new request's prompt in one go (one row, padded to a power of two) and yields
+  also prefills the new request's prompt in one go (one row, padded to a power of two >= 8) and yields
   its first token; with `prefill='token'` the slot reads its prompt one token per decode step;
 - `static` (Server): rounds; a round prefills its groups together and decodes until its longest
   request is done; a request that arrives during a round waits for the next one.
@@ -270,7 +270,8 @@ class SlotGroup:
     use = np.ones(self.rows, bool)             # idle (and prefilled) rows read token 0 at position 0
     tokens = np.zeros(self.rows, np.int32)
     producing = [None] * self.rows
-    prefills = [(i, pad_prompts([self.slots[i].ids], max_width=self.cache_len)) for i in new]
+    prefills = [(i, pad_prompts([self.slots[i].ids], max_width=self.cache_len, min_width=8))
+                for i in new]
     for i, req in enumerate(self.slots):
       if req is None:
         continue
