@@ -378,6 +378,20 @@ def overhead_probe(T):
   return max(0.0, best[1] - best[0]), max(0.0, best[2] - best[0])
 
 
+def head_probe(cfg, batch):
+  """FLOP/s of the LM head alone (batch x hidden times the vocab x hidden table, then argmax) on
+  one device, on --clock, the best of 20 rounds of 10: the head's achieved compute rate."""
+  import jax
+  import jax.numpy as jnp
+  d = jax.devices()[0]
+  table = jax.device_put(np.random.default_rng(0).normal(size=(cfg.vocab_size, cfg.hidden)).astype(np.float32), d)
+  x = jax.device_put(np.ones((batch, cfg.hidden), np.float32), d)
+  head = jax.jit(lambda h, e: jnp.argmax(h @ e.T, -1))
+  head(x, table).block_until_ready()
+  ten = lambda: [head(x, table).block_until_ready() for _ in range(10)]
+  return 2 * batch * cfg.hidden * cfg.vocab_size / (min(_timed(ten) for _ in range(20)) / 10)
+
+
 def part_e(model, machine, rows):
   """Measured vs predicted decode step of one batch. Two calibrations, each done once: the probes
   (matmul + copy), and one measured plan (the first: its batch-1 step fits the bandwidth, its
@@ -411,26 +425,34 @@ def part_e(model, machine, rows):
   overhead, per_device = overhead_probe(T)
   say(f'e. runtime probe: {overhead * 1e3:.2f} ms of host time per stage op, {per_device * 1e3:.2f} ms '
       f'per further device of its TP group')
+  head_rate = head_probe(cfg, 8)
+  say(f'e. head probe: the LM head alone (batch 8) runs at {head_rate / 1e9:.1f} GFLOP/s')
 
-  def predict(c, name, batch):
+  def predict(c, name, batch, **eff):
     setup = measured_setup(prompt_len=P, gen_len=T, batch=batch, op_overhead_s=overhead,
                            device_overhead_s=per_device)
-    return icm.replica_cost(c, cfg, layouts[name], setup, groups=1)['step']
+    return icm.replica_cost(c, cfg, layouts[name], dataclasses.replace(setup, **eff), groups=1)['step']
 
   bw0, rate0 = machine.mem_bw_gbs(0), machine.tflops(0)
   probes = {k: predict(machine, *k) for k in measured}
   first = next(iter(layouts))
   # The calibration plan's batch-1 step fits the bandwidth, its batch-8 step the compute rate
   # (each after the op overhead, which one stage pays once per step).
+  # The head's matmul runs at its probed rate, not the blocks' (a matmul's efficiency depends on
+  # its shape): its time comes off both sides of the batch-8 fit.
   memory_only = predict(machine_with(machine, tflops=1e6), first, 1) - overhead
   compute_only = predict(machine_with(machine, bw_gbs=1e9), first, 8) - overhead
+  head_flops = 2 * 8 * cfg.hidden * cfg.vocab_size
   bw_fit = bw0 * memory_only / (measured[(first, 1)] - overhead)
-  rate_fit = rate0 * compute_only / (measured[(first, 8)] - overhead)
-  fitted = machine_with(machine, tflops=rate_fit, bw_gbs=bw_fit)
-  say(f'e. calibrated on {first}: {bw_fit:.1f} GB/s, {rate_fit * 1e3:.1f} GFLOP/s '
+  rate_fit = rate0 * (compute_only - head_flops / (rate0 * 1e12)) / (
+      measured[(first, 8)] - overhead - head_flops / head_rate)
+  top = max(rate_fit, head_rate / 1e12)    # efficiencies are shares of the faster rate
+  fitted = machine_with(machine, tflops=top, bw_gbs=bw_fit)
+  eff = dict(compute_efficiency=rate_fit / top, head_compute_efficiency=head_rate / 1e12 / top)
+  say(f'e. calibrated on {first}: {bw_fit:.1f} GB/s, {rate_fit * 1e3:.1f} GFLOP/s in the blocks '
       f'(probes: {bw0:.1f} GB/s, {rate0 * 1e3:.1f} GFLOP/s)')
   for (name, batch), m in measured.items():
-    pred = predict(fitted, name, batch)
+    pred = predict(fitted, name, batch, **eff)
     tag = 'calibration plan' if name == first else ('within 20%' if abs(m / pred - 1) <= 0.2 else 'OUTSIDE 20%')
     rows.append({'part': 'e', 'what': f'{name}, batch {batch}', 'hetjax': m * 1e3, 'reference': pred * 1e3,
                  'ratio': m / pred, 'unit': 'ms per decode step of one batch (reference: cost model)',
