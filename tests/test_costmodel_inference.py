@@ -174,3 +174,17 @@ def test_host_overheads_per_stage_op_and_per_shared_compute_device():
   assert gap == pytest.approx(2e-3, rel=1e-6)
   with pytest.raises(HetjaxError, match='op_overhead_s'):
     dataclasses.replace(base, op_overhead_s=float('nan')).validate()
+
+
+def test_the_head_runs_whole_on_each_device_at_its_own_efficiency():
+  """The engine does not split the LM head over a TP group, so its time does not shrink with tp;
+  head_compute_efficiency (0: compute_efficiency) prices its one large matmul."""
+  m = get_model_config('tiny_gpt')
+  s = icm.ServeSetup(prompt_len=8, gen_len=4, batch=8, compute_efficiency=0.25)
+  flops = 2 * 8 * m.hidden * m.vocab_size                 # one call; memory is free at 1e9 GB/s
+  assert icm.head_time(m, s, 1.0, 1e9, 1) == pytest.approx(4 * flops / 0.25e12)
+  fast = dataclasses.replace(s, head_compute_efficiency=0.5)
+  assert icm.head_time(m, fast, 1.0, 1e9, 1) == pytest.approx(4 * flops / 0.5e12)
+  assert icm.head_time(m, fast, 1.0, 1e9, 4) == icm.head_time(m, fast, 1.0, 1e9, 1)
+  with pytest.raises(HetjaxError, match='head_compute_efficiency'):
+    dataclasses.replace(s, head_compute_efficiency=1.5).validate()
