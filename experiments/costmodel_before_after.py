@@ -74,9 +74,9 @@ def main(log_path, rev, layers=6, hidden=512, vocab=8192, prompt=32, tokens=16):
         k, t = map(int, re.match(r'(\d+)L@tp(\d+)', part).groups())
         stages.append(mod.StageLayout(k, list(range(d, d + t))))
         d += t
-      setup = mod.ServeSetup(bytes_per_value=4, compute_efficiency=1.0, memory_efficiency=1.0,
-                             prompt_len=prompt, gen_len=tokens, batch=batch, op_overhead_s=over,
-                             device_overhead_s=dev, **eff)
+      setup = mod.ServeSetup(bytes_per_value=4, memory_efficiency=1.0, prompt_len=prompt,
+                             gen_len=tokens, batch=batch, op_overhead_s=over, device_overhead_s=dev,
+                             **{'compute_efficiency': 1.0, **eff})
       return mod.replica_cost(c, cfg, stages, setup, groups=1)['step']
     memory_only = predict(machine(1e6, 1.0), first, 1) - over           # at 1 GB/s
     compute_only = predict(machine(1.0, 1e9), first, 8) - over          # at 1 TFLOP/s
