@@ -92,6 +92,7 @@ HELP = {
     'requests': 'a JSON-lines file: per line "prompt" or "ids", optional max_new_tokens, arrival_s, id',
     'batching': "'continuous' (finished slots refilled at the next step) or 'static' (rounds)",
     'chunk': 'continuous batching: decode steps per engine call',
+    'prefill': "continuous batching: 'slot' (a refilled slot's prompt prefilled in one go) or 'token' (one prompt token per step)",
     'deadline_s': 'latency SLO for the attainment figure (0: not reported)',
     'serve:rate': 'synthetic load without a requests file: Poisson arrivals per second',
     'serve:num_requests': 'synthetic load: number of requests',

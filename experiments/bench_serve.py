@@ -10,9 +10,13 @@ serve plans) and section 6 (bench_serve) on this machine, with one small GPT-2-s
   c. pipelined decode: S stages on S devices with M = S request groups in flight vs one device
      (ServeEngine), throughput ratio, next to the cost model's prediction;
   d. serving: tokens/s and p99 latency of the HexGen plan (search/hexgen.py, what mode=plan_inference
-     runs) vs the symmetric plan on the same devices (inference/serving.Server, Poisson arrivals);
+     runs) vs the symmetric plan on the same devices (inference/serving.Server, Poisson arrivals;
+     with --clock=cpu every request arrives at 0);
   e. predicted vs measured per-batch decode latency of serve plans (1-3 stages, TP 1/2/4, batch 1
      and 8), the cost model calibrated once by a matmul probe (compute) and the copy probe (memory).
+  f. continuous batching (inference/serving.ContinuousServer) with slot prefill (a refilled slot's
+     prompt in one go) against one prompt token per step: time to first token and tokens/s of the
+     same requests over one 2-stage plan, alternating; with --clock=cpu every request arrives at 0.
   g. (a GPU, experiments/gpu_serve_check.sh) decode tokens/s of --gpu_models at --gpu_batches with
      the stages colocated on the one GPU, the fraction of the HBM roofline, and the pipelined-decode
      ratio (2 colocated stages, 2 groups, vs 1 stage).
@@ -43,7 +47,7 @@ import time
 import numpy as np
 
 flags.DEFINE_string('out', 'runs/bench_serve/', 'Output folder (bench_serve.csv, bench_serve.png).')
-flags.DEFINE_list('parts', ['a', 'b', 'c', 'd', 'e'], 'Which benchmarks to run (a-e, and g on a GPU; see the docstring).')
+flags.DEFINE_list('parts', ['a', 'b', 'c', 'd', 'e', 'f'], 'Which benchmarks to run (a-f, and g on a GPU; see the docstring).')
 flags.DEFINE_integer('layers', 6, 'Model blocks (GPT-2 family).')
 flags.DEFINE_integer('hidden', 512, 'Model width (heads of 64).')
 flags.DEFINE_integer('vocab', 8192, 'Vocabulary size.')
@@ -65,7 +69,7 @@ flags.DEFINE_list('gpu_batches', ['1', '16', '64'], 'Part g: decode batch sizes.
 flags.DEFINE_bool('gpu_on_cpu', False, 'Part g on CPU devices (a smoke test of the GPU script).')
 flags.DEFINE_integer('seed', 0, 'Seed of weights, prompts and arrivals.')
 flags.DEFINE_enum('clock', 'wall', ['wall', 'cpu'],
-                  'Part e and the link probe: "wall" times; or "cpu": the process pinned to one core and\n'
+                  'Parts d, e, f and the link probe: "wall" times; or "cpu": the process pinned to one core and\n'
                   'timed in CPU seconds (its wall time on an idle core), for a machine shared with other jobs.')
 FLAGS = flags.FLAGS
 
@@ -85,8 +89,17 @@ def best_of(fn, repeats):
 
 
 # ------------------------------------------------------------------ the model, in both libraries
-def make_models(workdir):
-  """A random Hugging Face GPT-2, and the same weights in hetjax via checkpoint/hf.import_hf."""
+def make_models(workdir, need_hf=True):
+  """A random Hugging Face GPT-2, and the same weights in hetjax via checkpoint/hf.import_hf; or,
+  where no part compares with transformers, (None, a random hetjax GPT-2 of the same shape)."""
+  if not need_hf:
+    from hetjax.models.config import get_model_config
+    from hetjax.models.model import build_model
+    h = FLAGS.hidden
+    cfg = get_model_config('tiny_gpt', num_layers=FLAGS.layers, hidden=h, num_heads=h // 64,
+                           num_kv_heads=h // 64, ffn=4 * h, vocab_size=FLAGS.vocab, norm_eps=1e-5,
+                           max_len=max(256, FLAGS.prompt_len + FLAGS.new_tokens))
+    return None, build_model(cfg, FLAGS.seed)
   import torch
   import transformers
   from hetjax.checkpoint import hf
@@ -300,6 +313,8 @@ def part_d(model, machine, rows):
                              evaluations=200)
   rng = np.random.default_rng(FLAGS.seed)
   arrivals = np.cumsum(rng.exponential(1 / FLAGS.rate, FLAGS.requests))
+  if FLAGS.clock == 'cpu':      # a CPU clock does not advance while waiting: every request at 0
+    arrivals[:] = 0.0
   prompts = rng.integers(0, cfg.vocab_size, (FLAGS.requests, FLAGS.serve_prompt))
   for system, sym in (('hetjax', False), ('symmetric', True)):
     res = hexgen.plan_serving(machine, cfg, setup, dataclasses.replace(hcfg, symmetric=sym), FLAGS.seed, 'bench')
@@ -308,12 +323,13 @@ def part_d(model, machine, rows):
                        for r in plan.replicas)
     engine = engine_for(plan, model)
     for timed in (False, True):      # the first pass compiles every (replica, batch shape) it meets
-      server = serving.Server(engine, 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed)
+      server = serving.Server(engine, 'shortest_completion', 16, {'temperature': 0.0}, FLAGS.seed,
+                              clock=clock)
       reqs = [serving.Request(str(i), prompts[i], FLAGS.serve_tokens, float(a)) for i, a in enumerate(arrivals)]
       say(f'd. {system}: {"timed" if timed else "warm-up"} pass over {len(reqs)} requests')
-      t0 = time.perf_counter()
+      t0 = clock()
       server.serve(reqs, progress=lambda *a, **k: None)
-    out = serving.summary(reqs, time.perf_counter() - t0, deadline)
+    out = serving.summary(reqs, clock() - t0, deadline)
     for what, key in (('tokens/s', 'tokens_per_s'), ('p99 latency s', 'latency_p99_s')):
       rows.append({'part': 'd', 'what': f'{system}: {what}', 'hetjax': out[key],
                    'reference': res.plan.prediction['tokens_per_s'] if key == 'tokens_per_s' else deadline,
@@ -362,6 +378,20 @@ def overhead_probe(T):
   return max(0.0, best[1] - best[0]), max(0.0, best[2] - best[0])
 
 
+def head_probe(cfg, batch):
+  """FLOP/s of the LM head alone (batch x hidden times the vocab x hidden table, then argmax) on
+  one device, on --clock, the best of 20 rounds of 10: the head's achieved compute rate."""
+  import jax
+  import jax.numpy as jnp
+  d = jax.devices()[0]
+  table = jax.device_put(np.random.default_rng(0).normal(size=(cfg.vocab_size, cfg.hidden)).astype(np.float32), d)
+  x = jax.device_put(np.ones((batch, cfg.hidden), np.float32), d)
+  head = jax.jit(lambda h, e: jnp.argmax(h @ e.T, -1))
+  head(x, table).block_until_ready()
+  ten = lambda: [head(x, table).block_until_ready() for _ in range(10)]
+  return 2 * batch * cfg.hidden * cfg.vocab_size / (min(_timed(ten) for _ in range(20)) / 10)
+
+
 def part_e(model, machine, rows):
   """Measured vs predicted decode step of one batch. Two calibrations, each done once: the probes
   (matmul + copy), and one measured plan (the first: its batch-1 step fits the bandwidth, its
@@ -395,32 +425,76 @@ def part_e(model, machine, rows):
   overhead, per_device = overhead_probe(T)
   say(f'e. runtime probe: {overhead * 1e3:.2f} ms of host time per stage op, {per_device * 1e3:.2f} ms '
       f'per further device of its TP group')
+  head_rate = head_probe(cfg, 8)
+  say(f'e. head probe: the LM head alone (batch 8) runs at {head_rate / 1e9:.1f} GFLOP/s')
 
-  def predict(c, name, batch):
+  def predict(c, name, batch, **eff):
     setup = measured_setup(prompt_len=P, gen_len=T, batch=batch, op_overhead_s=overhead,
                            device_overhead_s=per_device)
-    return icm.replica_cost(c, cfg, layouts[name], setup, groups=1)['step']
+    return icm.replica_cost(c, cfg, layouts[name], dataclasses.replace(setup, **eff), groups=1)['step']
 
   bw0, rate0 = machine.mem_bw_gbs(0), machine.tflops(0)
   probes = {k: predict(machine, *k) for k in measured}
   first = next(iter(layouts))
   # The calibration plan's batch-1 step fits the bandwidth, its batch-8 step the compute rate
   # (each after the op overhead, which one stage pays once per step).
+  # The head's matmul runs at its probed rate, not the blocks' (a matmul's efficiency depends on
+  # its shape): its time comes off both sides of the batch-8 fit.
   memory_only = predict(machine_with(machine, tflops=1e6), first, 1) - overhead
   compute_only = predict(machine_with(machine, bw_gbs=1e9), first, 8) - overhead
+  head_flops = 2 * 8 * cfg.hidden * cfg.vocab_size
   bw_fit = bw0 * memory_only / (measured[(first, 1)] - overhead)
-  rate_fit = rate0 * compute_only / (measured[(first, 8)] - overhead)
-  fitted = machine_with(machine, tflops=rate_fit, bw_gbs=bw_fit)
-  say(f'e. calibrated on {first}: {bw_fit:.1f} GB/s, {rate_fit * 1e3:.1f} GFLOP/s '
+  rate_fit = rate0 * (compute_only - head_flops / (rate0 * 1e12)) / (
+      measured[(first, 8)] - overhead - head_flops / head_rate)
+  top = max(rate_fit, head_rate / 1e12)    # efficiencies are shares of the faster rate
+  fitted = machine_with(machine, tflops=top, bw_gbs=bw_fit)
+  eff = dict(compute_efficiency=rate_fit / top, head_compute_efficiency=head_rate / 1e12 / top)
+  say(f'e. calibrated on {first}: {bw_fit:.1f} GB/s, {rate_fit * 1e3:.1f} GFLOP/s in the blocks '
       f'(probes: {bw0:.1f} GB/s, {rate0 * 1e3:.1f} GFLOP/s)')
   for (name, batch), m in measured.items():
-    pred = predict(fitted, name, batch)
+    pred = predict(fitted, name, batch, **eff)
     tag = 'calibration plan' if name == first else ('within 20%' if abs(m / pred - 1) <= 0.2 else 'OUTSIDE 20%')
     rows.append({'part': 'e', 'what': f'{name}, batch {batch}', 'hetjax': m * 1e3, 'reference': pred * 1e3,
                  'ratio': m / pred, 'unit': 'ms per decode step of one batch (reference: cost model)',
                  'note': f'{tag}; probe-calibrated ratio {m / probes[(name, batch)]:.2f}'})
     say(f'e. {name} batch {batch}: measured {m * 1e3:.2f} ms, predicted {pred * 1e3:.2f} ms '
         f'(ratio {m / pred:.2f}; probe-calibrated {m / probes[(name, batch)]:.2f})')
+
+
+def part_f(model, rows):
+  """Continuous batching, slot prefill vs a prompt token per step: the same requests (--requests of
+  --serve_prompt tokens, --serve_tokens new ones) over a 2-stage plan (4L@tp2 + 2L@tp1, groups of
+  4), warmed up once per mode, then --repeats passes alternating the modes; each mode's best pass."""
+  from hetjax.inference import serving
+  cfg, P, T = model.cfg, FLAGS.serve_prompt, FLAGS.serve_tokens
+  layers = [cfg.num_layers * 2 // 3, cfg.num_layers - cfg.num_layers * 2 // 3]
+  engine = engine_for(serve_plan([[0, 1], [2]], layers, max_batch=4), model)
+  rng = np.random.default_rng(FLAGS.seed)
+  prompts = rng.integers(0, cfg.vocab_size, (FLAGS.requests, P))
+  arrivals = (np.zeros(FLAGS.requests) if FLAGS.clock == 'cpu'
+              else np.cumsum(rng.exponential(1 / FLAGS.rate, FLAGS.requests)))
+  best, outputs = {}, {}
+  for i in range(FLAGS.repeats + 1):        # pass 0 compiles
+    for mode in ('token', 'slot'):
+      reqs = [serving.Request(str(k), prompts[k], T, float(a)) for k, a in enumerate(arrivals)]
+      server = serving.ContinuousServer(engine, 'round_robin', 4, {'temperature': 0.0}, FLAGS.seed,
+                                        prefill=mode, clock=clock)
+      t0 = clock()
+      server.serve(reqs, progress=lambda *a, **k: None)
+      out = serving.summary(reqs, clock() - t0, 0.0)
+      out['ttft_mean_s'] = float(np.mean([r.first_token_s - r.arrival_s for r in reqs]))
+      outputs[mode] = [r.output for r in reqs]
+      if i and (mode not in best or out['seconds'] < best[mode]['seconds']):
+        best[mode] = out
+    say(f'f. pass {i}/{FLAGS.repeats} done (load {os.getloadavg()[0]:.1f})')
+  same = float(np.mean([a == b for a, b in zip(outputs['slot'], outputs['token'])]))
+  for key, what in (('ttft_p50_s', 'TTFT p50 s'), ('ttft_mean_s', 'TTFT mean s'),
+                    ('tokens_per_s', 'tokens/s'), ('latency_p99_s', 'p99 latency s')):
+    after, before = best['slot'][key], best['token'][key]
+    rows.append({'part': 'f', 'what': what, 'hetjax': after, 'reference': before, 'ratio': after / before,
+                 'unit': f'{what} on --clock={FLAGS.clock} (hetjax: slot prefill; reference: a token per step)',
+                 'note': f'{FLAGS.requests} requests, prompt {P}, {T} new; same outputs: {same:.0%}'})
+    say(f'f. {what}: slot prefill {after:.3g}, token per step {before:.3g} (ratio {after / before:.2f})')
 
 
 def decode_step_time(eng, groups, T):
@@ -525,9 +599,9 @@ def main(argv):
   say(f'copy bandwidth (read + write): numpy {bandwidth["numpy"] / 1e9:.1f} GB/s, '
       f'jax {bandwidth["jax"] / 1e9:.1f} GB/s')
   hf_model = model = None
-  if parts & {'a', 'b', 'c', 'd', 'e'}:
+  if parts & {'a', 'b', 'c', 'd', 'e', 'f'}:
     with tempfile.TemporaryDirectory() as tmp:
-      hf_model, model = make_models(tmp)
+      hf_model, model = make_models(tmp, need_hf=bool(parts & {'a', 'b'}))
   machine = local_machine(bandwidth) if parts & {'c', 'd', 'e'} else None
   if parts & {'a', 'b'}:
     part_ab(hf_model, model, bandwidth, rows)
@@ -537,6 +611,8 @@ def main(argv):
     part_d(model, machine, rows)
   if 'e' in parts:
     part_e(model, machine, rows)
+  if 'f' in parts:
+    part_f(model, rows)
   if 'g' in parts:
     part_g(rows)
   tag = os.path.join(FLAGS.out, 'bench_serve')

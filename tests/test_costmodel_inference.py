@@ -131,7 +131,8 @@ def test_search_splits_the_weights_over_stages_when_memory_bounds_the_batch():
 
 
 def test_virtual_cpu_devices_share_one_host():
-  """JAX's CPU devices are threads on one host's cores: TP does not add compute and pipelined groups
+  """JAX's CPU devices are threads on one host's cores: TP does not add compute (and the head, which
+  every device of the group runs whole, costs once more per further device) and pipelined groups
   do not overlap, so neither helps in the model."""
   c = Cluster.from_dict({'name': 'cpu', 'devices': [{'gpu': 'CPU', 'host': 'h', 'region': 'r', 'count': 4}],
                          'links': {'intra_host': [0.0, 1e6], 'intra_region': [0.0, 1e6],
@@ -140,7 +141,9 @@ def test_virtual_cpu_devices_share_one_host():
   setup = icm.ServeSetup(prompt_len=32, gen_len=8, batch=2)
   one = icm.replica_cost(c, m, [icm.StageLayout(4, [0])], setup)
   tp2 = icm.replica_cost(c, m, [icm.StageLayout(4, [0, 1])], setup)
-  assert tp2['decode'] == pytest.approx(one['decode'], rel=1e-3)     # free links: no all-reduce cost
+  head = icm.head_time(m, setup, c.tflops(0), c.mem_bw_gbs(0), 1) / setup.gen_len   # one call
+  # free links: no all-reduce cost; the second device's copy of the head at each decode step
+  assert tp2['decode'] - one['decode'] == pytest.approx((setup.gen_len - 1) * head, rel=1e-4)
   two = [icm.StageLayout(2, [0]), icm.StageLayout(2, [1])]
   alone = icm.replica_cost(c, m, two, setup, groups=1)
   both = icm.replica_cost(c, m, two, setup, groups=2)
@@ -171,3 +174,17 @@ def test_host_overheads_per_stage_op_and_per_shared_compute_device():
   assert gap == pytest.approx(2e-3, rel=1e-6)
   with pytest.raises(HetjaxError, match='op_overhead_s'):
     dataclasses.replace(base, op_overhead_s=float('nan')).validate()
+
+
+def test_the_head_runs_whole_on_each_device_at_its_own_efficiency():
+  """The engine does not split the LM head over a TP group, so its time does not shrink with tp;
+  head_compute_efficiency (0: compute_efficiency) prices its one large matmul."""
+  m = get_model_config('tiny_gpt')
+  s = icm.ServeSetup(prompt_len=8, gen_len=4, batch=8, compute_efficiency=0.25)
+  flops = 2 * 8 * m.hidden * m.vocab_size                 # one call; memory is free at 1e9 GB/s
+  assert icm.head_time(m, s, 1.0, 1e9, 1) == pytest.approx(4 * flops / 0.25e12)
+  fast = dataclasses.replace(s, head_compute_efficiency=0.5)
+  assert icm.head_time(m, fast, 1.0, 1e9, 1) == pytest.approx(4 * flops / 0.5e12)
+  assert icm.head_time(m, fast, 1.0, 1e9, 4) == icm.head_time(m, fast, 1.0, 1e9, 1)
+  with pytest.raises(HetjaxError, match='head_compute_efficiency'):
+    dataclasses.replace(s, head_compute_efficiency=1.5).validate()

@@ -82,16 +82,20 @@ def test_serve_writes_completions_equal_to_generation(tmp_path):
   assert (tmp_path / 'run' / 'replica_timeline.png').stat().st_size > 1000
 
 
-def test_continuous_batching_equals_each_request_served_alone():
+@pytest.mark.parametrize('name, prefill', [('tiny_llama', 'slot'), ('tiny_llama', 'token'),
+                                           pytest.param('tiny_gpt', 'slot', marks=pytest.mark.slow)])
+def test_continuous_batching_equals_each_request_served_alone(name, prefill):
   """Two slots per group (6 in all) for ten requests of different lengths: slots are refilled while
-  other requests are mid-way, and every request still gets its own greedy continuation."""
+  other requests are mid-way (with slot prefill, their prompts prefilled into one row of a busy
+  cache, sometimes two in one step; Llama with GQA, a TP-2 then a TP-1 stage, and one stage), and
+  every request still gets its own greedy continuation."""
   from flax import nnx
   from hetjax.inference.engine import ServeEngine
   from hetjax.inference.generate import generate
   from hetjax.inference.serving import ContinuousServer, Request
   from hetjax.plan import Plan, Replica, Stage
   from tests.test_engine import lively_model
-  cfg, model = lively_model('tiny_llama')
+  cfg, model = lively_model(name)
   plan = Plan([Replica([Stage(0, 1, [0, 1]), Stage(1, 4, [2])]), Replica([Stage(0, 4, [3])])],
               num_layers=4, kind='serve')
   engine = ServeEngine(plan, cfg, nnx.state(model))
@@ -99,12 +103,40 @@ def test_continuous_batching_equals_each_request_served_alone():
   requests = [Request(str(i), rng.integers(0, cfg.vocab_size, n).astype(np.int32), new)
               for i, (n, new) in enumerate([(3, 5), (6, 2), (1, 7), (4, 4), (2, 3), (5, 6), (2, 2),
                                                      (7, 3), (1, 1), (3, 4)])]
-  server = ContinuousServer(engine, 'round_robin', 2, {}, chunk=4)
+  server = ContinuousServer(engine, 'round_robin', 2, {}, chunk=4, prefill=prefill)
   server.serve(requests, progress=lambda *a, **k: None)
   for req in requests:
     assert req.output == generate(model, req.ids[None], req.max_new_tokens)[0].tolist(), req.id
     assert 0 <= req.first_token_s <= req.done_s
   assert sorted({req.replica for req in requests}) == [0, 1]
+
+
+@pytest.mark.parametrize('prefill', ['slot', 'token'])
+def test_a_refilled_slot_prefills_its_prompt_in_one_step(prefill):
+  """A slot refilled at step 0 with a 5-token prompt: slot prefill yields its first token at step 0
+  (the prompt padded to 8 for a cache of 12), token feeding at step 4, one prompt token a step."""
+  from hetjax.inference.serving import Request, SlotGroup
+  req = Request('a', np.array([5, 6, 7, 8, 9], np.int32), 3)
+  queue = [req]
+  group = SlotGroup(2, lambda: queue.pop() if queue else None, lambda: 0.0, prefill=prefill,
+                    cache_len=12)
+  for step in range(8):
+    pos, use, feed = group.feed(step)
+    pre = [(i, p.prompts.tolist(), p.lengths.tolist()) for i, p in group.prefills(step)]
+    assert pre == ([(0, [[5, 6, 7, 8, 9, 0, 0, 0]], [5])] if prefill == 'slot' and step == 0 else [])
+    if prefill == 'token' and step < 5:
+      assert (pos[0], use[0], feed[0]) == (step, True, 5 + step)
+    if prefill == 'slot' and 0 < step < 3:
+      assert (pos[0], use[0]) == (4 + step, False)   # its own sampled token after the prompt
+    group.record(step, np.array([40 + step, 0]))
+  assert req.output == ([40, 41, 42] if prefill == 'slot' else [44, 45, 46])
+  assert group.slots == [None, None]
+
+
+def test_slot_prefill_refuses_an_unknown_mode():
+  from hetjax.inference.serving import SlotGroup
+  with pytest.raises(HetjaxError, match="prefill must be 'slot' or 'token'"):
+    SlotGroup(2, lambda: None, lambda: 0.0, prefill='chunk')
 
 
 @pytest.mark.parametrize('batching', ['continuous', 'static'])

@@ -3,6 +3,8 @@ communication, memory, request latency and replica throughput.
 
 A stage runs `n` layers on a TP group of `t` devices of one GPU type. Every term names its inputs:
   compute    FLOPs / (t * peak TFLOP/s * compute_efficiency)         FLOPs from ModelConfig
+             (the head's one large matmul at head_compute_efficiency, where set: matmul
+             efficiency depends on the shape)
   memory     bytes / (peak GB/s * memory_efficiency)                  weight scan (1/t of the layer)
                                                                       + KV-cache reads/writes (1/t, GQA heads)
   layer      max(compute, memory)                                     (roofline)
@@ -10,6 +12,8 @@ A stage runs `n` layers on a TP group of `t` devices of one GPU type. Every term
              2 (t-1) (alpha + bytes / (t beta)), alpha/beta = worst delay/bandwidth inside the group
   PP         delay + bytes / bandwidth between consecutive stage leaders, plus the sampled token's hop
              from the last stage back to the first before each decode step
+  head       the LM head on the last stage, replicated over its TP group (one device's time: on
+             shared compute, t devices doing the same work on the same cores cost t times)
   overhead   op_overhead_s of host time per stage op (one prefill or one decode step of one group):
              the program launch and the runtime's bookkeeping, measured by a probe; on shared
              compute, device_overhead_s more for each further device of the TP group (each runs
@@ -65,12 +69,14 @@ class ServeSetup:
   memory_fraction: float = 0.9     # usable share of device memory
   op_overhead_s: float = 0.0       # host time of one stage op (program launch, runtime bookkeeping)
   device_overhead_s: float = 0.0   # and of each further device of its TP group, on shared compute
+  head_compute_efficiency: float = 0.0  # the LM head's one large matmul (0: compute_efficiency)
 
   def validate(self) -> 'ServeSetup':
     for name in ('prompt_len', 'gen_len', 'batch', 'bytes_per_value'):
       checks.integer(getattr(self, name), name, 1)
     for name in ('compute_efficiency', 'memory_efficiency', 'memory_fraction'):
       checks.real(getattr(self, name), name, 0, 1, lo_open=True)
+    checks.real(self.head_compute_efficiency, 'head_compute_efficiency (0: compute_efficiency)', 0, 1)
     for name in ('op_overhead_s', 'device_overhead_s'):
       checks.real(getattr(self, name), f'{name} (seconds)', 0, 1)
     return self
@@ -140,11 +146,13 @@ def layer_cost(model: ModelConfig, setup: ServeSetup, tflops: float, mem_bw_gbs:
 
 
 def head_time(model: ModelConfig, setup: ServeSetup, tflops: float, mem_bw_gbs: float, tp: int) -> float:
-  """LM head (vocab-parallel) for the last prompt token and every decode step (gen_len calls)."""
+  """LM head for the last prompt token and every decode step (gen_len calls). The engine's head is
+  not split over the TP group (models/model.py: its table is replicated), so each of the tp devices
+  reads the whole table and does all of its FLOPs: one device's time, whatever tp is."""
   b, v = setup.batch, setup.bytes_per_value
-  rate = tp * tflops * 1e12 * setup.compute_efficiency
+  rate = tflops * 1e12 * (setup.head_compute_efficiency or setup.compute_efficiency)
   bw = mem_bw_gbs * 1e9 * setup.memory_efficiency
-  per_step = max(2 * b * model.hidden * model.vocab_size / rate, model.vocab_size * model.hidden * v / tp / bw)
+  per_step = max(2 * b * model.hidden * model.vocab_size / rate, model.vocab_size * model.hidden * v / bw)
   return setup.gen_len * per_step
 
 

@@ -28,16 +28,17 @@ from hetjax.parallel.state import StateStore
 from hetjax.plan import Plan
 
 
-def pad_prompts(prompts: list, rows: int = 0, max_width: int = 0) -> GroupBatch:
+def pad_prompts(prompts: list, rows: int = 0, max_width: int = 0, min_width: int = 1) -> GroupBatch:
   """Prompts of different lengths, right-padded with 0 to one length. `rows` adds dummy one-token
-  rows up to that many, and `max_width` > 0 rounds the length up to a power of two (at most
-  max_width), so that serving rounds reuse compiled programs instead of compiling each shape."""
+  rows up to that many, and `max_width` > 0 rounds the length up to a power of two, at least
+  min_width and at most max_width, so that serving reuses compiled programs instead of compiling
+  each shape."""
   lengths = np.array([len(p) for p in prompts], np.int32)
   if not len(lengths) or lengths.min() < 1:
     raise HetjaxError('every request needs a non-empty prompt')
   width = int(lengths.max())
   if max_width:
-    width = max(width, min(1 << (width - 1).bit_length(), max_width))
+    width = max(width, min(max(1 << (width - 1).bit_length(), min_width), max_width))
   lengths = np.concatenate([lengths, np.ones(max(0, rows - len(lengths)), np.int32)])
   padded = np.zeros((len(lengths), width), np.int32)
   for i, p in enumerate(prompts):

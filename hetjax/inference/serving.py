@@ -5,8 +5,9 @@ Requests that have arrived are dispatched to replicas by a policy from dispatch.
 keeps as many request groups in flight as it has stages (so its pipeline stays full), each of up to
 `max_batch` requests. Two ways to batch:
 - `continuous` (ContinuousServer): every group is a set of slots; a finished request's slot is
-  refilled by a waiting request at the group's next step. A slot reads its prompt one token per
-  decode step (chunked prefill with chunks of one token), so no step waits for another's prefill;
+  refilled by a waiting request at the group's next step. With `prefill='slot'` (default) that step
+  also prefills the new request's prompt in one go (one row, padded to a power of two >= 8) and yields
+  its first token; with `prefill='token'` the slot reads its prompt one token per decode step;
 - `static` (Server): rounds; a round prefills its groups together and decodes until its longest
   request is done; a request that arrives during a round waits for the next one.
 """
@@ -85,8 +86,10 @@ def parse_requests(lines, encode, max_len: int, default_new_tokens: int,
 class Server:
 
   def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict, seed: int = 0,
-               eos=()):
-    self.engine, self.sampling, self.seed = engine, sampling, seed
+               eos=(), clock=time.perf_counter):
+    """`clock` gives the seconds that arrivals and request times count in (a benchmark's CPU
+    clock needs every arrival at 0: waiting for one does not advance it)."""
+    self.engine, self.sampling, self.seed, self.clock = engine, sampling, seed, clock
     self.eos = frozenset(int(i) for i in eos)   # a request ends at its first token in eos
     self.policy = make_policy(policy)
     plan = engine.plan
@@ -99,8 +102,9 @@ class Server:
 
   def serve(self, requests: list[Request], progress=print) -> list[Request]:
     pending = list(requests)
-    start = time.perf_counter()
-    now = lambda: time.perf_counter() - start
+    clock = self.clock
+    start = clock()
+    now = lambda: clock() - start
     finished, rounds = 0, 0
     while pending or any(s.queue for s in self.states):
       self._admit(requests, pending, now)
@@ -223,39 +227,58 @@ def draw_busy(busy, num_replicas: int, path: str) -> None:
 
 class SlotGroup:
   """One request group of a replica under continuous batching: `rows` slots, each holding a request
-  at its own position. `feed(step)` (called by stage 0 before the group's decode step) refills free
-  slots and says, per row, the position and whether the input is a prompt token; `record(step,
-  token)` (on the head stage) keeps the tokens that are generated ones."""
+  at its own position. `feed(step)` (called by every stage before the group's decode step; the
+  first call decides) refills free slots and says, per row, the position and whether the input is a
+  prompt token; `prefills(step)` lists the refilled slots whose prompt the step prefills whole
+  (`prefill='slot'`, into a cache of `cache_len`); `record(step, token)` (on the head stage) keeps
+  the tokens that are generated ones."""
 
-  def __init__(self, rows: int, take, now, eos=frozenset()):
+  def __init__(self, rows: int, take, now, eos=frozenset(), prefill: str = 'slot',
+               cache_len: int = 0):
+    if prefill not in ('slot', 'token'):
+      raise HetjaxError(f"prefill must be 'slot' or 'token', got {prefill!r}")
     self.rows, self.take, self.now, self.eos = rows, take, now, eos
+    self.prefill, self.cache_len = prefill, cache_len
     self.slots: list = [None] * rows
     self.pos = np.zeros(rows, np.int64)        # tokens of the slot's request already in the cache
     self.producing: dict = {}                   # step -> per row: the request whose token it yields
-    self.decided: dict = {}                     # step -> (positions, use_feed, feed_tokens)
+    self.decided: dict = {}                     # step -> (positions, use_feed, feed_tokens, prefills)
 
   def active(self) -> bool:
     return any(req is not None for req in self.slots)
 
   def feed(self, step: int):
-    """Every stage of the replica asks for the step's positions; the first call decides them."""
+    """The step's (positions, use_feed, feed_tokens) per row."""
+    return self._decided(step)[:3]
+
+  def prefills(self, step: int) -> list:
+    return self._decided(step)[3]
+
+  def _decided(self, step: int):
     if step not in self.decided:
       self.decided[step] = self._decide(step)
     return self.decided[step]
 
   def _decide(self, step: int):
+    new = []
     for i, req in enumerate(self.slots):
       if req is None or req.finished:           # free, or ended early at an end-of-sequence token
         self.slots[i], self.pos[i] = self.take(), 0
+        if self.slots[i] is not None and self.prefill == 'slot':
+          new.append(i)
     positions = self.pos.astype(np.int32)
-    use = np.ones(self.rows, bool)             # idle rows read token 0 at position 0
+    use = np.ones(self.rows, bool)             # idle (and prefilled) rows read token 0 at position 0
     tokens = np.zeros(self.rows, np.int32)
     producing = [None] * self.rows
+    prefills = [(i, pad_prompts([self.slots[i].ids], max_width=self.cache_len, min_width=8))
+                for i in new]
     for i, req in enumerate(self.slots):
       if req is None:
         continue
       n = len(req.ids)
-      if self.pos[i] < n:
+      if i in new:
+        self.pos[i] = n - 1                    # the whole prompt, its first token out of this step
+      elif self.pos[i] < n:
         tokens[i] = req.ids[self.pos[i]]
       else:
         use[i] = False                          # its own last sampled token
@@ -265,7 +288,7 @@ class SlotGroup:
       if self.pos[i] - n + 1 >= req.max_new_tokens:  # its last token comes out of this step
         self.slots[i] = None
     self.producing[step] = producing
-    return positions, use, tokens
+    return positions, use, tokens, prefills
 
   def record(self, step: int, token) -> int:
     """Tokens of this step into their requests; returns how many requests finished."""
@@ -286,19 +309,22 @@ class SlotGroup:
 class ContinuousServer(Server):
   """Continuous batching over all replicas at once, `chunk` decode steps per engine call (KV
   caches and slots carry over between calls). Dispatch and replica state as in Server; `busy`
-  holds the chunks each replica worked in."""
+  holds the chunks each replica worked in. `prefill`: see SlotGroup."""
 
   def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict,
-               seed: int = 0, chunk: int = 8, eos=()):
+               seed: int = 0, chunk: int = 8, eos=(), prefill: str = 'slot', clock=time.perf_counter):
     if jax.process_count() > 1:
       raise HetjaxError('continuous batching runs in one process (its slots follow each request as '
                         'it finishes); with several processes use --config.batching=static')
-    super().__init__(engine, policy, max_batch, sampling, seed, eos)
-    self.chunk = chunk
+    if prefill not in ('slot', 'token'):
+      raise HetjaxError(f"prefill must be 'slot' or 'token', got {prefill!r}")
+    super().__init__(engine, policy, max_batch, sampling, seed, eos, clock)
+    self.chunk, self.prefill = chunk, prefill
 
   def serve(self, requests: list[Request], progress=print) -> list[Request]:
-    engine, start = self.engine, time.perf_counter()
-    now = lambda: time.perf_counter() - start
+    engine, clock = self.engine, self.clock
+    start = clock()
+    now = lambda: clock() - start
     pending = list(requests)
 
     def dispatch():
@@ -314,9 +340,9 @@ class ContinuousServer(Server):
         return queue.popleft() if queue else None
       return take
 
-    groups = [[SlotGroup(self.max_batch[r], taker(r), now, self.eos) for _ in engine.replicas[r]]
-              for r in range(len(engine.replicas))]
     longest = max(len(q.ids) + q.max_new_tokens for q in requests)
+    groups = [[SlotGroup(self.max_batch[r], taker(r), now, self.eos, self.prefill, longest)
+               for _ in engine.replicas[r]] for r in range(len(engine.replicas))]
     cache_len = {r: longest for r in range(len(groups))}
     store, step, finished = StateStore(), 0, 0
 

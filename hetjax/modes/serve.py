@@ -53,7 +53,8 @@ def run(cfg, workdir: str) -> None:
   if cfg.batching == 'continuous':
     if cfg.chunk < 1:
       raise HetjaxError(f'chunk must be >= 1, got {cfg.chunk}')
-    server = ContinuousServer(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed, cfg.chunk, eos)
+    server = ContinuousServer(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed, cfg.chunk, eos,
+                              cfg.prefill)
   elif cfg.batching == 'static':
     server = Server(engine, cfg.dispatch, cfg.max_batch, sampling, cfg.seed, eos)
   else:

@@ -6,6 +6,11 @@ one length) and a decode step (one token per row, at each row's own position); t
 samples the next token. `GenerationHandler` runs the ops of a decode schedule (schedules.decode): a
 stage's output travels to the next stage ('act'), the token sampled on the last stage back to
 stage 0 ('token').
+
+Slot prefill (continuous batching): a decode step of a group may also prefill the prompts of slots
+refilled at that step, one row each, by a program jitted per stage and prompt-length bucket that
+writes that row of the group's cache. The row's hidden states ride with the step's activation
+message, packed after the decode rows: [B + sum of widths, 1, H].
 """
 
 from __future__ import annotations
@@ -68,12 +73,23 @@ def _programs(key: _Key):
     y, cache = nnx.merge(graphdef, params)(x, pos, cache)
     return finish(y, rng), cache
 
+  def slot_prefill(params, x, cache, slot, length, rng, tokens):
+    """One row's prompt x ([1, W] ids or [1, W, H]) into row `slot` of the cache; the head puts the
+    sampled first token into row `slot` of the step's `tokens` [B]."""
+    row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1), cache)
+    y, row = nnx.merge(graphdef, params)(x, 0, row, last_index=(length - 1)[None])
+    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, 0), cache, row)
+    if group.has_head:
+      y = tokens.at[slot].set(finish(y, rng)[0])
+    return y, cache
+
   def init_cache(batch, length):
     return group.abstract.init_cache(batch, length)
 
   return types.SimpleNamespace(
       prefill=jax.jit(prefill, donate_argnums=2, out_shardings=(out, cache_shardings)),
       decode=jax.jit(decode, donate_argnums=2, out_shardings=(out, cache_shardings)),
+      slot_prefill=jax.jit(slot_prefill, donate_argnums=2, out_shardings=(out, cache_shardings)),
       init_cache=jax.jit(init_cache, static_argnums=(0, 1), out_shardings=cache_shardings))
 
 
@@ -97,6 +113,10 @@ class GroupBatch:
     return ((self.lengths + step - 1).astype(np.int32), np.zeros(rows, bool),
             np.zeros(rows, np.int32))
 
+  def prefills(self, step: int) -> list:
+    """(slot, prompt GroupBatch of one row) of the slots whose prompt step `step` prefills."""
+    return []
+
 
 class GenerationHandler:
   """Runs prefill and decode ops. `stages[s]` = (replica, k, group, params) for the runtime's flat
@@ -105,9 +125,10 @@ class GenerationHandler:
 
   def __init__(self, stages, batches, cache_len: dict, store, hidden: int, sampling: tuple,
                seed: int, on_token=None, first_step: int = 0):
-    """`batches[r][m]` is a GroupBatch (prefilled) or any group with `rows` and `feed(step)` ->
-    (positions, use_feed, feed_tokens) per row (continuous batching feeds prompts token by
-    token). `first_step` numbers the steps of a schedule that continues an earlier one."""
+    """`batches[r][m]` is a GroupBatch (prefilled) or any group with `rows`, `feed(step)` ->
+    (positions, use_feed, feed_tokens) per row and `prefills(step)` -> [(slot, one-row
+    GroupBatch)] (continuous batching). `first_step` numbers the steps of a schedule that
+    continues an earlier one."""
     self.stages, self.batches, self.cache_len, self.store = stages, batches, cache_len, store
     self.first_step = first_step
     self.hidden, self.sampling = hidden, sampling
@@ -146,7 +167,26 @@ class GenerationHandler:
           x = self._last_token(r, m, group, batch.rows)
       else:
         x = received[op.deps[0]]
+      prefills = batch.prefills(t)
+      if prefills and not group.has_embed:   # unpack: decode rows, then each prompt's rows
+        x, packed, at = x[:batch.rows], x, batch.rows
+        pieces = []
+        for _, p in prefills:
+          pieces.append(packed[at:at + p.prompts.shape[1], 0][None])
+          at += p.prompts.shape[1]
       y, cache = programs.decode(params, x, cache, pos, self._rng(r, m, t), feed, use_feed)
+      outs = [y[:, 0]] if prefills and not group.has_head else []
+      for i, (slot, p) in enumerate(prefills):
+        xi = place(p.prompts, group.replicated) if group.has_embed else pieces[i]
+        rng = jax.random.fold_in(self._rng(r, m, t), slot + 1)
+        yi, cache = programs.slot_prefill(params, xi, cache, np.int32(slot),
+                                          place(p.lengths[0], group.replicated), rng, y)
+        if group.has_head:
+          y = yi
+        else:
+          outs.append(yi[0])
+      if outs:
+        y = jnp.concatenate(outs)[:, None]
     self.store.put('group', cache_key, cache)
     if group.has_head:
       self.store.put('group', ('token', r, m), y)
@@ -167,5 +207,8 @@ class GenerationHandler:
     rows = self.batches[r][op.micro].rows
     if consumer.stage == self.first[r] and op.stage == self.last[r]:
       return Message('token', (rows,), jnp.int32, batch_sharded=False)
-    width = self.batches[r][op.micro].prompts.shape[1] if op.kind == 'P' else 1
-    return Message('act', (rows, width, self.hidden), batch_sharded=False)
+    batch = self.batches[r][op.micro]
+    if op.kind == 'P':
+      return Message('act', (rows, batch.prompts.shape[1], self.hidden), batch_sharded=False)
+    packed = sum(p.prompts.shape[1] for _, p in batch.prefills(op.step + self.first_step))
+    return Message('act', (rows + packed, 1, self.hidden), batch_sharded=False)
