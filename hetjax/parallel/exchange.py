@@ -145,8 +145,8 @@ class Exchange:
     """Move global array `x` of `shape` (on src's mesh; None on processes without src devices) to
     dst's mesh. Batch-sharded arrays travel as one slice per replica; replicated ones travel whole
     to every replica. Returns the array on dst's mesh where this process owns dst devices (with
-    `lazy`, a Deferred of it: decoding waits until the consumer needs it, so an asynchronous
-    transport's message can still be on the wire).
+    `lazy` and a stateless codec, a Deferred of it: decoding waits until the consumer needs it, so
+    an asynchronous transport's message can still be on the wire).
     `next_ids`: the samples of the next message with this key; each side that keeps state starts
     reading their rows now (a state with `prefetch`), overlapped with the compute in between."""
     encode, decode = _coders(self.codec)
@@ -192,4 +192,6 @@ class Exchange:
                if _mine(d)]
       return jax.make_array_from_single_device_arrays(tuple(shape), sharding, local)
 
-    return Deferred(receive) if lazy else receive()
+    # A stateful codec's receiver decodes at once: its memory rows were read above, and the update
+    # must start the next message's prefetch before that message's rows are read.
+    return Deferred(receive) if lazy and not self.stateful else receive()
