@@ -7,32 +7,38 @@ whose scenario table and launch helpers it reuses.
 
   python experiments/testbed_serve.py --scenarios=two_uneven   # needs root; ~3 minutes per scenario
 
-For each scenario (2-3 processes, one CPU device each):
-1. calibrate on the testbed once per batch size b at the decode shape (mode=calibrate with
-   micro-batch b x seq 1): each device's time for one block's forward of b tokens, and each link's
-   latency and bandwidth (ping-pong over the real transport, user-space latency included);
-2. serve each plan (one replica, 1-3 stages, each stage on its own process) with mode=serve,
-   static rounds: every round is S request groups of b requests (the server fills a replica's S
-   stages with one group each), --tokens new tokens each; round 1 compiles, the next --rounds are
-   timed. Measured = the median over the timed requests of (last token - first token) / (tokens - 1),
-   on the head stage's clock: the period at which each group of b gets its next token;
-3. predict that period from the calibration with the inference cost model's terms
-   (costmodel/inference.replica_cost; inputs in the `inputs` column):
-     stage decode op   layers x the calibrated layer time (rate = block FLOPs at b tokens / time,
-                       efficiency 1, memory term off: the measured time already holds its memory
-                       traffic) + the head; no further per-op overhead (op_overhead_s = 0)
-     hop               the calibrated link (latency intercept + bytes / bandwidth) for activations
+For each scenario (2-3 processes, one CPU device each) and each batch size b (--batches):
+1. calibrate on the testbed at the decode shape (mode=calibrate, micro-batch b x seq 1): each
+   device's time for one block's forward of b tokens, and each link's latency and bandwidth
+   (ping-pong over the real transport, the user-space latency included);
+2. serve every process alone (a plan of one one-stage replica per process, served side by side;
+   role "fit"): its per-op host overhead = its measured period - the calibrated compute of all
+   layers and the head. This is the runtime's Python work per stage op (program lookup, RNG
+   folds, argument placement, reading the token), which dominates a tiny model's decode step;
+3. serve each plan (one replica, 2-3 stages, each stage on its own process; role "prediction")
+   with mode=serve, static rounds: every round is S request groups of b requests (the server gives
+   each of a replica's S stages one group), --tokens new tokens each; round 0 compiles, the next
+   --rounds are timed. Measured = the median over the timed requests of (last token - first
+   token) / (tokens - 1), on the head stage's clock: the period at which a group of b gets its
+   next token;
+4. predict that period with the inference cost model's terms (costmodel/inference.replica_cost,
+   inputs named in the `inputs` column):
+     stage decode op   its process's fitted host overhead (StageLayout.overhead_s) + layers x the
+                       calibrated layer time (rate = block FLOPs at b tokens / time, efficiency 1,
+                       memory term off: the measured time holds the block's memory traffic) + head
+     hop               the calibrated link: latency intercept + bytes / bandwidth, for activations
                        (b x hidden x 4 B) forward and the sampled token ids (4 b B) back
    composed two ways:
-     predicted         the order the runtime really runs: every process walks one global op order
-                       (parallel/schedules.decode + global_order), compute is dispatched
-                       asynchronously but a transfer is a blocking ppermute that starts when both
-                       processes are there and the sender's output exists, then the RECEIVER
-                       sleeps the emulated one-way delay (parallel/emulated_link.py) before it does
-                       anything else; the head stage waits for each sampled token (serving reads it).
-                       The software part of a hop is the calibrated latency minus the emulated delay.
-     cost_model        replica_cost's pipelined period (module doc of costmodel/inference.py): stages
-                       and hops overlap freely, period = max(ring, groups x busiest).
+     predicted         the order the runtime really runs (runtime_period): every process walks one
+                       global op order (parallel/schedules.decode + global_order); an op holds its
+                       process's host for the overhead, then computes on the device asynchronously;
+                       a transfer is a blocking ppermute that starts when the sender's output
+                       exists and both hosts are there and holds both (the calibrated latency minus
+                       the emulated delay + bytes / bandwidth), then the RECEIVER sleeps the
+                       emulated one-way delay (parallel/emulated_link.py); the head's host waits
+                       for each sampled token (the server reads it);
+     cost_model        replica_cost's pipelined period (costmodel/inference.py module doc): stages
+                       and hops overlap freely, period = max(ring, groups x busiest stage).
 Writes results.csv and testbed_serve.png (predicted against measured, +-20% band), prints the table
 last. Absolute times are CPU times on a shared machine; the ratios are the result.
 """
@@ -59,9 +65,7 @@ flags.DEFINE_integer('tokens', 16, 'New tokens per request (tokens - 1 decode st
 flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens per request (random ids).')
 flags.DEFINE_integer('rounds', 3, 'Timed serving rounds per run, after one that compiles.')
 flags.DEFINE_bool('reuse', False, 'Reuse the calibrations and serving runs already in --out (re-predict only).')
-FLAGS = flags.FLAGS
-for _unused in ('plans', 'steps', 'random_draws'):  # testbed.py's training flags: not used here
-  delattr(FLAGS, _unused)
+FLAGS = flags.FLAGS  # testbed.py's --cpus and --layers apply; its training flags are not used
 
 # scenario -> plan label -> stages as (process, layers), scaled to --layers (default 6). Each
 # scenario also serves every process alone ("alone": one one-stage replica per process).
