@@ -12,9 +12,11 @@ For each scenario (2-3 processes, one CPU device each) and each batch size b (--
    device's time for one block's forward of b tokens, and each link's latency and bandwidth
    (ping-pong over the real transport, the user-space latency included);
 2. serve every process alone (a plan of one one-stage replica per process, served side by side;
-   role "fit"): its per-op host overhead = its measured period - the calibrated compute of all
-   layers and the head. This is the runtime's Python work per stage op (program lookup, RNG
-   folds, argument placement, reading the token), which dominates a tiny model's decode step;
+   role "fit"), with all --layers and with 1 layer: its per-op host overhead = its measured period
+   - the calibrated compute of its layers and the head, fitted as a + b x layers. This is the
+   runtime's Python work per stage op (program lookup by graph hash, parameter flattening, RNG
+   folds, argument placement, reading the token), which dominates a tiny model's decode step and
+   grows with the stage's parameters;
 3. serve each plan (one replica, 2-3 stages, each stage on its own process; role "prediction")
    with mode=serve, static rounds: every round is S request groups of b requests (the server gives
    each of a replica's S stages one group), --tokens new tokens each; round 0 compiles, the next
@@ -162,22 +164,24 @@ def model_inputs(cal, details, batch):
 
 def predict(stages, overhead, c, setup, cal, nominal, model):
   """(period in the runtime's order s, cost model's pipelined period s, inputs) of a replica whose
-  stage k runs on process stages[k][0] with its measured per-op overhead."""
+  stage k runs on process stages[k][0]; overhead(process, layers): a stage op's host time."""
   from hetjax.costmodel import inference as icm
   procs = [p for p, _ in stages]
-  layout = [icm.StageLayout(n, [p], overhead_s=overhead[p]) for p, n in stages]
+  host = [overhead(p, n) for p, n in stages]
+  layout = [icm.StageLayout(n, [p], overhead_s=h) for (p, n), h in zip(stages, host)]
   cost = icm.replica_cost(c, model, layout, setup, check_memory=False)   # groups = S, as served
   decode = [d / (setup.gen_len - 1) for d in cost['stage_decode']]
   sleep = lambda a, b: nominal.delay_ms[a, b] / 1e3
   soft = lambda a, b: max(cal.delay_ms[a, b] / 1e3 - sleep(a, b), 0.0)
   wire = lambda a, b, nbytes: soft(a, b) + nbytes * 8 / (cal.bandwidth_gbps[a, b] * 1e9)
   b = setup.batch
-  period = runtime_period(procs, [overhead[p] for p in procs], cost['stage_prefill'], decode, wire,
+  period = runtime_period(procs, host, cost['stage_prefill'], decode, wire,
                           sleep, setup.gen_len,
                           b * model.hidden * ACT_BYTES, b * setup.prompt_len * model.hidden * ACT_BYTES,
                           4 * b)
   hops = list(zip(procs, procs[1:] + procs[:1])) if len(procs) > 1 else []
-  inputs = ('stage op ms ' + ' '.join(f'p{p}:{d * 1e3:.2f}' for p, d in zip(procs, decode)) +
+  inputs = ('stage op ms (host overhead + compute) ' +
+            ' '.join(f'p{p}:{h * 1e3:.2f}+{(d - h) * 1e3:.2f}' for p, h, d in zip(procs, host, decode)) +
             ''.join(f'; hop {a}->{q} {soft(a, q) * 1e3:.2f} ms software + {sleep(a, q) * 1e3:.0f} ms '
                     f'emulated @ {cal.bandwidth_gbps[a, q]:.3f} Gbit/s' for a, q in hops))
   return period, cost['step'], inputs
@@ -246,23 +250,34 @@ def run_scenario(name, out):
           f'cores got {np.round(details["achieved_cores"], 2).tolist()}, link latency ms '
           f'{np.round(cal.delay_ms, 2).tolist()}', flush=True)
     c, setup = model_inputs(cal, details, batch)
-    # Every process alone (one one-stage replica each, served side by side): its per-op host
-    # overhead = measured period - the calibrated compute of all layers + head.
-    path = os.path.join(work, 'alone', f'plan_b{batch}.json')
-    save_plan(path, [[(p, FLAGS.layers)] for p in range(n)], batch)
-    try:
-      alone = serve(nominal_path, n, path, n * batch, batch, os.path.join(work, 'alone', f'b{batch}'),
-                    f'serving every process alone, b={batch}')
-    except testbed.RunFailed as e:
-      print(str(e)[-600:], flush=True)
+    # Every process alone (one one-stage replica each, served side by side), at --layers and at 1
+    # layer: its per-op host overhead = measured period - the calibrated compute of its layers and
+    # head, fitted as a + b x layers (the runtime's Python work grows with a stage's parameters).
+    fits = {}
+    for depth in sorted({FLAGS.layers, 1}):
+      path = os.path.join(work, f'alone_{depth}', f'plan_b{batch}.json')
+      save_plan(path, [[(p, depth)] for p in range(n)], batch)
+      layers, FLAGS.layers = FLAGS.layers, depth   # testbed.launch builds the model of --layers
+      try:
+        alone = serve(nominal_path, n, path, n * batch, batch, os.path.join(work, f'alone_{depth}', f'b{batch}'),
+                      f'serving every process alone, {depth} layer(s), b={batch}')
+      except testbed.RunFailed as e:
+        print(str(e)[-600:], flush=True)
+        break
+      finally:
+        FLAGS.layers = layers
+      shallow = get_model_config('tiny_gpt', num_layers=depth)
+      for p in range(n):
+        compute = icm.replica_cost(c, shallow, [icm.StageLayout(depth, [p])], setup,
+                                   check_memory=False, groups=1)['step']
+        fits[(p, depth)] = statistics.median(alone[p]) - compute
+        row('alone', [(p, depth)], batch, alone[p], compute, compute,
+            f'fit: per-op overhead p{p} at {depth} layer(s) = {fits[(p, depth)] * 1e3:.2f} ms '
+            f'(measured - calibrated compute)', 'fit')
+    if len(fits) < n * len({FLAGS.layers, 1}):
       continue
-    overhead = {}
-    for p in range(n):
-      compute = icm.replica_cost(c, model, [icm.StageLayout(FLAGS.layers, [p])], setup,
-                                 check_memory=False, groups=1)['step']
-      overhead[p] = max(statistics.median(alone[p]) - compute, 0.0)
-      row('alone', [(p, FLAGS.layers)], batch, alone[p], compute, compute,
-          f'fit: per-op overhead p{p} = {overhead[p] * 1e3:.2f} ms (measured - calibrated compute)', 'fit')
+    slope = {p: (fits[(p, FLAGS.layers)] - fits[(p, 1)]) / max(FLAGS.layers - 1, 1) for p in range(n)}
+    overhead = lambda p, k: max(fits[(p, 1)] + slope[p] * (k - 1), 0.0)
     for label, stages in SERVE_PLANS[name].items():
       stages = scaled(stages, FLAGS.layers)
       slug = label.replace(' ', '_').replace('+', '_')

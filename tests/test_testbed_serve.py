@@ -74,7 +74,7 @@ def test_scaled_layer_split():
   assert [n for _, n in ts.scaled([(0, 3), (1, 2), (2, 1)], 3)] == [1, 1, 1]
 
 
-@pytest.mark.slow  # 2 processes, a calibration and 3 serving runs under the testbed: 3-5 minutes
+@pytest.mark.slow  # 2 processes, a calibration and 4 serving runs under the testbed: 4-6 minutes
 @pytest.mark.skipif(bool(NO_TESTBED), reason=f'testbed unavailable here: {NO_TESTBED}')
 def test_short_run_on_one_scenario(tmp_path):
   r = subprocess.run([sys.executable, SCRIPT, '--scenarios=two_uneven', '--batches=1', '--rounds=1',
@@ -82,9 +82,9 @@ def test_short_run_on_one_scenario(tmp_path):
                      timeout=1200)
   assert r.returncode == 0, r.stderr[-2000:]
   rows = list(csv.DictReader(open(tmp_path / 'results.csv')))
-  assert [(x['plan'], x['role']) for x in rows] == [('alone', 'fit'), ('alone', 'fit'),
-                                                    ('fast+slow', 'prediction'),
-                                                    ('slow+fast', 'prediction')]
+  assert [(x['plan'], x['role'], x['stages']) for x in rows] == [
+      ('alone', 'fit', 'p0:1'), ('alone', 'fit', 'p1:1'), ('alone', 'fit', 'p0:6'), ('alone', 'fit', 'p1:6'),
+      ('fast+slow', 'prediction', 'p0:4 p1:2'), ('slow+fast', 'prediction', 'p1:3 p0:3')]
   for x in rows:
     assert 0 < float(x['measured_ms']) < 10_000 and 0 < float(x['predicted_ms']) < 10_000
   assert (tmp_path / 'testbed_serve.png').stat().st_size > 0
