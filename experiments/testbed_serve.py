@@ -66,7 +66,8 @@ flags.DEFINE_list('batches', ['1', '4'], 'Requests per group b (each stage holds
 flags.DEFINE_integer('tokens', 16, 'New tokens per request (tokens - 1 decode steps are timed).')
 flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens per request (random ids).')
 flags.DEFINE_integer('rounds', 3, 'Timed serving rounds per run, after one that compiles.')
-flags.DEFINE_bool('reuse', False, 'Reuse the calibrations and serving runs already in --out (re-predict only).')
+flags.DEFINE_bool('reuse', False, 'Reuse the calibrations and serving runs already in --out, failed ones '
+                  'included; run only what is missing.')
 FLAGS = flags.FLAGS  # testbed.py's --cpus and --layers apply; its training flags are not used
 
 # scenario -> plan label -> stages as (process, layers), scaled to --layers (default 6). Each
@@ -118,11 +119,13 @@ def calibrate(cluster_path, n, batch, workdir):
 
 def serve(cluster_path, n, plan_path, per_round, batch, workdir, what):
   """mode=serve over the plan on the testbed, static rounds of `per_round` requests (replicas dealt
-  in turn); {replica: decode periods (s) of its timed requests}."""
+  in turn); ({replica: decode periods (s) of its timed requests}, machine load after the run)."""
   T = FLAGS.tokens
-  done = os.path.join(workdir, 'completions.jsonl')
+  done, load = os.path.join(workdir, 'completions.jsonl'), os.path.join(workdir, 'load.json')
   if FLAGS.reuse and os.path.isfile(done):
-    return periods(done, T)
+    return periods(done, T), json.load(open(load))['load'] if os.path.isfile(load) else float('nan')
+  if FLAGS.reuse and os.path.isfile(os.path.join(workdir, 'FAILED.txt')):
+    raise testbed.RunFailed(f'{what} failed before: {open(os.path.join(workdir, "FAILED.txt")).read()}')
   rng = np.random.default_rng(0)
   os.makedirs(workdir, exist_ok=True)
   requests = os.path.join(workdir, 'requests.jsonl')
@@ -135,7 +138,9 @@ def serve(cluster_path, n, plan_path, per_round, batch, workdir, what):
                                    f'--config.requests={requests}', '--config.batching=static',
                                    '--config.dispatch=round_robin', f'--config.max_batch={batch}',
                                    '--config.generate.stop_at_eos=false'], workdir, what)
-  return periods(done, T)
+  with open(load, 'w') as f:
+    json.dump({'load': round(os.getloadavg()[0], 1)}, f)
+  return periods(done, T), round(os.getloadavg()[0], 1)
 
 
 def periods(completions, T):
@@ -228,7 +233,7 @@ def run_scenario(name, out):
   work = os.path.abspath(os.path.join(out, 'runs', name))
   rows = []
 
-  def row(plan, stages, batch, periods, predicted, cost_model, inputs, role):
+  def row(plan, stages, batch, periods, load, predicted, cost_model, inputs, role):
     measured = statistics.median(periods) if periods else float('nan')
     q1, q3 = np.percentile(periods, [25, 75]) if periods else (float('nan'),) * 2
     rows.append({'scenario': name, 'plan': plan, 'role': role,
@@ -238,7 +243,7 @@ def run_scenario(name, out):
                  'measured_over_predicted': round(measured / predicted, 3),
                  'cost_model_ms': round(cost_model * 1e3, 2),
                  'measured_over_cost_model': round(measured / cost_model, 3),
-                 'load': round(os.getloadavg()[0], 1),
+                 'load': load,
                  'cores_got': ' '.join(f'{x:.2f}' for x in details['achieved_cores']), 'inputs': inputs})
     print(f'  {plan:>13} [{rows[-1]["stages"]}] b={batch}: measured {measured * 1e3:.1f} ms '
           f'(IQR {(q3 - q1) * 1e3:.1f}), predicted {predicted * 1e3:.1f} ms, cost model '
@@ -259,8 +264,9 @@ def run_scenario(name, out):
       save_plan(path, [[(p, depth)] for p in range(n)], batch)
       layers, FLAGS.layers = FLAGS.layers, depth   # testbed.launch builds the model of --layers
       try:
-        alone = serve(nominal_path, n, path, n * batch, batch, os.path.join(work, f'alone_{depth}', f'b{batch}'),
-                      f'serving every process alone, {depth} layer(s), b={batch}')
+        alone, load = serve(nominal_path, n, path, n * batch, batch,
+                            os.path.join(work, f'alone_{depth}', f'b{batch}'),
+                            f'serving every process alone, {depth} layer(s), b={batch}')
       except testbed.RunFailed as e:
         print(str(e)[-600:], flush=True)
         break
@@ -271,7 +277,7 @@ def run_scenario(name, out):
         compute = icm.replica_cost(c, shallow, [icm.StageLayout(depth, [p])], setup,
                                    check_memory=False, groups=1)['step']
         fits[(p, depth)] = statistics.median(alone[p]) - compute
-        row('alone', [(p, depth)], batch, alone[p], compute, compute,
+        row('alone', [(p, depth)], batch, alone[p], load, compute, compute,
             f'fit: per-op overhead p{p} at {depth} layer(s) = {fits[(p, depth)] * 1e3:.2f} ms '
             f'(measured - calibrated compute)', 'fit')
     if len(fits) < n * len({FLAGS.layers, 1}):
@@ -284,12 +290,13 @@ def run_scenario(name, out):
       path = os.path.join(work, slug, f'plan_b{batch}.json')
       save_plan(path, [stages], batch)
       try:
-        periods = serve(nominal_path, n, path, len(stages) * batch, batch,
-                        os.path.join(work, slug, f'b{batch}'), f'serving {label}, b={batch}')[0]
+        periods, load = serve(nominal_path, n, path, len(stages) * batch, batch,
+                              os.path.join(work, slug, f'b{batch}'), f'serving {label}, b={batch}')
+        periods = periods[0]
       except testbed.RunFailed as e:
         print(str(e)[-600:], flush=True)
-        periods = []
-      row(label, stages, batch, periods, *predict(stages, overhead, c, setup, cal, nominal, model),
+        periods, load = [], float('nan')
+      row(label, stages, batch, periods, load, *predict(stages, overhead, c, setup, cal, nominal, model),
           'prediction')
   return rows
 
@@ -311,11 +318,13 @@ def main(_):
     write_csv(os.path.join(out, 'results.csv'), rows)  # after each scenario: partial runs count
   plot(rows, os.path.join(out, 'testbed_serve.png'))
   wrote(out, 'results.csv', 'testbed_serve.png')
-  pred = [r for r in rows if r['role'] == 'prediction']
+  pred = [r for r in rows if r['role'] == 'prediction' and np.isfinite(r['measured_ms'])]
+  failed = sum(r['role'] == 'prediction' for r in rows) - len(pred)
   ok = [r for r in pred if abs(r['measured_over_predicted'] - 1) <= 0.2]
   ok_cm = [r for r in pred if abs(r['measured_over_cost_model'] - 1) <= 0.2]
-  print(f'goal +-20%: {len(ok)} of {len(pred)} predicted rows within (runtime order); {len(ok_cm)} of '
-        f'{len(pred)} with the cost model\'s pipelined period ("alone" rows fit the overheads)')
+  print(f'goal +-20%: {len(ok)} of {len(pred)} measured plan rows within (runtime order); {len(ok_cm)} '
+        f'of {len(pred)} with the cost model\'s pipelined period ("alone" rows fit the overheads)' +
+        (f'; {failed} serving runs failed' if failed else ''))
   print_table(rows, columns=['scenario', 'plan', 'role', 'stages', 'batch', 'groups', 'measured_ms',
                              'spread_ms', 'predicted_ms', 'measured_over_predicted', 'cost_model_ms',
                              'measured_over_cost_model', 'load'])
@@ -325,8 +334,8 @@ def plot(rows, path):
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5, 5))
   rows = [r for r in rows if r['role'] == 'prediction' and np.isfinite(r['measured_ms'])]
-  top = max([r['predicted_ms'] for r in rows] + [r['measured_ms'] for r in rows] + [1]) * 1.15
-  x = np.linspace(0, top, 50)
+  values = [r[k] for r in rows for k in ('predicted_ms', 'measured_ms', 'cost_model_ms')] or [1.0]
+  x = np.geomspace(min(values) / 1.3, max(values) * 1.3, 50)   # log axes: 30 ms and 400 ms periods
   ax.fill_between(x, x * 0.8, x * 1.2, color='0.9', label='+-20%')
   ax.plot(x, x, 'k-', lw=0.8)
   for batch, marker in zip(sorted({r['batch'] for r in rows}), 'osv^D'):
@@ -335,6 +344,11 @@ def plot(rows, path):
                label=f'b={batch}: predicted (runtime order)')
     ax.scatter([r['cost_model_ms'] for r in mine], [r['measured_ms'] for r in mine], marker=marker,
                facecolors='none', edgecolors='0.4', label=f'b={batch}: cost model (pipelined)')
+  from matplotlib.ticker import NullFormatter
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  for axis in (ax.xaxis, ax.yaxis):
+    axis.set_minor_formatter(NullFormatter())   # decades only: minor labels overlap
   ax.set_xlabel('predicted decode period (ms)')
   ax.set_ylabel('measured decode period (ms)')
   ax.set_title('emulated testbed, serving: per-batch decode step')
