@@ -77,7 +77,7 @@ SERVE_PLANS = {
     'two_regions': {'east pair': [(0, 4), (1, 2)], 'three regions': [(0, 3), (1, 2), (2, 1)]},
     'slow_pair': {'slow link': [(1, 3), (2, 3)], 'three': [(0, 2), (1, 2), (2, 2)]},
 }
-ACT_BYTES = 4  # the runtime sends float32 activations (codec fp32)
+ACT_BYTES = testbed.ACT_BYTES  # float32 activations (codec fp32)
 
 
 def scaled(stages, layers):
