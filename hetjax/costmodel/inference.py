@@ -15,7 +15,8 @@ A stage runs `n` layers on a TP group of `t` devices of one GPU type. Every term
   head       the LM head on the last stage, replicated over its TP group (one device's time: on
              shared compute, t devices doing the same work on the same cores cost t times)
   overhead   op_overhead_s of host time per stage op (one prefill or one decode step of one group):
-             the program launch and the runtime's bookkeeping, measured by a probe; on shared
+             the program launch and the runtime's bookkeeping, measured by a probe (or per stage,
+             StageLayout.overhead_s, e.g. measured per process on the testbed); on shared
              compute, device_overhead_s more for each further device of the TP group (each runs
              its part of the program on the same cores)
 A request (or a batch of B requests served together) = prefill of the prompt, which yields the first
@@ -192,9 +193,12 @@ def pp_hop(cluster: Cluster, src: int, dst: int, nbytes: float) -> float:
 
 @dataclasses.dataclass
 class StageLayout:
-  """What the cost model needs of a stage: layers and its TP group (devices[0] is the leader)."""
+  """What the cost model needs of a stage: layers and its TP group (devices[0] is the leader);
+  overhead_s: this stage's host time per op where it differs from setup.op_overhead_s (e.g.
+  measured per process on an emulated testbed)."""
   num_layers: int
   devices: list[int]
+  overhead_s: Optional[float] = None
 
 
 def check_stage(cluster: Cluster, model: ModelConfig, devices: Sequence[int], where: str = 'stage') -> None:
@@ -267,7 +271,8 @@ def replica_cost(cluster: Cluster, model: ModelConfig, stages: Sequence[StageLay
     if k == len(stages) - 1:
       h = head_time(model, setup, tfl, bw, t) / setup.gen_len   # one call
       p_s, d_s = p_s + h, d_s + h
-    over = setup.op_overhead_s + (t - 1) * setup.device_overhead_s * (spec.name in SHARED_COMPUTE)
+    own = setup.op_overhead_s if st.overhead_s is None else st.overhead_s
+    over = own + (t - 1) * setup.device_overhead_s * (spec.name in SHARED_COMPUTE)
     p_s, d_s = p_s + over, d_s + over
     prefill.append(p_s)
     decode.append(d_s)

@@ -68,8 +68,10 @@ def serve_engine(cfg, model: Stage):
       'pair' if jax.process_count() > 1 else 'device_put')
   if kind not in transports:
     raise HetjaxError(f"transport must be 'auto', 'device_put' or 'pair', got {cfg.transport!r}")
+  from hetjax.parallel.emulated_link import from_environment  # launcher --emulate: user-space latency
+  transport = from_environment(transports[kind](), print if is_leader() else (lambda *a, **k: None))
   return ServeEngine(plan, model.cfg, nnx.state(model), codec=make_codec(cfg.codec),
-                     transport=transports[kind](), colocate=cfg.colocate)
+                     transport=transport, colocate=cfg.colocate)
 
 
 def run(cfg, workdir: str) -> None:
