@@ -80,7 +80,8 @@ HELP = {
     'prompt_ids': "shorthand for generate.prompt_ids: '1,2,3'",
     'plan': 'a serve plan.json: generate over its replicas of uneven TP stages (empty: one device)',
     'codec': "activations between stages: 'fp32', 'bf16' or bits 2, 3, 4, 8",
-    'transport': "'auto', 'device_put' (one process) or 'pair' (ppermute, multi-controller)",
+    'transport': "'auto' (device_put in one process, pair across processes), 'device_put', 'pair' "
+                 "(blocking ppermute) or 'socket' (asynchronous host-staged TCP between processes)",
     'colocate': 'wrap plan device ids onto the devices that exist (several stages on one GPU)',
     'offload.policy': "FlexGen offloading: '' = off, 'search' = LP policy for this machine, or a policy.json",
     'offload.device_gb': 'offload search: the device memory budget (GB)',

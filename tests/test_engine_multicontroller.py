@@ -19,14 +19,17 @@ PROMPT = [5, 17, 99, 3, 42]
 TOKENS = 6
 
 
-@pytest.mark.parametrize('devices, replicas', [
+@pytest.mark.parametrize('devices, replicas, transport', [
     # 2 processes: [0:2] on process 0, [2:4] at TP 2 on process 1.
-    ('1,2', [[Stage(0, 2, [0]), Stage(2, 4, [1, 2])]]),
+    ('1,2', [[Stage(0, 2, [0]), Stage(2, 4, [1, 2])]], 'pair'),
     # 3 processes, two replicas: one spans processes 0 -> 1 -> 2, the other lives on process 2.
     ('1,1,4', [[Stage(0, 1, [0]), Stage(1, 3, [1]), Stage(3, 4, [2, 3])],
-               [Stage(0, 4, [4, 5])]]),
+               [Stage(0, 4, [4, 5])]], 'pair'),
+    # The same over the asynchronous socket transport.
+    ('1,1,4', [[Stage(0, 1, [0]), Stage(1, 3, [1]), Stage(3, 4, [2, 3])],
+               [Stage(0, 4, [4, 5])]], 'socket'),
 ])
-def test_processes_generate_single_device_ids(tmp_path, devices, replicas):
+def test_processes_generate_single_device_ids(tmp_path, devices, replicas, transport):
   plan = Plan([Replica(r) for r in replicas], num_layers=4, kind='serve')
   plan.save(str(tmp_path / 'plan.json'))
   n = len(devices.split(','))
@@ -35,7 +38,7 @@ def test_processes_generate_single_device_ids(tmp_path, devices, replicas):
          f'--timeout={LAUNCH_TIMEOUT_S}', '--', sys.executable, 'run.py', '--config=configs/generate.py',
          '--config.model=tiny_llama', f'--config.plan={tmp_path / "plan.json"}',
          f'--config.prompt_ids={prompts}', f'--config.generate.max_new_tokens={TOKENS}',
-         f'--config.workdir={tmp_path / "run"}']
+         f'--config.workdir={tmp_path / "run"}', f'--config.transport={transport}']
   r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
                      timeout=2 * LAUNCH_TIMEOUT_S)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -59,15 +59,18 @@ def serve_engine(cfg, model: Stage):
   from hetjax.compression.codecs import make_codec
   from hetjax.inference.engine import ServeEngine
   from hetjax.parallel.exchange import DevicePutTransport, PairPermuteTransport
+  from hetjax.parallel.socket_transport import SocketTransport
   from hetjax.plan import Plan
   if not os.path.isfile(cfg.plan):
     raise HetjaxError(f'plan file not found: {cfg.plan} (make one with configs/plan_inference.py)')
   plan = Plan.load(cfg.plan)
-  transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport}
+  transports = {'device_put': DevicePutTransport, 'pair': PairPermuteTransport,
+                'socket': SocketTransport}
   kind = cfg.transport if cfg.transport != 'auto' else (
       'pair' if jax.process_count() > 1 else 'device_put')
   if kind not in transports:
-    raise HetjaxError(f"transport must be 'auto', 'device_put' or 'pair', got {cfg.transport!r}")
+    raise HetjaxError(f"transport must be 'auto', 'device_put', 'pair' or 'socket', got "
+                      f"{cfg.transport!r}")
   from hetjax.parallel.emulated_link import from_environment  # launcher --emulate: user-space latency
   transport = from_environment(transports[kind](), print if is_leader() else (lambda *a, **k: None))
   return ServeEngine(plan, model.cfg, nnx.state(model), codec=make_codec(cfg.codec),
