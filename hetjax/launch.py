@@ -191,6 +191,18 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
     p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     members.append(Member(i, p, os.path.join(logs, f'p{i}.log'), failing, group_failed, out, err))
+  try:
+    return _supervise(members, logs, grace_s, timeout_s, stall_s, failing, err, lost)
+  except BaseException:  # stopped (SIGTERM, Ctrl-C): the group goes too, then the clean-up above us
+    for m in members:
+      m.kill()
+    for m in members:
+      m.proc.wait()
+    raise
+
+
+def _supervise(members, logs, grace_s, timeout_s, stall_s, failing, err, lost) -> int:
+  """Watch the group until it ends; its exit code (see `launch`)."""
   first, deadline, timed_out = None, None, False
   started = time.monotonic()
   while True:
@@ -335,6 +347,8 @@ def main(argv=None) -> int:
                       help='with --emulate: total CPU cores shared out as per-process quotas in '
                            'proportion to device speed (default: all cores this launcher may use)')
   args, rest = parser.parse_known_args(argv)
+  # SIGTERM unwinds like Ctrl-C, so the group is stopped and namespaces and cgroups are removed.
+  signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
   if rest and rest[0] == '--':
     rest = rest[1:]
   if not rest:

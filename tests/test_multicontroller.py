@@ -298,3 +298,20 @@ def test_a_lost_process_is_replanned_away_and_the_run_continues(tmp_path):
   want = _metrics(reference)
   assert [x['step'] for x in want] == list(range(resumed + 1, steps + 1))
   assert [x['loss'] for x in after] == [x['loss'] for x in want]  # exact
+
+
+def test_sigterm_to_the_launcher_stops_its_processes(tmp_path):
+  """A launcher stopped by SIGTERM (as `kill` or a job scheduler does) takes its group with it."""
+  launcher = subprocess.Popen([sys.executable, '-m', 'hetjax.launch', '-n', '2', '--',
+                               sys.executable, '-c', 'import time; time.sleep(120)'],
+                              cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.monotonic() + 30
+  while len(_children(launcher.pid)) < 2 and time.monotonic() < deadline:
+    time.sleep(0.2)
+  children = _children(launcher.pid)
+  assert len(children) == 2
+  launcher.send_signal(signal.SIGTERM)
+  assert launcher.wait(timeout=30) != 0
+  time.sleep(0.5)
+  assert not [p for p in children if os.path.exists(f'/proc/{p}')
+              and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'], children
