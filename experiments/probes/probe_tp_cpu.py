@@ -1,10 +1,11 @@
-"""Where a TP-t program on JAX's virtual CPU devices spends its time, all pinned to one core and timed
-in CPU seconds (no model, no validation plan): per TP degree t = 1, 2, 4,
+"""Where a TP-t program on JAX's virtual CPU devices spends its time (launch, all-reduce, LM head).
+
+All pinned to one core and timed in CPU seconds (no model, no validation plan): per TP degree t = 1, 2, 4,
   launch     an empty program on the t devices;
   all-reduce a chain of 24 (matmul 256x256, psum) minus the same chain without the psums, per psum;
   head       a replicated LM head (hidden 512 x vocab 8192, argmax) at batch 1 and 8: a TP group
              that does not split it runs it once per device.
-  python experiments/probe_tp_cpu.py [--core=0]
+  python experiments/probes/probe_tp_cpu.py [--core=0]
 """
 
 import os

@@ -1,10 +1,11 @@
-"""Part e of bench_serve under two versions of the inference cost model: the same run's measured
-decode steps and probes (parsed from its printed log), each version calibrated on the calibration
+"""Part e of bench_serve's measured decode steps predicted by two versions of the inference cost model.
+
+The same run's measured decode steps and probes (parsed from its printed log), each version calibrated on the calibration
 plan as part e does it, then predicting the other plans; the cost model at git revision REV against
 the working tree's. Shows what a cost-model change does, measurement held fixed.
 
   python experiments/bench_serve.py --parts=e --repeats=3 --clock=cpu | tee e.log
-  python experiments/costmodel_before_after.py e.log a39abfe
+  python experiments/probes/costmodel_before_after.py e.log a39abfe
 """
 
 import importlib.util
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import numpy as np
