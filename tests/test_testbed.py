@@ -288,7 +288,8 @@ def test_pipeline_calibrate_plans_over_what_it_measured(tmp_path):
   cal = Cluster.load(str(tmp_path / 'calibrated_cluster.json'))
   assert cal.measured and cal.n == 2 and [d.host for d in cal.devices] == ['h0', 'h1']
   assert np.all(cal.tflops_array() < 1.0)  # measured CPU rates, not the nominal 5 TFLOP/s
-  setup = TrainSetup(global_batch=4, seq_len=16, micro_batch_size=2, efficiency=1.0, act_bytes=4)
+  setup = TrainSetup(global_batch=4, seq_len=16, micro_batch_size=2, efficiency=1.0, act_bytes=4,
+                     recompute=True)
   assert plan.prediction['total'] == pytest.approx(estimate(plan, cal, model, setup)['total'])
 
 
