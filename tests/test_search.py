@@ -1,5 +1,4 @@
 """Search: matching and Held-Karp vs brute force, GA vs brute force, layers, determinism, planners."""
-import importlib.util
 import itertools
 import os
 import sys
@@ -205,17 +204,6 @@ def test_transversal_lays_pipeline_segments_on_hosts():
     assert sorted(a[ids]) == [0, 0, 1, 1]   # fast segments: two GPUs of each host in each fast group
 
 
-def _scheduling_experiment():
-  """experiments/dtfm_scheduling.py as a module (its mixed scenarios), imported once (absl flags)."""
-  if 'dtfm_scheduling' not in sys.modules:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments',
-                        'dtfm_scheduling.py')
-    spec = importlib.util.spec_from_file_location('dtfm_scheduling', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules['dtfm_scheduling'] = module
-  return sys.modules['dtfm_scheduling']
-
 
 def _best_host_bundling(c, objective, k, line_len):
   """Brute force over bundlings of lines (`line_len` devices of one host, in id order; leftover
@@ -236,11 +224,11 @@ def _best_host_bundling(c, objective, k, line_len):
   return best
 
 
-def test_bundle_search_reaches_best_bundling():
+def test_bundle_search_reaches_best_bundling(experiment):
   # 32 GPUs on 4-GPU hosts in 5 uneven regions (shuffled ids), 8 groups of 4: which hosts share a
   # group decides the cost, and no swap of two devices moves a host. The plain bundling misses the
   # best one in some draws; the bundling searched on the true cost finds it in every draw.
-  ex = _scheduling_experiment()
+  ex = experiment('dtfm_scheduling')
   c = ex._regional('small_world', {'Oregon': [4] * 3, 'Virginia': [4] * 2, 'Tokyo': [4], 'London': [4],
                                    'Frankfurt': [4]}, 2.0, 5.0)
   objective = cm.DtfmObjective(c, PAPER['c_pp_bytes'], PAPER['c_dp_bytes'], 4)
@@ -308,10 +296,10 @@ def test_dtfm_shuffled_case5_reaches_best_known_in_9_of_10_seeds():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['uneven_world', 'spot_geo'])
-def test_dtfm_mixed_scenarios_reach_best_host_bundling_in_every_seed(name):
+def test_dtfm_mixed_scenarios_reach_best_host_bundling_in_every_seed(name, experiment):
   # the experiment's mixed scenarios (64 GPUs, shuffled ids); the reference is the best plan over all
   # bundlings of 4-GPU lines (hosts, halves of 8-GPU hosts, a region's single GPUs four by four)
-  c, m = _scheduling_experiment().scenario(name), get_model_config('gpt3_xl')
+  c, m = experiment('dtfm_scheduling').scenario(name), get_model_config('gpt3_xl')
   setup = cm.TrainSetup(**PAPER)
   best = _best_host_bundling(c, cm.DtfmObjective(c, PAPER['c_pp_bytes'], PAPER['c_dp_bytes'], 8), 8, 4)
   for seed in range(5):

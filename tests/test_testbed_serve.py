@@ -1,7 +1,6 @@
 """experiments/testbed_serve.py: the prediction's arithmetic (fast) and a short run on the testbed (slow)."""
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,25 +15,16 @@ SCRIPT = os.path.join(ROOT, 'experiments', 'testbed_serve.py')
 NO_TESTBED = testbed.why_unavailable()
 
 
-def _script():
-  """The script as a module, imported once (absl flags)."""
-  if 'testbed_serve' not in sys.modules:
-    spec = importlib.util.spec_from_file_location('testbed_serve', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules['testbed_serve'] = module
-  return sys.modules['testbed_serve']
 
-
-def test_runtime_period_one_stage_is_host_then_compute():
+def test_runtime_period_one_stage_is_host_then_compute(experiment):
   # One stage: host 2 s, then compute 5 - 2 = 3 s; the head waits for its token: 5 s per token.
-  ts = _script()
+  ts = experiment('testbed_serve')
   period = ts.runtime_period([0], [2.0], [5.0], [5.0], lambda a, b, n: 0.0, lambda a, b: 0.0, T=4,
                              act_bytes=1, prompt_bytes=1, token_bytes=1)
   assert period == pytest.approx(5.0)
 
 
-def test_runtime_period_two_stages_serialise_through_blocking_transfers():
+def test_runtime_period_two_stages_serialise_through_blocking_transfers(experiment):
   # Two processes, two groups, one decode step (T = 2), no compute: host 1 s (p0) and 2 s (p1) per
   # op; each transfer holds both hosts 0.5 s, then the receiver sleeps 0.25 s. By hand, in the
   # global order (h0, h1: the two hosts' clocks after each event):
@@ -45,7 +35,7 @@ def test_runtime_period_two_stages_serialise_through_blocking_transfers():
   #   D(s1,g1) h1 16.25 = token g1 #1
   # periods 14.25 - 5.25 = 9 and 16.25 - 9.75 = 6.5: mean 7.75 s. (The cost model's pipelined
   # period for these terms: ring 1 + 2 + 2 x 0.75 = 4.5 s, as if hops and stages overlapped.)
-  ts = _script()
+  ts = experiment('testbed_serve')
   period = ts.runtime_period([0, 1], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0], lambda a, b, n: 0.5,
                              lambda a, b: 0.25, T=2, act_bytes=1, prompt_bytes=1, token_bytes=1)
   assert period == pytest.approx(7.75)
@@ -67,8 +57,8 @@ def test_stage_overhead_overrides_the_setup_overhead():
   assert own['stage_decode'][1] == pytest.approx(plain['stage_decode'][1])
 
 
-def test_scaled_layer_split():
-  ts = _script()
+def test_scaled_layer_split(experiment):
+  ts = experiment('testbed_serve')
   assert ts.scaled([(0, 4), (1, 2)], 6) == [(0, 4), (1, 2)]
   assert ts.scaled([(0, 3), (1, 2), (2, 1)], 12) == [(0, 6), (1, 4), (2, 2)]
   assert [n for _, n in ts.scaled([(0, 3), (1, 2), (2, 1)], 3)] == [1, 1, 1]
