@@ -18,7 +18,9 @@ For each scenario (2-4 processes, one CPU device each):
    time (the first 2 steps, compilation, not timed) with the plan's predicted step time. Plans run
    over the default transport between processes (asynchronous sockets: sends overlap compute, as
    the cost model assumes); 'scheduler_pair' reruns the scheduler's plan over the blocking
-   pair-ppermute transport, to measure what overlapping gains (it is not in the goals).
+   pair-ppermute transport, to measure what overlapping gains (it is not in the goals). With
+   --repeats=R every plan is launched R times, in R interleaved rounds; the row gives the median
+   launch and the spread between launches (launch_spread = slowest / fastest launch median).
 Writes results.csv and testbed.png (predicted against measured, with the +-15% band), prints the
 table last. Absolute times are CPU times on a shared machine; the ratios are the result.
 """
@@ -39,6 +41,9 @@ flags.DEFINE_string('out', 'runs/testbed/', 'Output folder (results.csv, testbed
 flags.DEFINE_list('scenarios', ['all'], 'Scenario names to run, or all.')
 flags.DEFINE_list('plans', ['scheduler', 'index', 'random', 'even'], 'Plans to compare.')
 flags.DEFINE_integer('steps', 12, 'Steps per run; the first 2 (compilation) are not timed.')
+flags.DEFINE_integer('repeats', 1, 'Launches per plan, interleaved (round r runs every plan once); '
+                     'measured = the median of the launches\' median steps. The same plan differs by '
+                     'up to 15% from one launch to the next here.')
 flags.DEFINE_integer('layers', 6, 'Transformer blocks of the tiny GPT.')
 flags.DEFINE_integer('random_draws', 2, 'Distinct random device orders per scenario (not index order).')
 flags.DEFINE_float('cpus', 1.5, 'Cores shared out as quotas (the rest is left to other users).')
@@ -179,16 +184,24 @@ def run_scenario(name, out):
   runs = [(label, plan, 'auto') for label, plan in plans.items()]
   if FLAGS.blocking_row and 'scheduler' in plans:  # the same plan over the blocking transport
     runs.append(('scheduler_pair', plans['scheduler'], 'pair'))
+  launches = {label: [] for label, _, _ in runs}
+  for rep in range(FLAGS.repeats):  # interleaved: drift on the machine hits every plan alike
+    for label, plan, transport in runs:
+      path = os.path.join(work, label, 'plan.json')
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      plan.save(path)
+      train_dir = os.path.join(work, label, 'train' if FLAGS.repeats == 1 else f'train{rep}')
+      try:
+        launches[label].append(train(nominal_path, n, path, train_dir, transport))
+      except RunFailed as e:
+        print(str(e)[-600:], flush=True)
   for label, plan, transport in runs:
-    path = os.path.join(work, label, 'plan.json')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    plan.save(path)
-    try:
-      measured, spread, sent = train(nominal_path, n, path, os.path.join(work, label, 'train'),
-                                     transport)
-    except RunFailed as e:
-      print(str(e)[-600:], flush=True)
-      measured, spread, sent = float('nan'), float('nan'), 0
+    done = launches[label]
+    if done:
+      medians = [m for m, _, _ in done]
+      measured, spread, sent = done[np.argsort(medians)[len(medians) // 2]]
+    else:
+      medians, measured, spread, sent = [], float('nan'), float('nan'), 0
     predicted = estimate(plan, cal, model, setup)['total']
     rows.append({'scenario': name, 'plan': label, 'stages': describe(plan),
                  'measured_s': round(measured, 4), 'spread_s': round(spread, 4),
@@ -197,8 +210,11 @@ def run_scenario(name, out):
                  'predicted_nominal_s': round(estimate(plan, nominal, model, setup)['total'], 4),
                  'bytes_sent': sent, 'load': round(os.getloadavg()[0], 1),
                  'calibrated_tflops': ' '.join(f'{t:.4f}' for t in cal.tflops_array()),
-                 'cores_got': ' '.join(f'{c:.2f}' for c in details['achieved_cores'])})
-    print(f'  {label:>14} [{rows[-1]["stages"]}] measured {measured:.3f} s (+-{spread / 2:.3f}), '
+                 'cores_got': ' '.join(f'{c:.2f}' for c in details['achieved_cores']),
+                 'launches': ' '.join(f'{m:.4f}' for m in medians),
+                 'launch_spread': round(max(medians) / min(medians), 3) if medians else float('nan')})
+    print(f'  {label:>14} [{rows[-1]["stages"]}] measured {measured:.3f} s (+-{spread / 2:.3f}'
+          f'{", launches " + rows[-1]["launches"] if len(medians) > 1 else ""}), '
           f'predicted {predicted:.3f} s', flush=True)
   sched = next((r for r in rows if r['plan'] == 'scheduler'), None)
   for r in rows:
