@@ -45,6 +45,8 @@ flags.DEFINE_integer('repeats', 1, 'Launches per plan, interleaved (round r runs
                      'measured = the median of the launches\' median steps. The same plan differs by '
                      'up to 15% from one launch to the next here.')
 flags.DEFINE_integer('layers', 6, 'Transformer blocks of the tiny GPT.')
+flags.DEFINE_integer('seq_len', 32, 'Tokens per sequence (16 sequences per step, 4 micro-batches). Longer '
+                     'sequences make each op longer against the CPU quota\'s 10 ms period.')
 flags.DEFINE_integer('random_draws', 2, 'Distinct random device orders per scenario (not index order).')
 flags.DEFINE_float('cpus', 1.5, 'Cores shared out as quotas (the rest is left to other users).')
 flags.DEFINE_bool('blocking_row', True, "Also run the scheduler's plan over the blocking pair-ppermute "
@@ -53,7 +55,7 @@ flags.DEFINE_bool('blocking_row', True, "Also run the scheduler's plan over the 
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH, SEQ, MICRO = 16, 32, 4   # 4 micro-batches per step
+BATCH, MICRO = 16, 4   # 4 micro-batches per step
 ACT_BYTES = 4                   # the runtime sends float32 activations (codec fp32)
 LARGE_BYTES = 1 << 20           # calibration's larger ping-pong message (20 Mbit/s: 0.4 s)
 # name: (TFLOP/s per host (quota in proportion), one-way delay ms, bandwidth Gbit/s), symmetric
@@ -109,7 +111,7 @@ def calibrate(cluster_path, n, workdir):
   """mode=calibrate on the testbed at the training shapes; (cluster path, details dict)."""
   launch(cluster_path, n, ['--config=configs/calibrate.py', f'--config.cluster={cluster_path}',
                            f'--config.calibrate.micro_batch_size={MICRO}',
-                           f'--config.calibrate.seq_len={SEQ}', '--config.calibrate.reps=3',
+                           f'--config.calibrate.seq_len={FLAGS.seq_len}', '--config.calibrate.reps=3',
                            f'--config.calibrate.large_bytes={LARGE_BYTES}'], workdir, 'calibrating')
   path = os.path.join(workdir, 'cluster.json')
   return path, json.load(open(path))['calibration']
@@ -120,7 +122,7 @@ def train(cluster_path, n, plan_path, workdir, transport='auto'):
   launch(cluster_path, n, ['--config=configs/train.py', f'--config.pipeline.plan={plan_path}',
                            f'--config.pipeline.transport={transport}',
                            f'--config.train.steps={FLAGS.steps}',
-                           f'--config.train.batch_size={BATCH}', f'--config.train.seq_len={SEQ}',
+                           f'--config.train.batch_size={BATCH}', f'--config.train.seq_len={FLAGS.seq_len}',
                            '--config.train.eval_every=0', '--config.train.log_every=1'],
          workdir, f'training over {os.path.basename(os.path.dirname(plan_path))}')
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -169,7 +171,7 @@ def run_scenario(name, out):
   from hetjax.costmodel.training import TrainSetup, estimate
   from hetjax.models.config import get_model_config
   model = get_model_config('tiny_gpt', num_layers=FLAGS.layers)
-  setup = TrainSetup(global_batch=BATCH, seq_len=SEQ, micro_batch_size=MICRO, efficiency=1.0,
+  setup = TrainSetup(global_batch=BATCH, seq_len=FLAGS.seq_len, micro_batch_size=MICRO, efficiency=1.0,
                      act_bytes=ACT_BYTES, recompute=True)  # the runtime's backward recomputes
   nominal_path = os.path.abspath(os.path.join(out, f'{name}.json'))
   n = cluster_file(nominal_path, name)
