@@ -82,3 +82,104 @@ def test_short_run_on_one_scenario(tmp_path):
   # serving applied the emulated latency (the launcher's 1 ms between the two processes)
   log = open(tmp_path / 'runs' / 'two_uneven' / 'fast_slow' / 'b1' / 'launch' / 'p0.log').read()
   assert 'EMULATED latency' in log
+
+
+# ---------------------------------------------------------------- --compare (hetjax vs symmetric)
+def _rec(rid, first, done, tokens=4, replica=0):
+  return {'id': rid, 'ttft_s': first, 'latency_s': done, 'ids': list(range(tokens)), 'replica': replica}
+
+
+def test_round_stats_by_hand(experiment):
+  # Three static rounds of 2 requests (4 tokens each), all arriving at 0. Round 0 (compiling) ends at
+  # 10 s; round 1 runs 10-12 s (done at 11.5 and 12), round 2 12-15 s (done at 14 and 15).
+  ts = experiment('testbed_serve')
+  recs = [_rec('0-0', 9, 9.5), _rec('0-1', 9.2, 10), _rec('1-0', 10.5, 11.5), _rec('1-1', 10.6, 12, replica=1),
+          _rec('2-0', 12.5, 14), _rec('2-1', 12.4, 15, replica=1)]
+  s = ts.round_stats(recs, T=4)
+  assert s['rounds'] == 2 and s['requests'] == 4
+  assert s['tokens_per_s'] == pytest.approx(16 / (15 - 10))          # 4 timed requests x 4 tokens
+  # latencies from each round's start: 1.5, 2 (round 1), 2, 3 (round 2)
+  assert s['latency_p50_s'] == pytest.approx(2.0)
+  assert s['latency_p99_s'] == pytest.approx(np.percentile([1.5, 2, 2, 3], 99))
+  # a block whose request got its first token before the block before it ended is not a round
+  bad = [dict(r, ttft_s=11.9) if r['id'] == '2-0' else r for r in recs]
+  with pytest.raises(ValueError, match='block 2 is not a round'):
+    ts.round_stats(bad, T=4)
+  with pytest.raises(ValueError, match='blocks 0..R'):
+    ts.round_stats(recs[:2], T=4)
+
+
+def test_lockstep_tokens_per_s_waits_for_the_slowest_replica(experiment):
+  ts = experiment('testbed_serve')
+  # replicas with rounds of 0.2 s (32 tokens) and 0.5 s (64 tokens): independent 32/0.2 + 64/0.5 =
+  # 288 tokens/s; in joint rounds every round takes 0.5 s: 96 / 0.5 = 192 tokens/s
+  assert ts.lockstep_tokens_per_s([0.2, 0.5], [32, 64]) == pytest.approx(192.0)
+
+
+def test_fitted_overhead_is_linear_in_layers_and_never_negative(experiment):
+  ts = experiment('testbed_serve')
+  fits = {(0, 1): 0.005, (0, 6): 0.010, (1, 1): 0.012, (1, 6): 0.002}
+  over = ts.fitted_overhead(fits, 2, 6)
+  assert over(0, 1) == pytest.approx(0.005) and over(0, 3) == pytest.approx(0.007)
+  assert over(1, 6) == pytest.approx(0.002) and over(1, 9) == 0.0   # 0.012 - 8 x 0.002 < 0
+
+
+def test_replica_predictions_pay_the_fitted_overhead_per_op(experiment):
+  # One single-stage replica of max_batch 2 on device 1: one group, gen_len ops (a prefill and
+  # gen_len - 1 decode steps), each paying the stage's overhead: 0.003 + 0.001 x (4 - 1) = 6 ms.
+  from hetjax.cluster import Cluster, Device
+  from hetjax.costmodel import inference as icm
+  from hetjax.models.config import get_model_config
+  from hetjax.plan import Plan, Replica, Stage
+  ts = experiment('testbed_serve')
+  model = get_model_config('tiny_gpt', num_layers=4)
+  c = Cluster('t', [Device(i, 'CPU', f'h{i}', 'r', tflops=0.01, memory_gb=2) for i in range(2)],
+              np.zeros((2, 2)), np.ones((2, 2)))
+  setup = icm.ServeSetup(prompt_len=8, gen_len=5, bytes_per_value=4)
+  plan = Plan([Replica([Stage(0, 4, [1])], max_batch=2)], num_layers=4, kind='serve')
+  latency, tokens = ts.replica_predictions(c, model, setup, plan, lambda p, k: 0.003 + 0.001 * (k - 1))
+  bare = icm.replica_cost(c, model, [icm.StageLayout(4, [1], overhead_s=0.0)], icm.ServeSetup(
+      prompt_len=8, gen_len=5, bytes_per_value=4, batch=2))['latency']
+  assert latency == [pytest.approx(bare + 5 * 0.006)] and tokens == [2 * 5]
+  assert ts.describe_plan(plan) == 'p1:4 b2'
+
+
+def _two_devices(overheads):
+  from hetjax.cluster import Cluster, Device
+  return Cluster('t', [Device(i, 'CPU', f'h{i}', 'r', tflops=0.01, memory_gb=2, op_overhead_s=o)
+                       for i, o in enumerate(overheads)], np.ones((2, 2)), np.ones((2, 2)))
+
+
+def test_hexgen_prices_each_stage_with_its_devices_measured_overhead():
+  from hetjax.costmodel import inference as icm
+  from hetjax.models.config import get_model_config
+  from hetjax.search import hexgen
+  from hetjax.search.hexgen_inner import make_pools
+  model = get_model_config('tiny_gpt', num_layers=4)
+  setup = icm.ServeSetup(prompt_len=8, gen_len=5, op_overhead_s=0.001)
+  cfg = hexgen.HexGenConfig(objective='latency', rate=0.01, max_batch=1, population=8, evaluations=50)
+  measured = hexgen.Planner(_two_devices([0.002, 0.05]), model, setup, cfg)
+  q = {p.devices[0]: i for i, p in enumerate(measured.pools)}
+  assert [s.overhead_s for s in measured.devices([(q[0], 1, 4)])] == [0.002]     # the cluster's, not the setup's
+  assert [s.overhead_s for s in measured.devices([(q[1], 1, 4)])] == [0.05]
+  # one stage, one request: gen_len = 5 ops, each 2 ms of host time over the bare compute
+  bare = icm.replica_cost(measured.cluster, model, [icm.StageLayout(4, [0], overhead_s=0.0)], setup,
+                          groups=1)['latency']
+  assert measured.exact([(q[0], 1, 4)], 1, groups=1)['latency'] == pytest.approx(bare + 5 * 0.002)
+  # a given overhead(devices, layers) wins over the cluster's; a datasheet cluster keeps the setup's
+  fitted = hexgen.Planner(_two_devices([0.002, 0.05]), model, setup, cfg, lambda d, k: 0.01 * k)
+  assert [s.overhead_s for s in fitted.devices([(q[0], 1, 4)])] == [0.04]
+  datasheet = hexgen.Planner(_two_devices([None, None]), model, setup, cfg)
+  assert [s.overhead_s for s in datasheet.devices([(0, 1, 4)])] == [None]
+  # devices with different measured overheads are not interchangeable: separate pools on one host
+  from hetjax.cluster import Cluster, Device
+  same_host = Cluster('s', [Device(i, 'CPU', 'h', 'r', tflops=0.01, memory_gb=2, op_overhead_s=o)
+                            for i, o in enumerate([0.001, 0.002])], np.ones((2, 2)), np.ones((2, 2)))
+  assert len(make_pools(same_host)) == 2
+  # the plan follows the overhead: identical devices serve as two replicas (less waiting), but
+  # device 1's 50 ms per op (250 ms a request) leaves it out at this low rate
+  both = hexgen.plan_serving(_two_devices([None, None]), model, setup, cfg)
+  one = hexgen.plan_serving(_two_devices([0.002, 0.05]), model, setup, cfg)
+  assert sorted(r.devices for r in both.plan.replicas) == [[0], [1]]
+  assert [r.devices for r in one.plan.replicas] == [[0]]
+  assert one.plan.prediction['latency_1_min_s'] == pytest.approx(bare + 5 * 0.002)
