@@ -317,7 +317,8 @@ def run_scenario(name, out):
       continue
     overhead = fitted_overhead(fits, n, FLAGS.layers)
     if FLAGS.compare:
-      compared += compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details)
+      compared += compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details,
+                                FLAGS.transports, FLAGS.slo_scale)
       continue
     for label, stages in SERVE_PLANS[name].items():
       stages = scaled(stages, FLAGS.layers)
@@ -373,7 +374,7 @@ def lockstep_tokens_per_s(latency, tokens):
   return sum(tokens) / max(latency)
 
 
-def round_stats(recs, T):
+def round_stats(recs):
   """What serving measured in static rounds: requests 'k-i' arrive at once, block k is round k
   (checked: every request of block k gets its first token after block k - 1's last is done); round
   0 compiles. Returns tokens/s over rounds 1.. (their tokens / (end of the last - end of round 0)),
@@ -398,10 +399,11 @@ def round_stats(recs, T):
           'latency_p99_s': float(np.percentile(latency, 99)), 'rounds': len(ks) - 1, 'requests': len(latency)}
 
 
-def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details):
+def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details, transports,
+                  slo_scale):
   """Plan with hexgen.plan_serving (rate objective) on the calibrated cluster c, method hetjax and
   symmetric, the cost model pricing each stage's host time per op by the fitted overhead(process,
-  layers); serve each distinct plan over every --transports with the same requests (shortest-
+  layers); serve each distinct plan over every one of `transports` with the same requests (shortest-
   completion dispatch, static rounds); rows of measured and predicted tokens/s and latency, then a
   hetjax / symmetric ratio row per transport."""
   import dataclasses
@@ -409,7 +411,7 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
   from hetjax.search import hexgen
   over = lambda devices, k: overhead(devices[0], k)        # one device per process
   one = dataclasses.replace(setup, batch=1)
-  deadline = FLAGS.slo_scale * hexgen.reference_latency(c, model, one, overhead=over)
+  deadline = slo_scale * hexgen.reference_latency(c, model, one, overhead=over)
   cfg = hexgen.HexGenConfig(objective='rate', deadline=deadline, max_batch=batch, population=16,
                             evaluations=300)
   plans, found = {}, {}
@@ -435,7 +437,7 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
                   for p in range(n))
   calibrated = ' '.join(f'p{p}:{x * 1e3:.2f}' for p, x in enumerate(details.get('op_overhead_s', [])))
   rows = []
-  for transport in FLAGS.transports:
+  for transport in transports:
     for system, (plan, path) in plans.items():
       desc = describe_plan(plan)
       latency, tokens = replica_predictions(c, model, setup, plan, overhead)
@@ -450,7 +452,7 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
                              os.path.join(work, f'compare_b{batch}', system, transport),
                              f'serving the {system} plan over {transport}, b<={batch}',
                              dispatch='shortest_completion', transport=transport)
-          stats = round_stats(recs, FLAGS.tokens)
+          stats = round_stats(recs)
         except (testbed.RunFailed, ValueError) as e:
           print(str(e)[-600:], flush=True)
           stats, load = {}, float('nan')

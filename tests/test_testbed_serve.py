@@ -95,7 +95,7 @@ def test_round_stats_by_hand(experiment):
   ts = experiment('testbed_serve')
   recs = [_rec('0-0', 9, 9.5), _rec('0-1', 9.2, 10), _rec('1-0', 10.5, 11.5), _rec('1-1', 10.6, 12, replica=1),
           _rec('2-0', 12.5, 14), _rec('2-1', 12.4, 15, replica=1)]
-  s = ts.round_stats(recs, T=4)
+  s = ts.round_stats(recs)
   assert s['rounds'] == 2 and s['requests'] == 4
   assert s['tokens_per_s'] == pytest.approx(16 / (15 - 10))          # 4 timed requests x 4 tokens
   # latencies from each round's start: 1.5, 2 (round 1), 2, 3 (round 2)
@@ -104,9 +104,9 @@ def test_round_stats_by_hand(experiment):
   # a block whose request got its first token before the block before it ended is not a round
   bad = [dict(r, ttft_s=11.9) if r['id'] == '2-0' else r for r in recs]
   with pytest.raises(ValueError, match='block 2 is not a round'):
-    ts.round_stats(bad, T=4)
+    ts.round_stats(bad)
   with pytest.raises(ValueError, match='blocks 0..R'):
-    ts.round_stats(recs[:2], T=4)
+    ts.round_stats(recs[:2])
 
 
 def test_lockstep_tokens_per_s_waits_for_the_slowest_replica(experiment):
@@ -183,3 +183,51 @@ def test_hexgen_prices_each_stage_with_its_devices_measured_overhead():
   assert sorted(r.devices for r in both.plan.replicas) == [[0], [1]]
   assert [r.devices for r in one.plan.replicas] == [[0]]
   assert one.plan.prediction['latency_1_min_s'] == pytest.approx(bare + 5 * 0.002)
+
+
+def test_compare_plans_with_a_fake_server(experiment, monkeypatch, tmp_path):
+  # The whole --compare path on a calibrated-looking 2-device cluster, serving replaced by a fake
+  # that writes static rounds of 0.5 s (round 0: 5 s): both searches choose the same plan here
+  # (each device a one-stage replica: the fitted overheads make pipelines lose), so the plan is
+  # served once per transport and the ratio row says so.
+  from hetjax.cluster import Cluster, Device
+  from hetjax.costmodel import inference as icm
+  from hetjax.models.config import get_model_config
+  ts = experiment('testbed_serve')
+  model = get_model_config('tiny_gpt', num_layers=6)
+  flops = 4 * model.block_flops_per_token(1)
+  c = Cluster('two_uneven', [Device(i, 'CPU', f'h{i}', 'emulated', tflops=flops / t / 1e12, memory_gb=2,
+                                    mem_bw_gbs=1e9) for i, t in enumerate([0.25e-3, 1.3e-3])],
+              np.array([[0, 4.0], [4.0, 0]]), np.array([[0, 0.8], [0.8, 0]]), measured=True)
+  setup = icm.ServeSetup(prompt_len=16, gen_len=16, batch=4, bytes_per_value=4, compute_efficiency=1.0,
+                         memory_efficiency=1.0)
+  fits = {(0, 1): 0.010, (0, 6): 0.008, (1, 1): 0.009, (1, 6): 0.014}
+  calls = []
+
+  def fake_serve(cluster_path, n, plan_path, per_round, batch, workdir, what, dispatch, transport):
+    calls.append((os.path.basename(os.path.dirname(plan_path)), transport, per_round, dispatch))
+    recs = []
+    for k in range(4):
+      start, end = (0.0, 5.0) if k == 0 else (5.0 + 0.5 * (k - 1), 5.0 + 0.5 * k)
+      recs += [{'id': f'{k}-{i}', 'ttft_s': start + 0.01, 'latency_s': end - 0.1 * (i % 2),
+                'ids': [0] * 16, 'replica': i % 2} for i in range(per_round)]
+    return recs, 1.0
+
+  monkeypatch.setattr(ts, 'serve', fake_serve)
+  rows = ts.compare_plans('two_uneven', 2, 'nominal.json', c, setup, ts.fitted_overhead(fits, 2, 6),
+                          model, 4, str(tmp_path), {'op_overhead_s': [0.001, 0.002]}, ['socket', 'pair'],
+                          8.0)
+  assert [(r['transport'], r['system']) for r in rows] == [
+      ('socket', 'hetjax'), ('socket', 'symmetric'), ('socket', 'hetjax/symmetric'),
+      ('pair', 'hetjax'), ('pair', 'symmetric'), ('pair', 'hetjax/symmetric')]
+  het, sym, ratio = rows[:3]
+  assert het['plan'] == sym['plan'] and ratio['plan'] == 'same plan'
+  assert sym['note'] == 'same plan as hetjax: its run' and ratio['measured_tok_s'] == 1.0
+  assert calls == [('hetjax', 'socket', 8, 'shortest_completion'), ('hetjax', 'pair', 8, 'shortest_completion')]
+  # the fake's timed rounds: 3 x 8 requests x 16 tokens in 1.5 s; latency from the round's start
+  assert het['measured_tok_s'] == pytest.approx(3 * 8 * 16 / 1.5, rel=1e-3)
+  assert het['measured_p99_ms'] == pytest.approx(500.0)
+  assert het['predicted_tok_s'] > het['predicted_lockstep_tok_s'] > 0
+  assert os.path.isfile(tmp_path / 'compare_b4' / 'symmetric' / 'plan.json')
+  ts.plot_compare(rows, str(tmp_path / 'c.png'))
+  assert (tmp_path / 'c.png').stat().st_size > 0
