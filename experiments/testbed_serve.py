@@ -92,6 +92,12 @@ flags.DEFINE_list('transports', ['socket'], '--compare: transports to serve each
                   'asynchronous sends; pair: the blocking ppermute that auto picks for serving).')
 flags.DEFINE_float('slo_scale', 8.0, '--compare: the rate objective\'s deadline = slo_scale x the best '
                    'single-request latency on the calibrated cluster (as configs/plan_inference.py).')
+flags.DEFINE_list('device_layers', ['0'], '--compare: also plan as if a device held at most this many layers '
+                  '(each value a comparison; 0: the scenario\'s memory, 2 GB, in which any device holds the '
+                  'tiny model). Its memory_gb is set so (with the embedding, head and KV cache of one request '
+                  'group per process), which the runtime does not enforce; replicas must then pipeline: the '
+                  'regime of HexGen\'s asymmetric layouts. Values > 0 apply at b = 1 only (at a larger batch '
+                  'limit the planner can drop to batch 1 to fit one more layer).')
 FLAGS = flags.FLAGS  # testbed.py's --cpus and --layers apply; its training flags are not used
 
 # scenario -> plan label -> stages as (process, layers), scaled to --layers (default 6). Each
@@ -317,8 +323,12 @@ def run_scenario(name, out):
       continue
     overhead = fitted_overhead(fits, n, FLAGS.layers)
     if FLAGS.compare:
-      compared += compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details,
-                                FLAGS.transports, FLAGS.slo_scale)
+      for layers_cap in map(int, FLAGS.device_layers):
+        if layers_cap and batch > 1:
+          print(f'  --device_layers={layers_cap}: skipped at b={batch} (b = 1 only)', flush=True)
+          continue
+        compared += compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details,
+                                  FLAGS.transports, FLAGS.slo_scale, layers_cap)
       continue
     for label, stages in SERVE_PLANS[name].items():
       stages = scaled(stages, FLAGS.layers)
@@ -368,6 +378,15 @@ def replica_predictions(c, model, setup, plan, overhead):
   return latency, tokens
 
 
+def capped_memory_gb(model, setup, layers, groups):
+  """Device memory (GB) in which a stage holds `layers` layers with the embedding and the head and
+  the KV cache of `groups` request groups of setup.batch (as the planner's stage caps and memory check
+  count), but not one more."""
+  from hetjax.costmodel import inference as icm
+  need = lambda k: icm.stage_memory(model, setup, k, 1, True, True, groups)['total']
+  return (need(layers) + need(layers + 1)) / 2 / setup.memory_fraction / 1e9
+
+
 def lockstep_tokens_per_s(latency, tokens):
   """Tokens/s of replicas served in joint static rounds (the static server: a round runs every
   replica's groups in one engine call and ends when the slowest replica's round does)."""
@@ -400,7 +419,7 @@ def round_stats(recs):
 
 
 def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details, transports,
-                  slo_scale):
+                  slo_scale, device_layers=0):
   """Plan with hexgen.plan_serving (rate objective) on the calibrated cluster c, method hetjax and
   symmetric, the cost model pricing each stage's host time per op by the fitted overhead(process,
   layers); serve each distinct plan over every one of `transports` with the same requests (shortest-
@@ -410,11 +429,16 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
   from hetjax.errors import HetjaxError
   from hetjax.search import hexgen
   over = lambda devices, k: overhead(devices[0], k)        # one device per process
+  if device_layers:
+    gb = capped_memory_gb(model, setup, device_layers, n)
+    c = dataclasses.replace(c, devices=[dataclasses.replace(d, memory_gb=gb) for d in c.devices])
+    print(f'  the planner is told each device holds {device_layers} layers ({gb * 1e3:.2f} MB)', flush=True)
   one = dataclasses.replace(setup, batch=1)
   deadline = slo_scale * hexgen.reference_latency(c, model, one, overhead=over)
   cfg = hexgen.HexGenConfig(objective='rate', deadline=deadline, max_batch=batch, population=16,
                             evaluations=300)
   plans, found = {}, {}
+  tag = f'_l{device_layers}' if device_layers else ''
   for system in ('hetjax', 'symmetric'):
     try:
       res = hexgen.plan_serving(c, model, setup, dataclasses.replace(cfg, symmetric=system == 'symmetric'),
@@ -424,7 +448,7 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
       continue
     plan = res.plan
     plan.cluster = 'testbed'
-    path = os.path.join(work, f'compare_b{batch}', system, 'plan.json')
+    path = os.path.join(work, f'compare_b{batch}{tag}', system, 'plan.json')
     os.makedirs(os.path.dirname(path), exist_ok=True)
     plan.save(path)
     plans[system] = (plan, path)
@@ -449,7 +473,7 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
       else:
         try:
           recs, load = serve(nominal_path, n, path, per_round, batch,
-                             os.path.join(work, f'compare_b{batch}', system, transport),
+                             os.path.join(work, f'compare_b{batch}{tag}', system, transport),
                              f'serving the {system} plan over {transport}, b<={batch}',
                              dispatch='shortest_completion', transport=transport)
           stats = round_stats(recs)
@@ -460,7 +484,8 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
         found[(transport, desc)] = (system, stats, load)
       measured = stats.get('tokens_per_s', float('nan'))
       p99 = stats.get('latency_p99_s', float('nan'))
-      rows.append({'scenario': name, 'batch_limit': batch, 'transport': transport, 'system': system,
+      rows.append({'scenario': name, 'batch_limit': batch, 'device_layers': device_layers or '',
+                   'transport': transport, 'system': system,
                    'plan': desc, 'measured_tok_s': round(measured, 1),
                    'predicted_tok_s': round(plan.prediction['tokens_per_s'], 1),
                    'predicted_lockstep_tok_s': round(lockstep_tokens_per_s(latency, tokens), 1),
@@ -476,11 +501,12 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
       print(f'  {system:>9} over {transport}: {r["measured_tok_s"]:.1f} tokens/s (predicted '
             f'{r["predicted_tok_s"]:.1f}, lockstep {r["predicted_lockstep_tok_s"]:.1f}), p99 '
             f'{r["measured_p99_ms"]:.0f} ms (predicted {r["predicted_p99_ms"]:.0f})', flush=True)
-    mine = {r['system']: r for r in rows if r['transport'] == transport and r['batch_limit'] == batch}
+    mine = {r['system']: r for r in rows if r['transport'] == transport}
     if len(mine) == 2:
       h, s = mine['hetjax'], mine['symmetric']
       ratio = lambda a, b: round(a / b, 3) if b else float('nan')
-      rows.append({**{k: '' for k in h}, 'scenario': name, 'batch_limit': batch, 'transport': transport,
+      rows.append({**{k: '' for k in h}, 'scenario': name, 'batch_limit': batch,
+                   'device_layers': device_layers or '', 'transport': transport,
                    'system': 'hetjax/symmetric',
                    'plan': 'same plan' if h['plan'] == s['plan'] else 'different plans',
                    'measured_tok_s': ratio(h['measured_tok_s'], s['measured_tok_s']),
@@ -522,7 +548,7 @@ def main(_):
           'equally, every TP group of a replica used; it may group devices into replicas freely. With '
           'one device per process (one pool each, TP 1) it differs from hetjax only in the layer split '
           'of multi-stage replicas.')
-    print_table(compared, columns=['scenario', 'batch_limit', 'transport', 'system', 'plan',
+    print_table(compared, columns=['scenario', 'batch_limit', 'device_layers', 'transport', 'system', 'plan',
                                    'measured_tok_s', 'predicted_tok_s', 'predicted_lockstep_tok_s',
                                    'measured_p99_ms', 'predicted_p99_ms', 'load', 'note'])
     return

@@ -231,3 +231,14 @@ def test_compare_plans_with_a_fake_server(experiment, monkeypatch, tmp_path):
   assert os.path.isfile(tmp_path / 'compare_b4' / 'symmetric' / 'plan.json')
   ts.plot_compare(rows, str(tmp_path / 'c.png'))
   assert (tmp_path / 'c.png').stat().st_size > 0
+
+
+def test_capped_memory_holds_exactly_the_layers_asked(experiment):
+  from hetjax.costmodel import inference as icm
+  from hetjax.models.config import get_model_config
+  ts = experiment('testbed_serve')
+  model = get_model_config('tiny_gpt', num_layers=6)
+  setup = icm.ServeSetup(prompt_len=16, gen_len=16, batch=1, bytes_per_value=4)
+  for layers in (2, 4, 5):
+    gb = ts.capped_memory_gb(model, setup, layers, groups=2)
+    assert icm.layers_that_fit(model, setup, 1, gb * 1e9, True, True, groups=2) == layers
