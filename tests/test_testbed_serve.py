@@ -242,3 +242,39 @@ def test_capped_memory_holds_exactly_the_layers_asked(experiment):
   for layers in (2, 4, 5):
     gb = ts.capped_memory_gb(model, setup, layers, groups=2)
     assert icm.layers_that_fit(model, setup, 1, gb * 1e9, True, True, groups=2) == layers
+
+
+def test_compare_plans_serves_both_when_the_plans_differ(experiment, monkeypatch, tmp_path):
+  # Devices told to hold at most 5 of the 6 layers: one replica must pipeline over both; hetjax
+  # splits its layers unevenly (the fast device takes more), the symmetric baseline 3 + 3. Both plans
+  # are served, and the ratio row divides their measurements.
+  from hetjax.cluster import Cluster, Device
+  from hetjax.costmodel import inference as icm
+  from hetjax.models.config import get_model_config
+  ts = experiment('testbed_serve')
+  model = get_model_config('tiny_gpt', num_layers=6)
+  flops = model.block_flops_per_token(1)
+  c = Cluster('two_uneven', [Device(i, 'CPU', f'h{i}', 'emulated', tflops=flops / t / 1e12, memory_gb=2,
+                                    mem_bw_gbs=1e9) for i, t in enumerate([0.25e-3, 1.0e-3])],
+              np.array([[0, 4.0], [4.0, 0]]), np.array([[0, 0.8], [0.8, 0]]), measured=True)
+  setup = icm.ServeSetup(prompt_len=16, gen_len=16, batch=1, bytes_per_value=4, compute_efficiency=1.0,
+                         memory_efficiency=1.0)
+  fits = {(0, 1): 0.0055, (0, 6): 0.0081, (1, 1): 0.012, (1, 6): 0.0169}
+  seconds = {'hetjax': 0.4, 'symmetric': 0.5}
+
+  def fake_serve(cluster_path, n, plan_path, per_round, batch, workdir, what, dispatch, transport):
+    r = seconds[os.path.basename(os.path.dirname(plan_path))]
+    return [{'id': f'{k}-{i}', 'ttft_s': 5.0 + r * (k - 1) + 0.01 if k else 0.1,
+             'latency_s': 5.0 + r * k if k else 5.0, 'ids': [0] * 16, 'replica': 0}
+            for k in range(3) for i in range(per_round)], 1.0
+
+  monkeypatch.setattr(ts, 'serve', fake_serve)
+  rows = ts.compare_plans('two_uneven', 2, 'nominal.json', c, setup, ts.fitted_overhead(fits, 2, 6),
+                          model, 1, str(tmp_path), {}, ['socket'], 8.0, device_layers=5)
+  het, sym, ratio = rows
+  assert het['plan'] == 'p0:5+p1:1 b1' and sym['plan'] == 'p0:3+p1:3 b1'
+  assert ratio['plan'] == 'different plans' and het['device_layers'] == 5
+  assert ratio['measured_tok_s'] == pytest.approx(0.5 / 0.4, rel=1e-3)
+  assert ratio['predicted_tok_s'] == pytest.approx(het['predicted_tok_s'] / sym['predicted_tok_s'], rel=1e-2)
+  assert ratio['predicted_tok_s'] > 1
+  assert os.path.isfile(tmp_path / 'compare_b1_l5' / 'hetjax' / 'plan.json')
