@@ -394,28 +394,40 @@ def lockstep_tokens_per_s(latency, tokens):
 
 
 def round_stats(recs):
-  """What serving measured in static rounds: requests 'k-i' arrive at once, block k is round k
-  (checked: every request of block k gets its first token after block k - 1's last is done); round
-  0 compiles. Returns tokens/s over rounds 1.. (their tokens / (end of the last - end of round 0)),
-  and each timed request's latency from its round's start (the end of the one before), p50 and
-  p99 (s). Raises ValueError when the blocks are not rounds."""
+  """What serving measured in static rounds: requests 'k-i' arrive at once and block k is round k;
+  round 0 compiles. A request's times are on its replica's head process's clock (each process counts
+  from its own start), so each replica is read on its own clock: its round k ends with its last
+  request of block k (checked: each of its block-k requests gets its first token after its block
+  k - 1 ended). Joint rounds end together, so the replica whose round-0-to-round-R span is shortest
+  is the one that ends them (one that waits for others ends each round earlier, most in round 0,
+  where slow processes compile longer); on its clock its previous round's end is the round's start.
+  Returns tokens_per_s (the tokens of rounds 1..R / that span), latency_p50_s / latency_p99_s (that
+  replica's timed requests, from their round's start: in joint rounds it holds the slowest requests),
+  rounds, requests (timed, all replicas) and reference (that replica). Raises ValueError when the
+  blocks are not rounds."""
   blocks = {}
   for d in recs:
-    blocks.setdefault(int(d['id'].split('-')[0]), []).append(d)
-  ks = sorted(blocks)
+    blocks.setdefault((int(d['id'].split('-')[0]), d['replica']), []).append(d)
+  ks = sorted({k for k, _ in blocks})
+  replicas = sorted({r for _, r in blocks})
   if ks != list(range(len(ks))) or len(ks) < 2:
     raise ValueError(f'need blocks 0..R, R >= 1, got {ks}')
-  end = {k: max(d['latency_s'] for d in blocks[k]) for k in ks}
-  latency, tokens = [], 0
-  for k in ks[1:]:
-    first = min(d['ttft_s'] for d in blocks[k])
-    if first < end[k - 1]:
-      raise ValueError(f'block {k} is not a round: a first token at {first:.3f} s, before block {k - 1} '
-                       f'ended ({end[k - 1]:.3f} s)')
-    latency += [d['latency_s'] - end[k - 1] for d in blocks[k]]
-    tokens += sum(len(d['ids']) for d in blocks[k])
-  return {'tokens_per_s': tokens / (end[ks[-1]] - end[0]), 'latency_p50_s': float(np.percentile(latency, 50)),
-          'latency_p99_s': float(np.percentile(latency, 99)), 'rounds': len(ks) - 1, 'requests': len(latency)}
+  missing = [(k, r) for k in ks for r in replicas if (k, r) not in blocks]
+  if missing:
+    raise ValueError(f'blocks are not full rounds: (block, replica) {missing} served nothing')
+  end = {key: max(d['latency_s'] for d in blk) for key, blk in blocks.items()}
+  for (k, r), blk in blocks.items():
+    first = min(d['ttft_s'] for d in blk)
+    if k and first < end[(k - 1, r)]:
+      raise ValueError(f'block {k} is not a round of replica {r}: a first token at {first:.3f} s, before '
+                       f'its block {k - 1} ended ({end[(k - 1, r)]:.3f} s)')
+  R = ks[-1]
+  ref = min(replicas, key=lambda r: end[(R, r)] - end[(0, r)])
+  tokens = sum(len(d['ids']) for (k, _), blk in blocks.items() if k for d in blk)
+  latency = [d['latency_s'] - end[(k - 1, ref)] for k in ks[1:] for d in blocks[(k, ref)]]
+  return {'tokens_per_s': tokens / (end[(R, ref)] - end[(0, ref)]),
+          'latency_p50_s': float(np.percentile(latency, 50)), 'latency_p99_s': float(np.percentile(latency, 99)),
+          'rounds': R, 'requests': sum(len(blk) for (k, _), blk in blocks.items() if k), 'reference': ref}
 
 
 def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details, transports,
@@ -494,6 +506,7 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
                    'predicted_p99_ms': round(max(latency) * 1e3, 1),
                    'measured_over_predicted': round(measured / plan.prediction['tokens_per_s'], 3),
                    'rounds': stats.get('rounds', 0), 'requests': stats.get('requests', 0),
+                   'latency_of_replica': stats.get('reference', ''),
                    'load': load, 'deadline_ms': round(deadline * 1e3, 1), 'note': note,
                    'inputs': f'fitted overhead ms {fits}; calibration op_overhead_s ms {calibrated}; '
                              f'replica round latency ms {[round(x * 1e3, 1) for x in latency]}'})

@@ -90,23 +90,29 @@ def _rec(rid, first, done, tokens=4, replica=0):
 
 
 def test_round_stats_by_hand(experiment):
-  # Three static rounds of 2 requests (4 tokens each), all arriving at 0. Round 0 (compiling) ends at
-  # 10 s; round 1 runs 10-12 s (done at 11.5 and 12), round 2 12-15 s (done at 14 and 15).
+  # Three joint static rounds, all requests arriving at once, 4 tokens each. Replica 0 (2 requests a
+  # round) ends the rounds: round 0 (compiling) at 10 s, round 1 at 12 s (done at 11.5, 12), round 2
+  # at 15 s (done at 14, 15). Replica 1 (1 request a round) is faster and its process's clock reads
+  # 3 s less: real times done 6 (round 0), first 10.3 / done 11 (round 1), first 12.3 / done 13.5.
   ts = experiment('testbed_serve')
-  recs = [_rec('0-0', 9, 9.5), _rec('0-1', 9.2, 10), _rec('1-0', 10.5, 11.5), _rec('1-1', 10.6, 12, replica=1),
-          _rec('2-0', 12.5, 14), _rec('2-1', 12.4, 15, replica=1)]
+  recs = [_rec('0-0', 9, 9.5), _rec('0-1', 9.2, 10), _rec('1-0', 10.5, 11.5), _rec('1-1', 10.6, 12),
+          _rec('2-0', 12.5, 14), _rec('2-1', 12.4, 15),
+          _rec('0-2', 2.0, 3.0, replica=1), _rec('1-2', 7.3, 8.0, replica=1), _rec('2-2', 9.3, 10.5, replica=1)]
   s = ts.round_stats(recs)
-  assert s['rounds'] == 2 and s['requests'] == 4
-  assert s['tokens_per_s'] == pytest.approx(16 / (15 - 10))          # 4 timed requests x 4 tokens
-  # latencies from each round's start: 1.5, 2 (round 1), 2, 3 (round 2)
+  assert s['rounds'] == 2 and s['requests'] == 6 and s['reference'] == 0
+  # replica 1's own span (10.5 - 3 = 7.5 s) holds its wait in round 0; replica 0's is the rounds'
+  assert s['tokens_per_s'] == pytest.approx(6 * 4 / (15 - 10))
+  # replica 0's latencies from its round's start: 1.5, 2 (round 1), 2, 3 (round 2)
   assert s['latency_p50_s'] == pytest.approx(2.0)
   assert s['latency_p99_s'] == pytest.approx(np.percentile([1.5, 2, 2, 3], 99))
-  # a block whose request got its first token before the block before it ended is not a round
+  # a block whose request got its first token before its replica's block before it ended is not a round
   bad = [dict(r, ttft_s=11.9) if r['id'] == '2-0' else r for r in recs]
-  with pytest.raises(ValueError, match='block 2 is not a round'):
+  with pytest.raises(ValueError, match='block 2 is not a round of replica 0'):
     ts.round_stats(bad)
   with pytest.raises(ValueError, match='blocks 0..R'):
     ts.round_stats(recs[:2])
+  with pytest.raises(ValueError, match=r'\(2, 1\)'):
+    ts.round_stats(recs[:-1])
 
 
 def test_lockstep_tokens_per_s_waits_for_the_slowest_replica(experiment):
