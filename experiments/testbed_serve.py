@@ -46,7 +46,7 @@ last. Absolute times are CPU times on a shared machine; the ratios are the resul
 
 Issue 10's serving comparison (hetjax's plan against the symmetric plan, on the same devices):
 
-  python experiments/testbed_serve.py --compare --scenarios=two_uneven --batches=4 --transports=socket,pair
+  python experiments/testbed_serve.py --compare --scenarios=two_uneven --batches=1,4 --transports=socket,pair --device_layers=0,5
 
 steps 1-2 as above, then instead of the fixed plans: hexgen.plan_serving (rate objective, deadline
 --slo_scale x the best single-request latency, batch limit b) on the calibrated cluster, its cost
@@ -54,12 +54,14 @@ model pricing each stage's host time per op with the fitted overhead of its proc
 once as hetjax and once as the symmetric baseline (one TP degree, equal layers, all of a replica's
 TP groups); each distinct plan served with mode=serve over each --transports with the same requests
 (rounds + 1 blocks of one full round each, all arriving at once, shortest-completion dispatch,
-static rounds; round 0 compiles). Measured: tokens/s over the timed rounds and each request's
-latency from its round's start (p50, p99), from completions.jsonl; predicted: the plan's tokens/s
+static rounds; round 0 compiles). Measured, from completions.jsonl (round_stats): tokens/s over the
+timed rounds, and the latency of each request from its round's start (p50, p99), read on the replica
+that ends the joint rounds (each process's times are on its own clock); predicted: the plan's tokens/s
 (replicas independent, as the planner assumes), the same in joint rounds (the static server runs
 every replica's round in one engine call, so a round lasts as long as the slowest replica's), and
 the slowest replica's round latency. Writes compare.csv and testbed_serve_compare.png, prints the
-table last (with a hetjax/symmetric ratio row per transport).
+table last (with a hetjax/symmetric ratio row per transport). --device_layers=K > 0 adds a comparison
+in which the planner is told that a device holds only K of the layers, so that replicas must pipeline.
 """
 
 import json
@@ -577,6 +579,7 @@ def main(_):
   print_table(rows, columns=['scenario', 'plan', 'role', 'stages', 'batch', 'groups', 'measured_ms',
                              'spread_ms', 'predicted_ms', 'measured_over_predicted', 'cost_model_ms',
                              'measured_over_cost_model', 'load'])
+
 
 def plot(rows, path):
   import matplotlib.pyplot as plt
