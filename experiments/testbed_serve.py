@@ -395,25 +395,26 @@ def lockstep_tokens_per_s(latency, tokens):
   return sum(tokens) / max(latency)
 
 
-def round_stats(recs):
+def round_stats(recs, warmup=1):
   """What serving measured in static rounds: requests 'k-i' arrive at once and block k is round k;
   round 0 compiles. A request's times are on its replica's head process's clock (each process counts
   from its own start), so each replica is read on its own clock: its round k ends with its last
   request of block k (checked: each of its block-k requests gets its first token after its block
-  k - 1 ended). Joint rounds end together, so the replica whose round-0-to-round-R span is shortest
-  is the one that ends them (one that waits for others ends each round earlier, most in round 0,
-  where slow processes compile longer); on its clock its previous round's end is the round's start.
-  Returns tokens_per_s (the tokens of rounds 1..R / that span), latency_p50_s / latency_p99_s (that
-  replica's timed requests, from their round's start: in joint rounds it holds the slowest requests),
-  rounds, requests (timed, all replicas) and reference (that replica). Raises ValueError when the
-  blocks are not rounds."""
+  k - 1 ended). Joint rounds end when the slowest replica's does: the reference replica is the one
+  whose timed rounds last longest from its first token to its last (a replica that finishes early
+  waits for it), and on its clock its previous round's end is a round's start. Rounds before
+  `warmup` are not timed (round 0 compiles; a process's first collectives after it can hold up round
+  1). Returns tokens_per_s (all replicas' tokens of rounds warmup..R / the reference's span from the
+  end of round warmup - 1 to the end of round R), latency_p50_s / latency_p99_s (the reference's
+  timed requests from their round's start: in joint rounds it holds the slowest requests), rounds,
+  requests (timed, all replicas) and reference. Raises ValueError when the blocks are not rounds."""
   blocks = {}
   for d in recs:
     blocks.setdefault((int(d['id'].split('-')[0]), d['replica']), []).append(d)
   ks = sorted({k for k, _ in blocks})
   replicas = sorted({r for _, r in blocks})
-  if ks != list(range(len(ks))) or len(ks) < 2:
-    raise ValueError(f'need blocks 0..R, R >= 1, got {ks}')
+  if ks != list(range(len(ks))) or len(ks) < warmup + 1 or warmup < 1:
+    raise ValueError(f'need blocks 0..R, R >= warmup >= 1, got {ks} with warmup {warmup}')
   missing = [(k, r) for k in ks for r in replicas if (k, r) not in blocks]
   if missing:
     raise ValueError(f'blocks are not full rounds: (block, replica) {missing} served nothing')
@@ -424,12 +425,14 @@ def round_stats(recs):
       raise ValueError(f'block {k} is not a round of replica {r}: a first token at {first:.3f} s, before '
                        f'its block {k - 1} ended ({end[(k - 1, r)]:.3f} s)')
   R = ks[-1]
-  ref = min(replicas, key=lambda r: end[(R, r)] - end[(0, r)])
-  tokens = sum(len(d['ids']) for (k, _), blk in blocks.items() if k for d in blk)
-  latency = [d['latency_s'] - end[(k - 1, ref)] for k in ks[1:] for d in blocks[(k, ref)]]
-  return {'tokens_per_s': tokens / (end[(R, ref)] - end[(0, ref)]),
+  w = warmup - 1
+  busy = lambda r: np.mean([end[(k, r)] - min(d['ttft_s'] for d in blocks[(k, r)]) for k in ks[warmup:]])
+  ref = max(replicas, key=busy)
+  tokens = sum(len(d['ids']) for (k, _), blk in blocks.items() if k > w for d in blk)
+  latency = [d['latency_s'] - end[(k - 1, ref)] for k in ks[warmup:] for d in blocks[(k, ref)]]
+  return {'tokens_per_s': tokens / (end[(R, ref)] - end[(w, ref)]),
           'latency_p50_s': float(np.percentile(latency, 50)), 'latency_p99_s': float(np.percentile(latency, 99)),
-          'rounds': R, 'requests': sum(len(blk) for (k, _), blk in blocks.items() if k), 'reference': ref}
+          'rounds': R - w, 'requests': sum(len(blk) for (k, _), blk in blocks.items() if k > w), 'reference': ref}
 
 
 def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details, transports,
@@ -491,6 +494,8 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
                              f'serving the {system} plan over {transport}, b<={batch}',
                              dispatch='shortest_completion', transport=transport)
           stats = round_stats(recs)
+          if stats['rounds'] >= 2:   # also from round 2: round 1 can hold a process's first collectives
+            stats['steady'] = round_stats(recs, warmup=2)
         except (testbed.RunFailed, ValueError) as e:
           print(str(e)[-600:], flush=True)
           stats, load = {}, float('nan')
@@ -504,6 +509,8 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
                    'predicted_tok_s': round(plan.prediction['tokens_per_s'], 1),
                    'predicted_lockstep_tok_s': round(lockstep_tokens_per_s(latency, tokens), 1),
                    'measured_p99_ms': round(p99 * 1e3, 1),
+                   'steady_tok_s': round(stats.get('steady', {}).get('tokens_per_s', float('nan')), 1),
+                   'steady_p99_ms': round(stats.get('steady', {}).get('latency_p99_s', float('nan')) * 1e3, 1),
                    'measured_p50_ms': round(stats.get('latency_p50_s', float('nan')) * 1e3, 1),
                    'predicted_p99_ms': round(max(latency) * 1e3, 1),
                    'measured_over_predicted': round(measured / plan.prediction['tokens_per_s'], 3),
@@ -513,7 +520,8 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
                    'inputs': f'fitted overhead ms {fits}; calibration op_overhead_s ms {calibrated}; '
                              f'replica round latency ms {[round(x * 1e3, 1) for x in latency]}'})
       r = rows[-1]
-      print(f'  {system:>9} over {transport}: {r["measured_tok_s"]:.1f} tokens/s (predicted '
+      print(f'  {system:>9} over {transport}: {r["measured_tok_s"]:.1f} tokens/s (from round 2: '
+            f'{r["steady_tok_s"]:.1f}; predicted '
             f'{r["predicted_tok_s"]:.1f}, lockstep {r["predicted_lockstep_tok_s"]:.1f}), p99 '
             f'{r["measured_p99_ms"]:.0f} ms (predicted {r["predicted_p99_ms"]:.0f})', flush=True)
     mine = {r['system']: r for r in rows if r['transport'] == transport}
@@ -528,6 +536,8 @@ def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work,
                    'predicted_tok_s': ratio(h['predicted_tok_s'], s['predicted_tok_s']),
                    'predicted_lockstep_tok_s': ratio(h['predicted_lockstep_tok_s'], s['predicted_lockstep_tok_s']),
                    'measured_p99_ms': ratio(h['measured_p99_ms'], s['measured_p99_ms']),
+                   'steady_tok_s': ratio(h['steady_tok_s'], s['steady_tok_s']),
+                   'steady_p99_ms': ratio(h['steady_p99_ms'], s['steady_p99_ms']),
                    'predicted_p99_ms': ratio(h['predicted_p99_ms'], s['predicted_p99_ms']),
                    'note': 'ratios hetjax / symmetric'})
   return rows
@@ -564,8 +574,9 @@ def main(_):
           'one device per process (one pool each, TP 1) it differs from hetjax only in the layer split '
           'of multi-stage replicas.')
     print_table(compared, columns=['scenario', 'batch_limit', 'device_layers', 'transport', 'system', 'plan',
-                                   'measured_tok_s', 'predicted_tok_s', 'predicted_lockstep_tok_s',
-                                   'measured_p99_ms', 'predicted_p99_ms', 'load', 'note'])
+                                   'measured_tok_s', 'steady_tok_s', 'predicted_tok_s',
+                                   'predicted_lockstep_tok_s', 'measured_p99_ms', 'steady_p99_ms',
+                                   'predicted_p99_ms', 'load', 'note'])
     return
   plot(rows, os.path.join(out, 'testbed_serve.png'))
   wrote(out, 'results.csv', 'testbed_serve.png')

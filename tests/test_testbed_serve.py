@@ -100,7 +100,8 @@ def test_round_stats_by_hand(experiment):
           _rec('0-2', 2.0, 3.0, replica=1), _rec('1-2', 7.3, 8.0, replica=1), _rec('2-2', 9.3, 10.5, replica=1)]
   s = ts.round_stats(recs)
   assert s['rounds'] == 2 and s['requests'] == 6 and s['reference'] == 0
-  # replica 1's own span (10.5 - 3 = 7.5 s) holds its wait in round 0; replica 0's is the rounds'
+  # replica 0 is busy longest from its first token to its last (1.5 and 2.6 s a round, replica 1
+  # 0.7 and 1.2 s); replica 1's own span (10.5 - 3 = 7.5 s) would hold its wait in round 0
   assert s['tokens_per_s'] == pytest.approx(6 * 4 / (15 - 10))
   # replica 0's latencies from its round's start: 1.5, 2 (round 1), 2, 3 (round 2)
   assert s['latency_p50_s'] == pytest.approx(2.0)
@@ -284,3 +285,19 @@ def test_compare_plans_serves_both_when_the_plans_differ(experiment, monkeypatch
   assert ratio['predicted_tok_s'] == pytest.approx(het['predicted_tok_s'] / sym['predicted_tok_s'], rel=1e-2)
   assert ratio['predicted_tok_s'] > 1
   assert os.path.isfile(tmp_path / 'compare_b1_l5' / 'hetjax' / 'plan.json')
+
+
+def test_round_stats_from_round_two(experiment):
+  # The same rounds as test_round_stats_by_hand, timed from round 2: replica 0 (busy 2.6 s against
+  # 1.2 s) ends rounds 1 and 2 at 12 and 15 s; replica 1's own span, 10.5 - 8 = 2.5 s, is not the
+  # rounds' (it waited 1 s in round 1 and 1.5 s in round 2)
+  ts = experiment('testbed_serve')
+  recs = [_rec('0-0', 9, 9.5), _rec('0-1', 9.2, 10), _rec('1-0', 10.5, 11.5), _rec('1-1', 10.6, 12),
+          _rec('2-0', 12.5, 14), _rec('2-1', 12.4, 15),
+          _rec('0-2', 2.0, 3.0, replica=1), _rec('1-2', 7.3, 8.0, replica=1), _rec('2-2', 9.3, 10.5, replica=1)]
+  s = ts.round_stats(recs, warmup=2)
+  assert s['rounds'] == 1 and s['requests'] == 3 and s['reference'] == 0
+  assert s['tokens_per_s'] == pytest.approx(3 * 4 / 3.0)
+  assert s['latency_p99_s'] == pytest.approx(np.percentile([14 - 12, 15 - 12], 99))
+  with pytest.raises(ValueError, match='warmup'):
+    ts.round_stats(recs, warmup=3)
