@@ -627,11 +627,15 @@ def plot_compare(rows, path):
   x = np.arange(len(rows))
   ax.bar(x, [r['measured_tok_s'] for r in rows], 0.6,
          color=['tab:blue' if r['system'] == 'hetjax' else 'tab:orange' for r in rows], label='measured')
+  ax.scatter(x, [r['steady_tok_s'] for r in rows], marker='o', facecolors='none', edgecolors='tab:red',
+             zorder=3, label='measured from round 2')
   ax.scatter(x, [r['predicted_tok_s'] for r in rows], marker='_', s=400, color='k', zorder=3,
              label='predicted (replicas independent)')
   ax.scatter(x, [r['predicted_lockstep_tok_s'] for r in rows], marker='x', color='k', zorder=3,
              label='predicted, joint static rounds')
-  ax.set_xticks(x, [f'{r["system"]}\n{r["scenario"]} b<={r["batch_limit"]}\n{r["transport"]}' for r in rows],
+  ax.set_xticks(x, [f'{r["system"]}\n{r["scenario"]} b<={r["batch_limit"]}'
+                    + (f', {r["device_layers"]} layers/device' if r['device_layers'] else '') + f'\n{r["transport"]}'
+                    for r in rows],
                 fontsize=7)
   ax.set_ylabel('tokens/s (timed rounds)')
   ax.set_title('emulated testbed, serving: hetjax vs symmetric plan')
