@@ -43,6 +43,25 @@ For each scenario (2-3 processes, one CPU device each) and each batch size b (--
                        and hops overlap freely, period = max(ring, groups x busiest stage).
 Writes results.csv and testbed_serve.png (predicted against measured, +-20% band), prints the table
 last. Absolute times are CPU times on a shared machine; the ratios are the result.
+
+Issue 10's serving comparison (hetjax's plan against the symmetric plan, on the same devices):
+
+  python experiments/testbed_serve.py --compare --scenarios=two_uneven --batches=1,4 --transports=socket,pair --device_layers=0,5
+
+steps 1-2 as above, then instead of the fixed plans: hexgen.plan_serving (rate objective, deadline
+--slo_scale x the best single-request latency, batch limit b) on the calibrated cluster, its cost
+model pricing each stage's host time per op with the fitted overhead of its process and layer count,
+once as hetjax and once as the symmetric baseline (one TP degree, equal layers, all of a replica's
+TP groups); each distinct plan served with mode=serve over each --transports with the same requests
+(rounds + 1 blocks of one full round each, all arriving at once, shortest-completion dispatch,
+static rounds; round 0 compiles). Measured, from completions.jsonl (round_stats): tokens/s over the
+timed rounds, and the latency of each request from its round's start (p50, p99), read on the replica
+that ends the joint rounds (each process's times are on its own clock); predicted: the plan's tokens/s
+(replicas independent, as the planner assumes), the same in joint rounds (the static server runs
+every replica's round in one engine call, so a round lasts as long as the slowest replica's), and
+the slowest replica's round latency. Writes compare.csv and testbed_serve_compare.png, prints the
+table last (with a hetjax/symmetric ratio row per transport). --device_layers=K > 0 adds a comparison
+in which the planner is told that a device holds only K of the layers, so that replicas must pipeline.
 """
 
 import json
@@ -68,6 +87,19 @@ flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens per request (random ids).'
 flags.DEFINE_integer('rounds', 3, 'Timed serving rounds per run, after one that compiles.')
 flags.DEFINE_bool('reuse', False, 'Reuse the calibrations and serving runs already in --out, failed ones '
                   'included; run only what is missing.')
+flags.DEFINE_bool('compare', False, 'Instead of the fixed plans below: plan with hexgen.plan_serving on the '
+                  'calibrated cluster (its cost model priced with the fitted per-process overheads), hetjax '
+                  'and symmetric, and serve both plans (writes compare.csv and testbed_serve_compare.png).')
+flags.DEFINE_list('transports', ['socket'], '--compare: transports to serve each plan over (socket: '
+                  'asynchronous sends; pair: the blocking ppermute that auto picks for serving).')
+flags.DEFINE_float('slo_scale', 8.0, '--compare: the rate objective\'s deadline = slo_scale x the best '
+                   'single-request latency on the calibrated cluster (as configs/plan_inference.py).')
+flags.DEFINE_list('device_layers', ['0'], '--compare: also plan as if a device held at most this many layers '
+                  '(each value a comparison; 0: the scenario\'s memory, 2 GB, in which any device holds the '
+                  'tiny model). Its memory_gb is set so (with the embedding, head and KV cache of one request '
+                  'group per process), which the runtime does not enforce; replicas must then pipeline: the '
+                  'regime of HexGen\'s asymmetric layouts. Values > 0 apply at b = 1 only (at a larger batch '
+                  'limit the planner can drop to batch 1 to fit one more layer).')
 FLAGS = flags.FLAGS  # testbed.py's --cpus and --layers apply; its training flags are not used
 
 # scenario -> plan label -> stages as (process, layers), scaled to --layers (default 6). Each
@@ -117,13 +149,15 @@ def calibrate(cluster_path, n, batch, workdir):
   return Cluster.load(path), json.load(open(path))['calibration']
 
 
-def serve(cluster_path, n, plan_path, per_round, batch, workdir, what):
-  """mode=serve over the plan on the testbed, static rounds of `per_round` requests (replicas dealt
-  in turn); ({replica: decode periods (s) of its timed requests}, machine load after the run)."""
+def serve(cluster_path, n, plan_path, per_round, batch, workdir, what, dispatch='round_robin',
+          transport='auto'):
+  """mode=serve over the plan on the testbed, static rounds: rounds + 1 blocks of `per_round`
+  requests (ids 'block-i'), all arriving at once; (completions.jsonl's records, machine load after
+  the run)."""
   T = FLAGS.tokens
   done, load = os.path.join(workdir, 'completions.jsonl'), os.path.join(workdir, 'load.json')
   if FLAGS.reuse and os.path.isfile(done):
-    return periods(done, T), json.load(open(load))['load'] if os.path.isfile(load) else float('nan')
+    return records(done), json.load(open(load))['load'] if os.path.isfile(load) else float('nan')
   if FLAGS.reuse and os.path.isfile(os.path.join(workdir, 'FAILED.txt')):
     raise testbed.RunFailed(f'{what} failed before: {open(os.path.join(workdir, "FAILED.txt")).read()}')
   rng = np.random.default_rng(0)
@@ -136,18 +170,22 @@ def serve(cluster_path, n, plan_path, per_round, batch, workdir, what):
                             'max_new_tokens': T}) + '\n')
   testbed.launch(cluster_path, n, ['--config=configs/serve.py', f'--config.plan={plan_path}',
                                    f'--config.requests={requests}', '--config.batching=static',
-                                   '--config.dispatch=round_robin', f'--config.max_batch={batch}',
+                                   f'--config.dispatch={dispatch}', f'--config.max_batch={batch}',
+                                   f'--config.transport={transport}',
                                    '--config.generate.stop_at_eos=false'], workdir, what)
   with open(load, 'w') as f:
     json.dump({'load': round(os.getloadavg()[0], 1)}, f)
-  return periods(done, T), round(os.getloadavg()[0], 1)
+  return records(done), round(os.getloadavg()[0], 1)
 
 
-def periods(completions, T):
+def records(completions):
+  return [json.loads(line) for line in open(completions) if line.strip()]
+
+
+def periods(recs, T):
   """{replica: (last token - first token) / (T - 1) of each request after round 0}."""
   out = {}
-  for line in open(completions):
-    d = json.loads(line)
+  for d in recs:
     if not d['id'].startswith('0-'):   # round 0 compiles
       out.setdefault(d['replica'], []).append((d['latency_s'] - d['ttft_s']) / (T - 1))
   return out
@@ -222,6 +260,8 @@ def runtime_period(procs, host_s, prefill_s, decode_s, wire, sleep, T, act_bytes
 
 
 def run_scenario(name, out):
+  """The scenario's rows: the "alone" fit rows, then the fixed plans' rows (role 'prediction'), or
+  with --compare the planned plans' rows (compare_plans; returned second)."""
   from hetjax.cluster import Cluster
   from hetjax.costmodel import inference as icm
   from hetjax.models.config import get_model_config
@@ -231,7 +271,7 @@ def run_scenario(name, out):
   nominal = Cluster.load(nominal_path)
   print(f'scenario {name}: {n} processes (machine load {os.getloadavg()[0]:.1f})', flush=True)
   work = os.path.abspath(os.path.join(out, 'runs', name))
-  rows = []
+  rows, compared = [], []
 
   def row(plan, stages, batch, periods, load, predicted, cost_model, inputs, role):
     measured = statistics.median(periods) if periods else float('nan')
@@ -264,9 +304,10 @@ def run_scenario(name, out):
       save_plan(path, [[(p, depth)] for p in range(n)], batch)
       layers, FLAGS.layers = FLAGS.layers, depth   # testbed.launch builds the model of --layers
       try:
-        alone, load = serve(nominal_path, n, path, n * batch, batch,
-                            os.path.join(work, f'alone_{depth}', f'b{batch}'),
-                            f'serving every process alone, {depth} layer(s), b={batch}')
+        recs, load = serve(nominal_path, n, path, n * batch, batch,
+                           os.path.join(work, f'alone_{depth}', f'b{batch}'),
+                           f'serving every process alone, {depth} layer(s), b={batch}')
+        alone = periods(recs, FLAGS.tokens)
       except testbed.RunFailed as e:
         print(str(e)[-600:], flush=True)
         break
@@ -282,40 +323,261 @@ def run_scenario(name, out):
             f'(measured - calibrated compute)', 'fit')
     if len(fits) < n * len({FLAGS.layers, 1}):
       continue
-    slope = {p: (fits[(p, FLAGS.layers)] - fits[(p, 1)]) / max(FLAGS.layers - 1, 1) for p in range(n)}
-    overhead = lambda p, k: max(fits[(p, 1)] + slope[p] * (k - 1), 0.0)
+    overhead = fitted_overhead(fits, n, FLAGS.layers)
+    if FLAGS.compare:
+      for layers_cap in map(int, FLAGS.device_layers):
+        if layers_cap and batch > 1:
+          print(f'  --device_layers={layers_cap}: skipped at b={batch} (b = 1 only)', flush=True)
+          continue
+        compared += compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details,
+                                  FLAGS.transports, FLAGS.slo_scale, layers_cap)
+      continue
     for label, stages in SERVE_PLANS[name].items():
       stages = scaled(stages, FLAGS.layers)
       slug = label.replace(' ', '_').replace('+', '_')
       path = os.path.join(work, slug, f'plan_b{batch}.json')
       save_plan(path, [stages], batch)
       try:
-        periods, load = serve(nominal_path, n, path, len(stages) * batch, batch,
-                              os.path.join(work, slug, f'b{batch}'), f'serving {label}, b={batch}')
-        periods = periods[0]
+        recs, load = serve(nominal_path, n, path, len(stages) * batch, batch,
+                           os.path.join(work, slug, f'b{batch}'), f'serving {label}, b={batch}')
+        periods_s = periods(recs, FLAGS.tokens)[0]
       except testbed.RunFailed as e:
         print(str(e)[-600:], flush=True)
-        periods, load = [], float('nan')
-      row(label, stages, batch, periods, load, *predict(stages, overhead, c, setup, cal, nominal, model),
+        periods_s, load = [], float('nan')
+      row(label, stages, batch, periods_s, load, *predict(stages, overhead, c, setup, cal, nominal, model),
           'prediction')
+  return rows, compared
+
+
+def fitted_overhead(fits, n, layers):
+  """overhead(process, stage layers) from the "alone" fits {(process, depth): seconds} at depth 1 and
+  `layers`: a + b x (layers - 1) per process, never below 0."""
+  slope = {p: (fits[(p, layers)] - fits[(p, 1)]) / max(layers - 1, 1) for p in range(n)}
+  return lambda p, k: max(fits[(p, 1)] + slope[p] * (k - 1), 0.0)
+
+
+# ---------------------------------------------------------------- --compare: hetjax vs symmetric
+def describe_plan(plan):
+  """'p0:4+p1:2 b4 | p2:6 b4': each replica's stages (process:layers) and its batch limit."""
+  return ' | '.join('+'.join(f'p{s.devices[0]}:{s.num_layers}' for s in r.stages) + f' b{r.max_batch}'
+                    for r in plan.replicas)
+
+
+def replica_predictions(c, model, setup, plan, overhead):
+  """The inference cost model's full round of each replica of a serve plan (one group of its
+  max_batch requests per stage, the stages' host overhead from overhead(process, layers)): lists of
+  round latency (s) and tokens per round."""
+  import dataclasses
+  from hetjax.costmodel import inference as icm
+  latency, tokens = [], []
+  for r in plan.replicas:
+    layout = [icm.StageLayout(s.num_layers, list(s.devices), overhead_s=overhead(s.devices[0], s.num_layers))
+              for s in r.stages]
+    cost = icm.replica_cost(c, model, layout, dataclasses.replace(setup, batch=r.max_batch),
+                            check_memory=False)
+    latency.append(cost['latency'])
+    tokens.append(cost['groups'] * r.max_batch * setup.gen_len)
+  return latency, tokens
+
+
+def capped_memory_gb(model, setup, layers, groups):
+  """Device memory (GB) in which a stage holds `layers` layers with the embedding and the head and
+  the KV cache of `groups` request groups of setup.batch (as the planner's stage caps and memory check
+  count), but not one more."""
+  from hetjax.costmodel import inference as icm
+  need = lambda k: icm.stage_memory(model, setup, k, 1, True, True, groups)['total']
+  return (need(layers) + need(layers + 1)) / 2 / setup.memory_fraction / 1e9
+
+
+def lockstep_tokens_per_s(latency, tokens):
+  """Tokens/s of replicas served in joint static rounds (the static server: a round runs every
+  replica's groups in one engine call and ends when the slowest replica's round does)."""
+  return sum(tokens) / max(latency)
+
+
+def round_stats(recs, warmup=1):
+  """What serving measured in static rounds: requests 'k-i' arrive at once and block k is round k;
+  round 0 compiles. A request's times are on its replica's head process's clock (each process counts
+  from its own start), so each replica is read on its own clock: its round k ends with its last
+  request of block k (checked: each of its block-k requests gets its first token after its block
+  k - 1 ended). Joint rounds end when the slowest replica's does: the reference replica is the one
+  whose timed rounds last longest from its first token to its last (a replica that finishes early
+  waits for it), and on its clock its previous round's end is a round's start. Rounds before
+  `warmup` are not timed (round 0 compiles; a process's first collectives after it can hold up round
+  1). Returns tokens_per_s (all replicas' tokens of rounds warmup..R / the reference's span from the
+  end of round warmup - 1 to the end of round R), latency_p50_s / latency_p99_s (the reference's
+  timed requests from their round's start: in joint rounds it holds the slowest requests), rounds,
+  requests (timed, all replicas) and reference. Raises ValueError when the blocks are not rounds."""
+  blocks = {}
+  for d in recs:
+    blocks.setdefault((int(d['id'].split('-')[0]), d['replica']), []).append(d)
+  ks = sorted({k for k, _ in blocks})
+  replicas = sorted({r for _, r in blocks})
+  if ks != list(range(len(ks))) or len(ks) < warmup + 1 or warmup < 1:
+    raise ValueError(f'need blocks 0..R, R >= warmup >= 1, got {ks} with warmup {warmup}')
+  missing = [(k, r) for k in ks for r in replicas if (k, r) not in blocks]
+  if missing:
+    raise ValueError(f'blocks are not full rounds: (block, replica) {missing} served nothing')
+  end = {key: max(d['latency_s'] for d in blk) for key, blk in blocks.items()}
+  for (k, r), blk in blocks.items():
+    first = min(d['ttft_s'] for d in blk)
+    if k and first < end[(k - 1, r)]:
+      raise ValueError(f'block {k} is not a round of replica {r}: a first token at {first:.3f} s, before '
+                       f'its block {k - 1} ended ({end[(k - 1, r)]:.3f} s)')
+  R = ks[-1]
+  w = warmup - 1
+  busy = lambda r: np.mean([end[(k, r)] - min(d['ttft_s'] for d in blocks[(k, r)]) for k in ks[warmup:]])
+  ref = max(replicas, key=busy)
+  tokens = sum(len(d['ids']) for (k, _), blk in blocks.items() if k > w for d in blk)
+  latency = [d['latency_s'] - end[(k - 1, ref)] for k in ks[warmup:] for d in blocks[(k, ref)]]
+  return {'tokens_per_s': tokens / (end[(R, ref)] - end[(w, ref)]),
+          'latency_p50_s': float(np.percentile(latency, 50)), 'latency_p99_s': float(np.percentile(latency, 99)),
+          'rounds': R - w, 'requests': sum(len(blk) for (k, _), blk in blocks.items() if k > w), 'reference': ref}
+
+
+def compare_plans(name, n, nominal_path, c, setup, overhead, model, batch, work, details, transports,
+                  slo_scale, device_layers=0):
+  """Plan with hexgen.plan_serving (rate objective) on the calibrated cluster c, method hetjax and
+  symmetric, the cost model pricing each stage's host time per op by the fitted overhead(process,
+  layers); serve each distinct plan over every one of `transports` with the same requests (shortest-
+  completion dispatch, static rounds); rows of measured and predicted tokens/s and latency, then a
+  hetjax / symmetric ratio row per transport."""
+  import dataclasses
+  from hetjax.errors import HetjaxError
+  from hetjax.search import hexgen
+  over = lambda devices, k: overhead(devices[0], k)        # one device per process
+  if device_layers:
+    gb = capped_memory_gb(model, setup, device_layers, n)
+    c = dataclasses.replace(c, devices=[dataclasses.replace(d, memory_gb=gb) for d in c.devices])
+    print(f'  the planner is told each device holds {device_layers} layers ({gb * 1e3:.2f} MB)', flush=True)
+  one = dataclasses.replace(setup, batch=1)
+  deadline = slo_scale * hexgen.reference_latency(c, model, one, overhead=over)
+  cfg = hexgen.HexGenConfig(objective='rate', deadline=deadline, max_batch=batch, population=16,
+                            evaluations=300)
+  plans, found = {}, {}
+  tag = f'_l{device_layers}' if device_layers else ''
+  for system in ('hetjax', 'symmetric'):
+    try:
+      res = hexgen.plan_serving(c, model, setup, dataclasses.replace(cfg, symmetric=system == 'symmetric'),
+                                seed=0, model_name='tiny_gpt', overhead=over)
+    except HetjaxError as e:
+      print(f'  {system}: no plan ({e})', flush=True)
+      continue
+    plan = res.plan
+    plan.cluster = 'testbed'
+    path = os.path.join(work, f'compare_b{batch}{tag}', system, 'plan.json')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    plan.save(path)
+    plans[system] = (plan, path)
+    print(f'  b<={batch} {system}: {describe_plan(plan)}; predicted {plan.prediction["tokens_per_s"]:.1f} '
+          f'tokens/s (deadline {deadline * 1e3:.0f} ms, budget {cfg.slo_margin:.0%} of it)', flush=True)
+  if len(plans) == 2 and describe_plan(plans['hetjax'][0]) == describe_plan(plans['symmetric'][0]):
+    print('  both searches chose the same plan: it is served once, and the symmetric rows repeat '
+          'its measurement', flush=True)
+  fits = ' '.join(f'p{p}:{overhead(p, 1) * 1e3:.2f}+{(overhead(p, 2) - overhead(p, 1)) * 1e3:.2f}/layer'
+                  for p in range(n))
+  calibrated = ' '.join(f'p{p}:{x * 1e3:.2f}' for p, x in enumerate(details.get('op_overhead_s', [])))
+  rows = []
+  for transport in transports:
+    for system, (plan, path) in plans.items():
+      desc = describe_plan(plan)
+      latency, tokens = replica_predictions(c, model, setup, plan, overhead)
+      per_round = sum(r.max_batch * len(r.stages) for r in plan.replicas)
+      same = found.get((transport, desc))
+      note = f'same plan as {same[0]}: its run' if same else ''
+      if same:
+        stats, load = same[1], same[2]
+      else:
+        try:
+          recs, load = serve(nominal_path, n, path, per_round, batch,
+                             os.path.join(work, f'compare_b{batch}{tag}', system, transport),
+                             f'serving the {system} plan over {transport}, b<={batch}',
+                             dispatch='shortest_completion', transport=transport)
+          stats = round_stats(recs)
+          if stats['rounds'] >= 2:   # also from round 2: round 1 can hold a process's first collectives
+            stats['steady'] = round_stats(recs, warmup=2)
+        except (testbed.RunFailed, ValueError) as e:
+          print(str(e)[-600:], flush=True)
+          stats, load = {}, float('nan')
+          note = f'failed: {str(e).splitlines()[0][:120]}'
+        found[(transport, desc)] = (system, stats, load)
+      measured = stats.get('tokens_per_s', float('nan'))
+      p99 = stats.get('latency_p99_s', float('nan'))
+      rows.append({'scenario': name, 'batch_limit': batch, 'device_layers': device_layers or '',
+                   'transport': transport, 'system': system,
+                   'plan': desc, 'measured_tok_s': round(measured, 1),
+                   'predicted_tok_s': round(plan.prediction['tokens_per_s'], 1),
+                   'predicted_lockstep_tok_s': round(lockstep_tokens_per_s(latency, tokens), 1),
+                   'measured_p99_ms': round(p99 * 1e3, 1),
+                   'steady_tok_s': round(stats.get('steady', {}).get('tokens_per_s', float('nan')), 1),
+                   'steady_p99_ms': round(stats.get('steady', {}).get('latency_p99_s', float('nan')) * 1e3, 1),
+                   'measured_p50_ms': round(stats.get('latency_p50_s', float('nan')) * 1e3, 1),
+                   'predicted_p99_ms': round(max(latency) * 1e3, 1),
+                   'measured_over_predicted': round(measured / plan.prediction['tokens_per_s'], 3),
+                   'rounds': stats.get('rounds', 0), 'requests': stats.get('requests', 0),
+                   'latency_of_replica': stats.get('reference', ''),
+                   'load': load, 'deadline_ms': round(deadline * 1e3, 1), 'note': note,
+                   'inputs': f'fitted overhead ms {fits}; calibration op_overhead_s ms {calibrated}; '
+                             f'replica round latency ms {[round(x * 1e3, 1) for x in latency]}'})
+      r = rows[-1]
+      print(f'  {system:>9} over {transport}: {r["measured_tok_s"]:.1f} tokens/s (from round 2: '
+            f'{r["steady_tok_s"]:.1f}; predicted '
+            f'{r["predicted_tok_s"]:.1f}, lockstep {r["predicted_lockstep_tok_s"]:.1f}), p99 '
+            f'{r["measured_p99_ms"]:.0f} ms (predicted {r["predicted_p99_ms"]:.0f})', flush=True)
+    mine = {r['system']: r for r in rows if r['transport'] == transport}
+    if len(mine) == 2:
+      h, s = mine['hetjax'], mine['symmetric']
+      ratio = lambda a, b: round(a / b, 3) if b else float('nan')
+      rows.append({**{k: '' for k in h}, 'scenario': name, 'batch_limit': batch,
+                   'device_layers': device_layers or '', 'transport': transport,
+                   'system': 'hetjax/symmetric',
+                   'plan': 'same plan' if h['plan'] == s['plan'] else 'different plans',
+                   'measured_tok_s': ratio(h['measured_tok_s'], s['measured_tok_s']),
+                   'predicted_tok_s': ratio(h['predicted_tok_s'], s['predicted_tok_s']),
+                   'predicted_lockstep_tok_s': ratio(h['predicted_lockstep_tok_s'], s['predicted_lockstep_tok_s']),
+                   'measured_p99_ms': ratio(h['measured_p99_ms'], s['measured_p99_ms']),
+                   'steady_tok_s': ratio(h['steady_tok_s'], s['steady_tok_s']),
+                   'steady_p99_ms': ratio(h['steady_p99_ms'], s['steady_p99_ms']),
+                   'predicted_p99_ms': ratio(h['predicted_p99_ms'], s['predicted_p99_ms']),
+                   'note': 'ratios hetjax / symmetric'})
   return rows
 
 
 def main(_):
   if os.geteuid() != 0:
     raise SystemExit('error: the testbed needs root (cgroups, network namespaces)')
-  unknown = [s for s in FLAGS.scenarios if s not in SERVE_PLANS]
+  known = testbed.SCENARIOS if FLAGS.compare else SERVE_PLANS   # --compare plans for any scenario
+  unknown = [s for s in FLAGS.scenarios if s not in known]
   if unknown:
-    raise SystemExit(f'error: no serve plans for scenarios {unknown}; choose from {list(SERVE_PLANS)}')
+    raise SystemExit(f'error: no serve plans for scenarios {unknown}; choose from {list(known)}')
   if FLAGS.tokens < 3 or FLAGS.rounds < 1:
     raise SystemExit('error: need --tokens >= 3 and --rounds >= 1')
+  bad = [t for t in FLAGS.transports if t not in ('socket', 'pair', 'auto')]
+  if bad:
+    raise SystemExit(f'error: --transports takes socket, pair or auto, got {bad}')
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)
   print(f'machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
-  rows = []
+  rows, compared = [], []
   for name in FLAGS.scenarios:
-    rows += run_scenario(name, out)
-    write_csv(os.path.join(out, 'results.csv'), rows)  # after each scenario: partial runs count
+    fit_rows, compare_rows = run_scenario(name, out)
+    rows, compared = rows + fit_rows, compared + compare_rows
+    if rows:   # after each scenario: partial runs count
+      write_csv(os.path.join(out, 'results.csv'), rows)
+    if compared:
+      write_csv(os.path.join(out, 'compare.csv'), compared)
+  if FLAGS.compare:
+    plot_compare(compared, os.path.join(out, 'testbed_serve_compare.png'))
+    wrote(out, 'results.csv', 'compare.csv', 'testbed_serve_compare.png')
+    print('symmetric baseline (search/hexgen_inner.py): one TP degree for every stage, layers split '
+          'equally, every TP group of a replica used; it may group devices into replicas freely. With '
+          'one device per process (one pool each, TP 1) it differs from hetjax only in the layer split '
+          'of multi-stage replicas.')
+    print_table(compared, columns=['scenario', 'batch_limit', 'device_layers', 'transport', 'system', 'plan',
+                                   'measured_tok_s', 'steady_tok_s', 'predicted_tok_s',
+                                   'predicted_lockstep_tok_s', 'measured_p99_ms', 'steady_p99_ms',
+                                   'predicted_p99_ms', 'load', 'note'])
+    return
   plot(rows, os.path.join(out, 'testbed_serve.png'))
   wrote(out, 'results.csv', 'testbed_serve.png')
   pred = [r for r in rows if r['role'] == 'prediction' and np.isfinite(r['measured_ms'])]
@@ -352,6 +614,31 @@ def plot(rows, path):
   ax.set_xlabel('predicted decode period (ms)')
   ax.set_ylabel('measured decode period (ms)')
   ax.set_title('emulated testbed, serving: per-batch decode step')
+  ax.legend(fontsize=7)
+  save_figure(fig, path)
+
+
+def plot_compare(rows, path):
+  """Tokens/s of each plan, measured against the cost model's prediction (replicas independent)
+  and its lockstep variant (the static server's joint rounds), per scenario, batch limit, transport."""
+  import matplotlib.pyplot as plt
+  rows = [r for r in rows if r['system'] in ('hetjax', 'symmetric')]
+  fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 4))
+  x = np.arange(len(rows))
+  ax.bar(x, [r['measured_tok_s'] for r in rows], 0.6,
+         color=['tab:blue' if r['system'] == 'hetjax' else 'tab:orange' for r in rows], label='measured')
+  ax.scatter(x, [r['steady_tok_s'] for r in rows], marker='o', facecolors='none', edgecolors='tab:red',
+             zorder=3, label='measured from round 2')
+  ax.scatter(x, [r['predicted_tok_s'] for r in rows], marker='_', s=400, color='k', zorder=3,
+             label='predicted (replicas independent)')
+  ax.scatter(x, [r['predicted_lockstep_tok_s'] for r in rows], marker='x', color='k', zorder=3,
+             label='predicted, joint static rounds')
+  ax.set_xticks(x, [f'{r["system"]}\n{r["scenario"]} b<={r["batch_limit"]}'
+                    + (f', {r["device_layers"]} layers/device' if r['device_layers'] else '') + f'\n{r["transport"]}'
+                    for r in rows],
+                fontsize=7)
+  ax.set_ylabel('tokens/s (timed rounds)')
+  ax.set_title('emulated testbed, serving: hetjax vs symmetric plan')
   ax.legend(fontsize=7)
   save_figure(fig, path)
 

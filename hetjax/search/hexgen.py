@@ -36,14 +36,17 @@ class ServeResult:
 
 
 def plan_serving(cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup, cfg: HexGenConfig,
-                 seed: int = 0, model_name: str = '') -> ServeResult:
-  """Evolutionary search over groupings with the inner DP; symmetric baselines try every TP degree."""
+                 seed: int = 0, model_name: str = '', overhead=None) -> ServeResult:
+  """Evolutionary search over groupings with the inner DP; symmetric baselines try every TP degree.
+  overhead(devices, layers): a stage's host seconds per op (default: the cluster's measured
+  op_overhead_s per device, else setup.op_overhead_s; Planner's doc)."""
   cfg.validate()
   if cfg.symmetric and not cfg.tp:
     results = []
     for t in icm.allowed_tp(model, cfg.max_tp):
       try:
-        results.append(plan_serving(cluster, model, setup, dataclasses.replace(cfg, tp=t), seed, model_name))
+        results.append(plan_serving(cluster, model, setup, dataclasses.replace(cfg, tp=t), seed, model_name,
+                                    overhead))
       except HetjaxError:
         continue
     if not results:
@@ -53,7 +56,7 @@ def plan_serving(cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup, cf
     best.evaluations = sum(r.evaluations for r in results)
     return best
   t0 = time.perf_counter()
-  planner = Planner(cluster, model, setup, cfg)
+  planner = Planner(cluster, model, setup, cfg, overhead)
   sizes = planner.sizes
 
   def fitness(g):
@@ -95,10 +98,10 @@ def _why_infeasible(planner: Planner) -> str:
           f'{c.name} has {usable:.1f} GB usable in TP groups of at most {planner.cfg.max_tp} GPUs of one host')
 
 
-def reference_latency(cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup) -> float:
+def reference_latency(cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup, overhead=None) -> float:
   """Best single-request latency on a cluster (HexGen's SLO unit): the inner DP over all its devices,
   which may leave pools out, so it is the best over every possible replica."""
-  p = Planner(cluster, model, setup, HexGenConfig(objective='latency'))
+  p = Planner(cluster, model, setup, HexGenConfig(objective='latency'), overhead)
   r = p.inner(tuple(p.sizes))
   if not r.feasible:
     raise HetjaxError(_why_infeasible(p))

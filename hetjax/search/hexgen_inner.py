@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def make_pools(cluster: Cluster) -> list[Pool]:
   """Pools in pipeline order: regions chained greedily by delay from the largest, hosts by name."""
   groups: dict[tuple, list[int]] = {}
   for d in cluster.devices:
-    groups.setdefault((d.host, d.gpu, d.region, d.tflops, d.memory_gb), []).append(d.id)
+    groups.setdefault((d.host, d.gpu, d.region, d.tflops, d.memory_gb, d.op_overhead_s), []).append(d.id)
   regions = cluster.regions()
   lead = {r: ids[0] for r, ids in regions.items()}
   order = [max(regions, key=lambda r: (len(regions[r]), r))]
@@ -116,10 +116,17 @@ class ReplicaChoice:
 
 
 class Planner:
-  """Caches layer costs, stage caps and inner results for one (cluster, model, workload)."""
+  """Caches layer costs, stage caps and inner results for one (cluster, model, workload).
 
-  def __init__(self, cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup, cfg: HexGenConfig):
+  A stage's host time per op (the cost model's overhead term): `overhead(devices, layers)` where
+  given (e.g. fitted per process and layer count on a testbed); else the cluster's measured
+  op_overhead_s (mode=calibrate; the group's largest) where its devices have one; else the setup's
+  op_overhead_s (datasheet clusters)."""
+
+  def __init__(self, cluster: Cluster, model: ModelConfig, setup: icm.ServeSetup, cfg: HexGenConfig,
+               overhead: Optional[Callable[[Sequence[int], int], float]] = None):
     self.cluster, self.model, self.setup, self.cfg = cluster, model, setup.validate(), cfg.validate()
+    self.overhead = overhead
     self.pools = make_pools(cluster)
     self.sizes = np.array([len(p.devices) for p in self.pools])
     self.tps = icm.allowed_tp(model, cfg.max_tp)
@@ -266,9 +273,18 @@ class Planner:
     out = []
     for q, t, n in stages:
       k = offset.get(q, 0)
-      out.append(icm.StageLayout(n, list(self.pools[q].devices[k:k + t])))
+      devices = list(self.pools[q].devices[k:k + t])
+      out.append(icm.StageLayout(n, devices, overhead_s=self.stage_overhead(devices, n)))
       offset[q] = k + t
     return out
+
+  def stage_overhead(self, devices: Sequence[int], num_layers: int) -> Optional[float]:
+    """Host seconds per op of a stage (class doc); None: the setup's op_overhead_s."""
+    if self.overhead is not None:
+      return float(self.overhead(devices, num_layers))
+    measured = [self.cluster.devices[d].op_overhead_s for d in devices]
+    measured = [x for x in measured if x is not None]
+    return max(measured) if measured else None
 
   def exact(self, stages: list[tuple[int, int, int]], b: int, groups: Optional[int] = None
             ) -> Optional[dict]:
