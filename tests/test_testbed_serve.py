@@ -192,20 +192,25 @@ def test_hexgen_prices_each_stage_with_its_devices_measured_overhead():
   assert one.plan.prediction['latency_1_min_s'] == pytest.approx(bare + 5 * 0.002)
 
 
+def _uneven_pair(model, tokens, block_s):
+  """A measured-looking two_uneven cluster: device i runs one block of `tokens` tokens in block_s[i]."""
+  from hetjax.cluster import Cluster, Device
+  flops = tokens * model.block_flops_per_token(1)
+  return Cluster('two_uneven', [Device(i, 'CPU', f'h{i}', 'emulated', tflops=flops / t / 1e12, memory_gb=2,
+                                       mem_bw_gbs=1e9) for i, t in enumerate(block_s)],
+                 np.array([[0, 4.0], [4.0, 0]]), np.array([[0, 0.8], [0.8, 0]]), measured=True)
+
+
 def test_compare_plans_with_a_fake_server(experiment, monkeypatch, tmp_path):
   # The whole --compare path on a calibrated-looking 2-device cluster, serving replaced by a fake
   # that writes static rounds of 0.5 s (round 0: 5 s): both searches choose the same plan here
   # (each device a one-stage replica: the fitted overheads make pipelines lose), so the plan is
   # served once per transport and the ratio row says so.
-  from hetjax.cluster import Cluster, Device
   from hetjax.costmodel import inference as icm
   from hetjax.models.config import get_model_config
   ts = experiment('testbed_serve')
   model = get_model_config('tiny_gpt', num_layers=6)
-  flops = 4 * model.block_flops_per_token(1)
-  c = Cluster('two_uneven', [Device(i, 'CPU', f'h{i}', 'emulated', tflops=flops / t / 1e12, memory_gb=2,
-                                    mem_bw_gbs=1e9) for i, t in enumerate([0.25e-3, 1.3e-3])],
-              np.array([[0, 4.0], [4.0, 0]]), np.array([[0, 0.8], [0.8, 0]]), measured=True)
+  c = _uneven_pair(model, 4, [0.25e-3, 1.3e-3])
   setup = icm.ServeSetup(prompt_len=16, gen_len=16, batch=4, bytes_per_value=4, compute_efficiency=1.0,
                          memory_efficiency=1.0)
   fits = {(0, 1): 0.010, (0, 6): 0.008, (1, 1): 0.009, (1, 6): 0.014}
@@ -255,15 +260,11 @@ def test_compare_plans_serves_both_when_the_plans_differ(experiment, monkeypatch
   # Devices told to hold at most 5 of the 6 layers: one replica must pipeline over both; hetjax
   # splits its layers unevenly (the fast device takes more), the symmetric baseline 3 + 3. Both plans
   # are served, and the ratio row divides their measurements.
-  from hetjax.cluster import Cluster, Device
   from hetjax.costmodel import inference as icm
   from hetjax.models.config import get_model_config
   ts = experiment('testbed_serve')
   model = get_model_config('tiny_gpt', num_layers=6)
-  flops = model.block_flops_per_token(1)
-  c = Cluster('two_uneven', [Device(i, 'CPU', f'h{i}', 'emulated', tflops=flops / t / 1e12, memory_gb=2,
-                                    mem_bw_gbs=1e9) for i, t in enumerate([0.25e-3, 1.0e-3])],
-              np.array([[0, 4.0], [4.0, 0]]), np.array([[0, 0.8], [0.8, 0]]), measured=True)
+  c = _uneven_pair(model, 1, [0.25e-3, 1.0e-3])
   setup = icm.ServeSetup(prompt_len=16, gen_len=16, batch=1, bytes_per_value=4, compute_efficiency=1.0,
                          memory_efficiency=1.0)
   fits = {(0, 1): 0.0055, (0, 6): 0.0081, (1, 1): 0.012, (1, 6): 0.0169}
