@@ -188,8 +188,15 @@ def launch(command: list[str], n: int, devices: list[int], grace_s: float = 5.0,
            'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices[i]}',
            'PYTHONUNBUFFERED': '1', **(extra_env or {})}
     argv = network.wrap(i, command) if network else command
-    p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    try:
+      p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    except OSError as e:   # e.g. no such program: nothing started stays behind
+      for m in members:
+        m.kill()
+        m.proc.wait()
+      print(f'error: cannot start {command[0]!r}: {e.strerror}', file=err)
+      return 2
     members.append(Member(i, p, os.path.join(logs, f'p{i}.log'), failing, group_failed, out, err))
   try:
     return _supervise(members, logs, grace_s, timeout_s, stall_s, failing, err, lost)
@@ -351,6 +358,8 @@ def main(argv=None) -> int:
   signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
   if rest and rest[0] == '--':
     rest = rest[1:]
+  elif rest and rest[0].startswith('-'):
+    parser.error(f'unknown option {rest[0]} (the command to run goes after --)')
   if not rest:
     parser.error('give the command to run after --')
   if not 1 <= args.num_processes <= 1024:

@@ -92,3 +92,50 @@ def test_serving_across_processes_equals_each_request_alone(tmp_path):
     assert c['id'] == f'r{i}'
     assert c['ids'] == generate(model, np.array([p]), 3 + i)[0].tolist()
     assert 0 <= c['ttft_s'] <= c['latency_s']
+
+
+@pytest.mark.parametrize('transport', ['pair', 'socket'])
+def test_continuous_batching_across_processes_equals_each_request_alone(tmp_path, transport):
+  """mode=serve with continuous batching over 3 processes: a replica whose stages live in all three
+  (TP 2 on the last) and a one-stage replica, one slot per group, so 9 requests with staggered
+  arrivals refill freed slots; some stop early at the checkpoint's EOS. Process 0 decides each
+  chunk's refills, the others replay them, and every request equals its greedy output alone."""
+  import dataclasses
+  from flax import nnx
+  from hetjax.checkpoint.manager import Checkpointer, StageSpec
+  from hetjax.modes.generate import cut_at_eos
+  from tests.test_engine import lively_model
+  cfg, model = lively_model('tiny_llama')
+  ckpt = Checkpointer(str(tmp_path / 'ckpt'))
+  ckpt.save(0, [(StageSpec(0, cfg.num_layers, True, True), {'params': nnx.state(model)})],
+            {'model': dataclasses.asdict(cfg)})
+  ckpt.close()
+  rng = np.random.default_rng(7)
+  lengths = [(3, 6), (5, 4), (2, 7), (6, 3), (1, 5), (4, 6), (2, 2), (7, 4), (3, 5)]
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n, _ in lengths]
+  alone = [generate(model, np.array([p]), new)[0] for p, (_, new) in zip(prompts, lengths)]
+  # the EOS: the token that most often follows the first generated one
+  eos = int(np.bincount(np.concatenate([a[1:] for a in alone]), minlength=cfg.vocab_size).argmax())
+  (tmp_path / 'ckpt' / 'tokenizer').mkdir()
+  (tmp_path / 'ckpt' / 'tokenizer' / 'generation_config.json').write_text(json.dumps({'eos_token_id': eos}))
+  want = [cut_at_eos(a[None], [eos])[0].tolist() for a in alone]
+  assert sum(len(w) < new for w, (_, new) in zip(want, lengths)) >= 2, 'needs requests that stop early'
+  plan = Plan([Replica([Stage(0, 1, [0]), Stage(1, 3, [1]), Stage(3, 4, [2, 3])], max_batch=1),
+               Replica([Stage(0, 4, [4])], max_batch=1)], num_layers=4, kind='serve')
+  plan.save(str(tmp_path / 'plan.json'))
+  (tmp_path / 'requests.jsonl').write_text(''.join(
+      json.dumps({'id': f'r{i}', 'ids': p, 'max_new_tokens': new, 'arrival_s': 0.1 * i}) + '\n'
+      for i, (p, (_, new)) in enumerate(zip(prompts, lengths))))
+  cmd = [sys.executable, '-m', 'hetjax.launch', '-n', '3', '--devices=1,1,3', '--grace=30',
+         f'--timeout={LAUNCH_TIMEOUT_S}', '--', sys.executable, 'run.py', '--config=configs/serve.py',
+         f'--config.checkpoint={tmp_path / "ckpt"}', f'--config.plan={tmp_path / "plan.json"}',
+         '--config.batching=continuous', '--config.chunk=3', f'--config.transport={transport}',
+         f'--config.requests={tmp_path / "requests.jsonl"}', f'--config.workdir={tmp_path / "run"}']
+  r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=2 * LAUNCH_TIMEOUT_S)
+  assert r.returncode == 0, r.stderr[-3000:]
+  done = [json.loads(line) for line in (tmp_path / 'run' / 'completions.jsonl').read_text().splitlines()]
+  assert [c['id'] for c in done] == [f'r{i}' for i in range(len(prompts))]
+  assert [c['ids'] for c in done] == want
+  assert sorted({c['replica'] for c in done}) == [0, 1]
+  assert all(0 <= c['ttft_s'] <= c['latency_s'] for c in done)

@@ -315,3 +315,14 @@ def test_sigterm_to_the_launcher_stops_its_processes(tmp_path):
   time.sleep(0.5)
   assert not [p for p in children if os.path.exists(f'/proc/{p}')
               and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'], children
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--workdir=x', '--', sys.executable, '-c', '1'], 'unknown option --workdir=x'),
+    (['--', '/nonexistent/program'], "cannot start '/nonexistent/program'"),
+])
+def test_the_launcher_refuses_a_bad_command_line_in_one_line(tmp_path, args, message):
+  r = subprocess.run([sys.executable, '-m', 'hetjax.launch', '-n', '2', f'--logs={tmp_path}', *args],
+                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=60)
+  assert r.returncode == 2 and message in r.stderr, r.stderr
+  assert 'Traceback' not in r.stderr and r.stderr.strip().splitlines()[-1].count('error:') == 1

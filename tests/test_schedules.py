@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from hetjax.errors import HetjaxError
-from hetjax.parallel.schedules import global_order, in_flight, stage_programs
+from hetjax.parallel.schedules import decode, global_order, in_flight, stage_programs
 
 
 @pytest.mark.parametrize('name', ['gpipe', '1f1b'])
@@ -65,3 +65,18 @@ def test_bad_schedule():
     stage_programs('zigzag', 2, 2)
   with pytest.raises(HetjaxError):
     stage_programs('gpipe', 0, 2)
+
+
+@pytest.mark.parametrize('stages, groups', [(1, 2), (3, 2), (3, 4)])
+def test_a_continuing_decode_hands_the_last_token_back_to_stage_0(stages, groups):
+  """hand_back: stage 0 ends with one 'K' op per group, after that group's last-step op of the
+  last stage (a message when they are different stages); without it, the last step goes nowhere."""
+  tokens = 3
+  order = global_order(decode(stages, groups, tokens, prefill=False, hand_back=True))
+  keeps = [op for op in order if op.kind == 'K']
+  assert [(op.stage, op.micro, op.deps) for op in keeps] == [
+      (0, m, (('D', stages - 1, m, tokens - 1),)) for m in range(groups)]
+  ticks = {op.id: op.tick for op in order}
+  assert all(op.tick > ticks[op.deps[0]] for op in keeps)
+  plain = global_order(decode(stages, groups, tokens, prefill=False))
+  assert len(order) == len(plain) + groups and not any(op.kind == 'K' for op in plain)

@@ -117,9 +117,16 @@ class Checkpointer:
 
   def _open_manager(self) -> ocp.CheckpointManager:
     read_only, keep, async_save = self.read_only or self.by_process, self.keep, self.async_save
+    # A multi-controller run only reads orbax steps, each process its own stages: it must not
+    # wait for the others in orbax's device-collective barriers (they need as many devices per
+    # process); newest_intact makes the processes agree instead.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                               barrier_sync_key_prefix=f'process{me}')
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None, enable_async_checkpointing=async_save, create=not read_only,
-        cleanup_tmp_directories=not read_only)
+        cleanup_tmp_directories=not read_only,
+        **({'multiprocessing_options': alone} if self.by_process else {}))
     # Any item name: stages are PyTrees, meta is JSON. zstd on float weights gains little and made
     # saves about 10x slower here, so it is off.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -569,7 +576,7 @@ def load_model(path: str, step: int | None = None):
   from flax import nnx
   from hetjax.models.model import build_model
   ckpt = Checkpointer(resolve(path), read_only=True)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def read(step):
     mcfg = model_config_of(ckpt.meta(step))

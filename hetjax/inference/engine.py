@@ -128,18 +128,19 @@ class ServeEngine:
     """Continue generation for `num_steps` decode steps of every group (continuous batching):
     `groups[r][m]` has `rows` and `feed(step)`; KV caches and last tokens live in `store` from
     one call to the next, and steps are numbered from `first_step`."""
-    order = self._order([len(g) for g in groups], num_steps, prefill=False)
+    order = self._order([len(g) for g in groups], num_steps, prefill=False, hand_back=True)
     sampling = (float(temperature), int(top_k), float(top_p))
     handler = GenerationHandler(self.stages, groups, cache_len, store, self.cfg.hidden, sampling,
                                 seed, on_token, first_step)
     return self.runtime.run(order, handler, profile)
 
-  def _order(self, group_counts: list[int], num_tokens: int, prefill: bool):
+  def _order(self, group_counts: list[int], num_tokens: int, prefill: bool,
+             hand_back: bool = False):
     """One global order of every busy replica's decode schedule (stage indices stay flat)."""
     programs = []
     for r, count in enumerate(group_counts):
       if count:
-        programs += relabel(decode(len(self.replicas[r]), count, num_tokens, prefill),
+        programs += relabel(decode(len(self.replicas[r]), count, num_tokens, prefill, hand_back),
                             self.offsets[r])
     by_stage = {}
     for prog in programs:

@@ -181,16 +181,21 @@ class Server:
     return sum(len(g) for groups in layout for g in groups)
 
 
-def share_results(requests: list[Request]) -> None:
+def share_results(requests: list[Request], name: str = 'serve/results', skip=frozenset()) -> list[int]:
   """With several processes, a request's tokens and times are known on the process of its
-  replica's head stage: every process gets them all."""
+  replica's head stage: every process gets those of every finished request (except the indices in
+  `skip`, shared before). Returns the indices shared."""
   if jax.process_count() == 1:
-    return
-  mine = {i: [r.output, r.first_token_s, r.done_s] for i, r in enumerate(requests) if r.finished}
-  for text in gather_text('serve/results', json.dumps(mine)):
+    return [i for i, r in enumerate(requests) if r.finished and i not in skip]
+  mine = {i: [r.output, r.first_token_s, r.done_s] for i, r in enumerate(requests)
+          if r.finished and i not in skip}
+  shared = []
+  for text in gather_text(name, json.dumps(mine)):
     for i, (output, first, done) in json.loads(text).items():
       req = requests[int(i)]
       req.output, req.first_token_s, req.done_s = output, first, done
+      shared.append(int(i))
+  return shared
 
 
 def summary(requests: list[Request], seconds: float, deadline_s: float) -> dict:
@@ -290,13 +295,19 @@ class SlotGroup:
     self.producing[step] = producing
     return positions, use, tokens, prefills
 
+  def forget(self, before: int) -> None:
+    """Drops the decisions of steps before `before` (kept where no head stage records them)."""
+    for steps in (self.decided, self.producing):
+      for step in [t for t in steps if t < before]:
+        del steps[step]
+
   def record(self, step: int, token) -> int:
     """Tokens of this step into their requests; returns how many requests finished."""
     token = np.asarray(token)
     del self.decided[step]                      # the head stage is the last to use them
     at, done = self.now(), 0
     for row, req in enumerate(self.producing.pop(step)):
-      if req is None:
+      if req is None or req.finished:           # ended earlier in a step decided ahead
         continue
       if not req.output:
         req.first_token_s = at
@@ -309,13 +320,16 @@ class SlotGroup:
 class ContinuousServer(Server):
   """Continuous batching over all replicas at once, `chunk` decode steps per engine call (KV
   caches and slots carry over between calls). Dispatch and replica state as in Server; `busy`
-  holds the chunks each replica worked in. `prefill`: see SlotGroup."""
+  holds the chunks each replica worked in. `prefill`: see SlotGroup.
+
+  In one process a slot is refilled at the step it frees, with the requests that have arrived by
+  then. With several processes, process 0 decides each chunk's refills at its start, from the
+  requests that have arrived and the ones that ended (shared by every process first), and every
+  process replays them; so a slot freed by an end-of-sequence token, or a request arriving
+  mid-chunk, waits for the next chunk."""
 
   def __init__(self, engine: ServeEngine, policy: str, max_batch: int, sampling: dict,
                seed: int = 0, chunk: int = 8, eos=(), prefill: str = 'slot', clock=time.perf_counter):
-    if jax.process_count() > 1:
-      raise HetjaxError('continuous batching runs in one process (its slots follow each request as '
-                        'it finishes); with several processes use --config.batching=static')
     if prefill not in ('slot', 'token'):
       raise HetjaxError(f"prefill must be 'slot' or 'token', got {prefill!r}")
     super().__init__(engine, policy, max_batch, sampling, seed, eos, clock)
@@ -326,6 +340,10 @@ class ContinuousServer(Server):
     start = clock()
     now = lambda: clock() - start
     pending = list(requests)
+    several, leader = jax.process_count() > 1, is_leader()
+    # Several processes: (replica, group) -> the requests its takes return this chunk, logged on
+    # process 0 and replayed on the others.
+    refills: dict = {}
 
     def dispatch():
       while pending and pending[0].arrival_s <= now():
@@ -333,41 +351,84 @@ class ContinuousServer(Server):
         req.replica = self.policy.choose(self.states, now())
         self.states[req.replica].queue.append(req)
 
-    def taker(r):
+    def taker(r, m):
       def take():
-        dispatch()
+        if several and not leader:
+          return refills[(r, m)].pop(0)
+        if not several:                     # one process: arrivals join at any step
+          dispatch()
         queue = self.states[r].queue
-        return queue.popleft() if queue else None
+        req = queue.popleft() if queue else None
+        if several:
+          refills[(r, m)].append(req)
+        return req
       return take
 
     longest = max(len(q.ids) + q.max_new_tokens for q in requests)
-    groups = [[SlotGroup(self.max_batch[r], taker(r), now, self.eos, self.prefill, longest)
-               for _ in engine.replicas[r]] for r in range(len(engine.replicas))]
+    groups = [[SlotGroup(self.max_batch[r], taker(r, m), now, self.eos, self.prefill, longest)
+               for m in range(len(engine.replicas[r]))] for r in range(len(engine.replicas))]
     cache_len = {r: longest for r in range(len(groups))}
-    store, step, finished = StateStore(), 0, 0
+    store, step, chunks, shared = StateStore(), 0, 0, set()
 
     def on_token(r, m, t, token):
-      nonlocal finished
-      finished += groups[r][m].record(t, token)
+      groups[r][m].record(t, token)
 
-    while finished < len(requests):
-      dispatch()
-      busy = [gs if any(g.active() for g in gs) or self.states[r].queue else []
-              for r, gs in enumerate(groups)]
-      if not any(busy):
-        time.sleep(max(0.0, min(pending[0].arrival_s - now(), 0.5)) if pending else 0.0)
+    while True:
+      if several:
+        chunks += 1
+        shared.update(share_results(requests, f'serve/ended/{chunks}', shared))
+        busy = self._agree_chunk(requests, groups, step, dispatch, refills, f'serve/chunk/{chunks}')
+      else:
+        dispatch()
+        busy = [r for r, gs in enumerate(groups) if any(g.active() for g in gs) or self.states[r].queue]
+      finished = sum(r.finished for r in requests)
+      if finished == len(requests):
+        break
+      if not busy:
+        if leader:   # the others wait for its next decision
+          time.sleep(max(0.0, min(pending[0].arrival_s - now(), 0.5)) if pending else 0.0)
         continue
       t0 = now()
-      engine.steps(busy, self.chunk, cache_len, store, step, seed=self.seed, on_token=on_token,
-                   **self.sampling)
+      engine.steps([gs if r in busy else [] for r, gs in enumerate(groups)], self.chunk, cache_len,
+                   store, step, seed=self.seed, on_token=on_token, **self.sampling)
       t1 = now()
       step += self.chunk
-      for r, gs in enumerate(busy):
-        if gs:
-          self.busy.append((r, t0, t1))
-          # The dispatch policy's service time: one chunk's duration per request in flight.
-          self.states[r].service[1:] = t1 - t0
+      for r in busy:
+        self.busy.append((r, t0, t1))
+        # The dispatch policy's service time: one chunk's duration per request in flight.
+        self.states[r].service[1:] = t1 - t0
+        for g in groups[r]:
+          g.forget(step)
       progress(f'\rserved {finished}/{len(requests)} requests, {step} steps, {now():.1f} s',
                end='', flush=True)
     progress('')
     return requests
+
+  def _agree_chunk(self, requests, groups, step, dispatch, refills, name) -> list[int]:
+    """Several processes: process 0 dispatches the arrived requests and decides every busy group's
+    steps of the chunk ahead, logging its takes in `refills`; every other process decides the same
+    steps, its takes replaying process 0's. Returns the busy replicas."""
+    index = {id(q): i for i, q in enumerate(requests)}
+
+    def decide():
+      dispatch()
+      refills.clear()
+      busy = [r for r, gs in enumerate(groups) if any(g.active() for g in gs) or self.states[r].queue]
+      for r in busy:
+        for m, g in enumerate(groups[r]):
+          refills[(r, m)] = []
+          for t in range(step, step + self.chunk):
+            g.feed(t)
+      return json.dumps([[r, m, [-1 if q is None else index[id(q)] for q in taken]]
+                         for (r, m), taken in refills.items()])
+    decided = json.loads(leader_text(name, decide))
+    if not is_leader():
+      for r, m, taken in decided:
+        refills[(r, m)] = [None if i < 0 else requests[i] for i in taken]
+        for q in refills[(r, m)]:
+          if q is not None:
+            q.replica = r
+        for t in range(step, step + self.chunk):
+          groups[r][m].feed(t)
+        assert not refills[(r, m)], 'this process took other refills than process 0'
+    return sorted({r for r, _, _ in decided})

@@ -146,6 +146,10 @@ class GenerationHandler:
   def compute(self, op, received):
     s, m, t = op.stage, op.micro, op.step + self.first_step
     r, _, group, params = self.stages[s]
+    if op.kind == 'K':   # the last step's token, for the next schedule's first step on stage 0
+      if op.deps[0] in received:   # (with one stage the head stored it here already)
+        self.store.put('group', ('token', r, m), received[op.deps[0]])
+      return None
     batch = self.batches[r][m]
     programs = stage_programs(group, self.sampling)
     cache_key = ('cache', s, m)

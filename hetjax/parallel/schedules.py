@@ -2,13 +2,16 @@
 
 An `Op` is (kind, stage, micro, step) plus the ids of the ops it depends on:
 - 'F' forward and 'B' backward of a training micro-batch, or 'F' alone (evaluation);
-- 'P' prefill and 'D' decode step `step` of a generation request group (`micro`).
+- 'P' prefill and 'D' decode step `step` of a generation request group (`micro`);
+- 'K' keep: stage 0 stores the token sampled at the last step, for a schedule that continues.
 A dependency on an op of another stage is a message between stages (an activation, a gradient, a
 sampled token); the runtime moves it right after the producing op. Builders:
 - `train(name, S, M)`: GPipe or 1F1B;
 - `forward(S, M)`: evaluation or a prefill wave;
 - `decode(S, M, T)`: prefill, then T - 1 decode steps per group; the token sampled on the last
-  stage flows back to stage 0, so with M >= S groups in flight every stage stays busy.
+  stage flows back to stage 0, so with M >= S groups in flight every stage stays busy. With
+  `hand_back`, the last step's token flows back too (to a 'K' op), so that the next schedule's
+  first step finds it on stage 0 (continuous batching, where stages may live in other processes).
 `global_order(programs)` merges the programs tick by tick, running an op only after its
 dependencies. Every process walks this one order, so two processes meet their shared transfers in
 the same order and blocking point-to-point exchange cannot deadlock.
@@ -25,7 +28,7 @@ SCHEDULES = ('gpipe', '1f1b')
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-  kind: str          # 'F', 'B', 'P' or 'D'
+  kind: str          # 'F', 'B', 'P', 'D' or 'K'
   stage: int
   micro: int         # micro-batch (training) or request group (generation)
   step: int = 0      # decode step (token index after the prompt)
@@ -76,7 +79,8 @@ def forward(num_stages: int, num_micro: int, kind: str = 'F') -> list[list[Op]]:
           for s in range(num_stages)]
 
 
-def decode(num_stages: int, num_groups: int, num_tokens: int, prefill: bool = True) -> list[list[Op]]:
+def decode(num_stages: int, num_groups: int, num_tokens: int, prefill: bool = True,
+           hand_back: bool = False) -> list[list[Op]]:
   """Generation of `num_tokens` tokens for each of `num_groups` request groups.
 
   Step 0 is the prefill ('P', or a decode step when `prefill` is False); step t > 0 is a decode
@@ -98,6 +102,10 @@ def decode(num_stages: int, num_groups: int, num_tokens: int, prefill: bool = Tr
           deps = ((kind(t - 1), last, m, t - 1),) if t else ()
         prog.append(Op(kind(t), s, m, t, deps))
     programs.append(prog)
+  if hand_back:
+    last_step = num_tokens - 1
+    programs[0] += [Op('K', 0, m, num_tokens, ((kind(last_step), last, m, last_step),))
+                    for m in range(num_groups)]
   return programs
 
 
