@@ -359,23 +359,30 @@ def machine_with(machine, tflops=None, bw_gbs=None):
   return hc.Cluster(machine.name, devices, machine.delay_ms, machine.bandwidth_gbps)
 
 
-def overhead_probe(T):
-  """Host time of the runtime per stage op, and per further device of a TP group: decode steps of a
-  2-layer model with a width of 64 (nothing to compute) as 2 stages minus as 1 stage, and at TP 2
-  minus TP 1; the best of --repeats rounds on --clock."""
+PROBE_PLANS = {'probe: 1 stage': ([[0]], [2]), 'probe: 2 stages': ([[0], [1]], [1, 1]),
+               'probe: TP 2': ([[0, 1]], [2])}
+
+
+def overhead_probe_points():
+  """The runtime probe: decode steps of a 2-layer model with a width of 64 (nothing to compute) as
+  1 stage, 2 stages and 1 stage at TP 2; {(name, 1): (engine, groups)}, timed with part e's plans
+  in the same interleaved rounds (see overhead_from)."""
   from hetjax.models.config import get_model_config
   from hetjax.models.model import build_model
   cfg = get_model_config('tiny_gpt', num_layers=2, hidden=64, num_heads=2, num_kv_heads=2, ffn=64,
                          vocab_size=64, max_len=128)
   tiny = build_model(cfg, 0)
-  plans = [([[0]], [2]), ([[0], [1]], [1, 1]), ([[0, 1]], [2])]
-  engines = [engine_for(serve_plan(devs, layers), tiny) for devs, layers in plans]
   g = groups_of(cfg, 1, 1, 8, 4)
-  best = [float('inf')] * len(engines)
-  for _ in range(FLAGS.repeats + 1):          # the first round compiles
-    for i, eng in enumerate(engines):
-      best[i] = min(best[i], (_timed(lambda: eng.run([g], T)) - _timed(lambda: eng.run([g], 1))) / (T - 1))
-  return max(0.0, best[1] - best[0]), max(0.0, best[2] - best[0])
+  return {(name, 1): (engine_for(serve_plan(devs, layers), tiny), g)
+          for name, (devs, layers) in PROBE_PLANS.items()}
+
+
+def overhead_from(measured):
+  """Host time of the runtime per stage op (2 stages minus 1 stage) and per further device of a TP
+  group (TP 2 minus TP 1), from the probe plans' measured steps."""
+  one = measured[('probe: 1 stage', 1)]
+  return (max(0.0, measured[('probe: 2 stages', 1)] - one),
+          max(0.0, measured[('probe: TP 2', 1)] - one))
 
 
 def head_probe(cfg, batch):
@@ -408,10 +415,13 @@ def part_e(model, machine, rows):
     layouts[name] = [icm.StageLayout(n, d) for d, n in zip(devs, layers)]
     for batch in (1, 8):
       points[(name, batch)] = (eng, groups_of(cfg, 1, batch, P, 3))
-      for tokens in (T, 1):      # compiles both round lengths
-        eng.run([points[(name, batch)][1]], tokens)
-  # Rounds over all points, interleaved, keeping each point's best: a load that drifts during the
-  # run then hits every plan alike instead of whichever was measured last.
+  points.update(overhead_probe_points())
+  for eng, g in points.values():
+    for tokens in (T, 1):        # compiles both round lengths
+      eng.run([g], tokens)
+  # Rounds over all points (the runtime probe's too), interleaved, keeping each point's best: a
+  # load that drifts during the run then hits every plan alike instead of whichever was measured
+  # last.
   measured = {k: float('inf') for k in points}
   for i in range(FLAGS.repeats):
     for k, (eng, g) in points.items():
@@ -421,8 +431,8 @@ def part_e(model, machine, rows):
     say(f'e. round {i + 1}/{FLAGS.repeats} done (load {os.getloadavg()[0]:.1f})')
   for (name, batch), m in measured.items():
     say(f'e. {name} batch {batch}: measured {m * 1e3:.2f} ms per step')
-
-  overhead, per_device = overhead_probe(T)
+  overhead, per_device = overhead_from(measured)
+  measured = {k: m for k, m in measured.items() if k[0] not in PROBE_PLANS}
   say(f'e. runtime probe: {overhead * 1e3:.2f} ms of host time per stage op, {per_device * 1e3:.2f} ms '
       f'per further device of its TP group')
   head_rate = head_probe(cfg, 8)

@@ -3,7 +3,7 @@
 Reproduces: no paper table; issue 10's "continuous batching" (a finished sequence's slot is refilled
 by a waiting request), measured where each stage of the replica is its own process.
 
-  python experiments/serve_batching.py            # needs root (testbed); ~4 minutes
+  python experiments/serve_batching.py            # needs root (testbed); ~4 minutes (48 requests, 3 repeats)
 
 One replica, one stage per process of the testbed scenario (hetjax.launch --emulate: a CPU quota
 per process in proportion to its device's speed, shaped links, user-space latency), layers split
@@ -34,14 +34,14 @@ import numpy as np
 flags.DEFINE_string('out', 'runs/serve_batching/', 'Output folder (results.csv, serve_batching.png, runs/).',
                     allow_override=True)
 flags.DEFINE_string('scenario', 'two_even', 'Testbed scenario (experiments/testbed.py): one stage per process.')
-flags.DEFINE_integer('requests', 24, 'Requests served per run.')
+flags.DEFINE_integer('requests', 48, 'Requests served per run.')
 flags.DEFINE_integer('max_batch', 2, 'Requests per group (slots per group; each stage holds one group).')
 flags.DEFINE_integer('min_tokens', 4, 'Fewest new tokens of a request.')
 flags.DEFINE_integer('max_tokens', 32, 'Most new tokens of a request.')
 flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens per request (random ids).')
 flags.DEFINE_float('rate', 0.0, 'Poisson arrivals per second (0: all arrive at once).')
 flags.DEFINE_integer('chunk', 4, 'Continuous batching: decode steps per engine call.')
-flags.DEFINE_integer('repeats', 2, 'Runs of each batching mode, alternating.')
+flags.DEFINE_integer('repeats', 3, 'Runs of each batching mode, alternating.', allow_override=True)
 flags.DEFINE_string('transport', 'socket', 'Transport between processes (socket or pair).')
 flags.DEFINE_integer('seed', 0, 'Seed of the requests.')
 FLAGS = flags.FLAGS
@@ -49,23 +49,24 @@ FLAGS = flags.FLAGS
 MODES = ('continuous', 'static')
 
 
-def write_requests(path):
-  rng = np.random.default_rng(FLAGS.seed)
-  arrivals = np.zeros(FLAGS.requests)
-  if FLAGS.rate > 0:
-    arrivals = np.cumsum(rng.exponential(1 / FLAGS.rate, FLAGS.requests))
+def write_requests(path, count, min_tokens, max_tokens, prompt_len, rate, seed):
+  """`count` requests of random prompts; max_new_tokens uniform in [min_tokens, max_tokens];
+  all arriving at 0, or Poisson at `rate` per second."""
+  rng = np.random.default_rng(seed)
+  arrivals = np.cumsum(rng.exponential(1 / rate, count)) if rate > 0 else np.zeros(count)
   with open(path, 'w') as f:
     for i, at in enumerate(arrivals):
-      f.write(json.dumps({'id': str(i), 'ids': rng.integers(0, 256, FLAGS.prompt_len).tolist(),
-                          'max_new_tokens': int(rng.integers(FLAGS.min_tokens, FLAGS.max_tokens + 1)),
+      f.write(json.dumps({'id': str(i), 'ids': rng.integers(0, 256, prompt_len).tolist(),
+                          'max_new_tokens': int(rng.integers(min_tokens, max_tokens + 1)),
                           'arrival_s': float(at)}) + '\n')
 
 
-def save_plan(path, n):
-  bounds = np.linspace(0, FLAGS.layers, n + 1).round().astype(int)
+def save_plan(path, n, layers, max_batch):
+  """One replica of n stages, stage i on device i, layers split as evenly as they go."""
+  bounds = np.linspace(0, layers, n + 1).round().astype(int)
   stages = [{'layers': [int(a), int(b)], 'devices': [i]} for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
   with open(path, 'w') as f:
-    json.dump({'kind': 'serve', 'replicas': [{'stages': stages, 'max_batch': FLAGS.max_batch}]}, f)
+    json.dump({'kind': 'serve', 'replicas': [{'stages': stages, 'max_batch': max_batch}]}, f)
 
 
 def serve(cluster, n, plan, requests, mode, workdir):
@@ -115,8 +116,9 @@ def main(_):
   if FLAGS.layers < n:
     raise SystemExit(f'error: --layers ({FLAGS.layers}) must be at least the {n} processes')
   plan, requests = os.path.join(work, 'plan.json'), os.path.join(work, 'requests.jsonl')
-  save_plan(plan, n)
-  write_requests(requests)
+  save_plan(plan, n, FLAGS.layers, FLAGS.max_batch)
+  write_requests(requests, FLAGS.requests, FLAGS.min_tokens, FLAGS.max_tokens, FLAGS.prompt_len,
+                 FLAGS.rate, FLAGS.seed)
   print(f'machine load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
   rows = []
   for repeat in range(FLAGS.repeats):

@@ -187,3 +187,32 @@ def test_cut_at_eos_and_the_checkpoints_eos_ids(tmp_path):
 def test_request_ids_outside_the_vocabulary():
   with pytest.raises(HetjaxError, match=r'line 1: token ids must lie in \[0, 50\)'):
     parse_requests(['{"ids": [1, 60]}'], ENCODE, 64, 8, vocab_size=50)
+
+
+def test_static_rounds_fit_the_model_and_compile_decode_once():
+  """A long prompt with few new tokens and a short prompt with many do not fit one round of a
+  64-position model together: the second waits for the next round, and both equal their output
+  alone. Every round uses one KV-cache length, so the decode program compiles once."""
+  from flax import nnx
+  from hetjax.inference.engine import ServeEngine
+  from hetjax.inference.generate import generate
+  from hetjax.inference.serving import Request, Server
+  from hetjax.models.config import get_model_config
+  from hetjax.models.model import build_model
+  from hetjax.parallel.generation import stage_programs
+  from hetjax.plan import Plan, Replica, Stage
+  cfg = get_model_config('tiny_llama', max_len=64)
+  model = build_model(cfg, 0)
+  engine = ServeEngine(Plan([Replica([Stage(0, 4, [0])])], num_layers=4, kind='serve'), cfg,
+                       nnx.state(model))
+  rng = np.random.default_rng(1)
+  requests = [Request('long', rng.integers(0, 256, 50).astype(np.int32), 4),
+              Request('many', rng.integers(0, 256, 5).astype(np.int32), 30),
+              Request('short', rng.integers(0, 256, 3).astype(np.int32), 7)]
+  server = Server(engine, 'round_robin', 4, {})
+  server.serve(requests, progress=lambda *a, **k: None)
+  for req in requests:
+    assert req.output == generate(model, req.ids[None], req.max_new_tokens)[0].tolist(), req.id
+  assert len(server.busy) == 2                 # 'many' and 'short' waited for a second round
+  group = engine.stages[0][2]
+  assert stage_programs(group, (0.0, 0, 1.0)).decode._cache_size() == 1

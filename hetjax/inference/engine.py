@@ -80,20 +80,22 @@ class ServeEngine:
 
   def run(self, batches: list[list[GroupBatch]], num_tokens: int, *, temperature: float = 0.0,
           top_k: int = 0, top_p: float = 1.0, seed: int = 0, profile: bool = False,
-          on_token=None):
+          on_token=None, min_cache_len: int = 0):
     """Generate `num_tokens` tokens for every group; `batches[r]` are replica r's groups (an
     empty list leaves it idle). Returns tokens[r][m] as [B, num_tokens] host arrays on every
-    process, and the runtime's timeline when `profile`."""
+    process, and the runtime's timeline when `profile`. KV caches hold at least `min_cache_len`
+    positions (one length for every call compiles the decode programs once)."""
     if len(batches) != len(self.replicas):
       raise HetjaxError(f'{len(batches)} replicas of requests for a plan with {len(self.replicas)}')
     cache_len = {}
     for r, groups in enumerate(batches):
       if not groups:
         continue
-      cache_len[r] = max(b.prompts.shape[1] for b in groups) + num_tokens
-      if cache_len[r] > self.cfg.max_len:
-        raise HetjaxError(f'prompt ({cache_len[r] - num_tokens}) + max_new_tokens ({num_tokens}) '
-                          f'exceeds the model\'s max length {self.cfg.max_len}')
+      width = max(b.prompts.shape[1] for b in groups)
+      if width + num_tokens > self.cfg.max_len:
+        raise HetjaxError(f'prompt ({width}) + max_new_tokens ({num_tokens}) exceeds the model\'s '
+                          f'max length {self.cfg.max_len}')
+      cache_len[r] = max(width + num_tokens, min(min_cache_len, self.cfg.max_len))
     order = self._order([len(g) for g in batches], num_tokens, prefill=True)
     if not order:
       return [[] for _ in batches], []

@@ -111,7 +111,7 @@ class Server:
       if not any(s.queue for s in self.states):
         time.sleep(max(0.0, min(pending[0].arrival_s - now(), 0.5)))
         continue
-      finished += self._round(now)
+      finished += self._round(now, requests)
       rounds += 1
       progress(f'\rserved {finished}/{len(requests)} requests in {rounds} rounds, {now():.1f} s',
                end='', flush=True)
@@ -143,21 +143,31 @@ class Server:
         req.replica = replica
         self.states[replica].queue.append(req)
 
-  def _round(self, now) -> int:
-    """One round: each busy replica's queue (up to max_batch per group, one group per stage)."""
-    engine = self.engine
-    layout, batches = [], []
+  def _round(self, now, requests) -> int:
+    """One round: from each replica's queue, in order, up to max_batch requests (a group per
+    stage), while every prompt of the round plus its longest max_new_tokens fits the model (the
+    others wait for the next round)."""
+    engine, max_len = self.engine, self.engine.cfg.max_len
+    layout, batches, taken = [], [], []
+    fits = lambda reqs: max(len(q.ids) for q in reqs) + max(q.max_new_tokens for q in reqs) <= max_len
     for r, state in enumerate(self.states):
-      take = min(len(state.queue), state.max_batch)
-      reqs = [state.queue.popleft() for _ in range(take)]
+      reqs = []
+      while state.queue and len(reqs) < state.max_batch and fits(taken + [state.queue[0]]):
+        reqs.append(state.queue.popleft())
+        taken.append(reqs[-1])
+      take = len(reqs)
       groups = [list(g) for g in np.array_split(np.arange(take), min(take, len(engine.replicas[r])) or 1)
                 if len(g)] if take else []
       layout.append([[reqs[i] for i in g] for g in groups])
-    num_tokens = max(q.max_new_tokens for groups in layout for g in groups for q in g)
+    if not taken:   # parse_requests refuses these; a Request built in code may not have been
+      first = next(s.queue[0] for s in self.states if s.queue)
+      raise HetjaxError(f'request {first.id}: prompt ({len(first.ids)}) + max_new_tokens '
+                        f'({first.max_new_tokens}) exceeds the model\'s max length {max_len}')
+    num_tokens = max(q.max_new_tokens for q in taken)
     for r, groups in enumerate(layout):
       # Full-size groups and power-of-two prompt widths: few shapes, few compilations.
       batches.append([pad_prompts([q.ids for q in g], self.max_batch[r],
-                                  max_width=engine.cfg.max_len - num_tokens) for g in groups])
+                                  max_width=max_len - num_tokens) for g in groups])
     t0 = now()
 
     def on_token(r, m, t, token):
@@ -171,7 +181,12 @@ class Server:
           if t == req.max_new_tokens - 1 or req.output[-1] in self.eos:
             req.done_s = at
 
-    engine.run(batches, num_tokens, seed=self.seed, on_token=on_token, **self.sampling)
+    # One cache length for every round (the longest any round needs): decode compiles once.
+    longest_prompt = max(len(q.ids) for q in requests)
+    cache_len = min(max_len, (1 << (longest_prompt - 1).bit_length()) +
+                    max(q.max_new_tokens for q in requests))
+    engine.run(batches, num_tokens, seed=self.seed, on_token=on_token, min_cache_len=cache_len,
+               **self.sampling)
     t1 = now()
     for r, groups in enumerate(layout):
       if groups:
