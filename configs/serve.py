@@ -25,7 +25,7 @@ def get_config():
   c.prompt_len = 16         # synthetic prompts: this many random token ids
   c.max_batch = 4           # requests per group where the plan's replica sets none
   c.batching = 'continuous'  # continuous (finished slots refilled at once) or static (rounds)
-  c.chunk = 8               # continuous: decode steps per engine call
+  c.chunk = 8               # continuous: decode steps per engine call (across processes, refills are decided per chunk)
   c.prefill = 'slot'        # continuous: a refilled slot's prompt in one go ('slot') or a token per step
   c.dispatch = 'shortest_completion'  # or round_robin
   c.deadline_s = 0.0        # SLO for the attainment figure (0: not reported)
