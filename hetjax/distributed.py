@@ -105,3 +105,12 @@ def leader_text(name: str, make) -> str:
     client.key_value_set(f'hetjax/{name}', text)
     return text
   return client.blocking_key_value_get(f'hetjax/{name}', BARRIER_TIMEOUT_S * 1000)
+
+
+def forget_text(name: str, leader: bool = False) -> None:
+  """Deletes this process's key of gather_text(name), or with `leader` process 0's key of
+  leader_text(name) (on process 0 only). Call it only once every process has read it."""
+  client = _client()
+  if client is None or (leader and not is_leader()):
+    return
+  client.key_value_delete(f'hetjax/{name}' if leader else f'hetjax/{name}/{jax.process_index()}')

@@ -22,7 +22,7 @@ import numpy as np
 
 import jax
 
-from hetjax.distributed import gather_text, is_leader, leader_text
+from hetjax.distributed import forget_text, gather_text, is_leader, leader_text
 from hetjax.errors import HetjaxError
 from hetjax.inference.dispatch import ReplicaState, make_policy
 from hetjax.inference.engine import ServeEngine, pad_prompts
@@ -392,6 +392,9 @@ class ContinuousServer(Server):
       if several:
         chunks += 1
         shared.update(share_results(requests, f'serve/ended/{chunks}', shared))
+        # Every process has now written this chunk's key, so all have read the previous chunk's.
+        forget_text(f'serve/ended/{chunks - 1}')
+        forget_text(f'serve/chunk/{chunks - 1}', leader=True)
         busy = self._agree_chunk(requests, groups, step, dispatch, refills, f'serve/chunk/{chunks}')
       else:
         dispatch()
