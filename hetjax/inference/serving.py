@@ -106,12 +106,16 @@ class Server:
     start = clock()
     now = lambda: clock() - start
     finished, rounds = 0, 0
+    # One cache length for every round (the longest any round needs): decode compiles once.
+    longest_prompt = max(len(q.ids) for q in requests)
+    cache_len = min(self.engine.cfg.max_len, (1 << (longest_prompt - 1).bit_length()) +
+                    max(q.max_new_tokens for q in requests))
     while pending or any(s.queue for s in self.states):
       self._admit(requests, pending, now)
       if not any(s.queue for s in self.states):
         time.sleep(max(0.0, min(pending[0].arrival_s - now(), 0.5)))
         continue
-      finished += self._round(now, requests)
+      finished += self._round(now, cache_len)
       rounds += 1
       progress(f'\rserved {finished}/{len(requests)} requests in {rounds} rounds, {now():.1f} s',
                end='', flush=True)
@@ -143,10 +147,10 @@ class Server:
         req.replica = replica
         self.states[replica].queue.append(req)
 
-  def _round(self, now, requests) -> int:
+  def _round(self, now, cache_len: int) -> int:
     """One round: from each replica's queue, in order, up to max_batch requests (a group per
     stage), while every prompt of the round plus its longest max_new_tokens fits the model (the
-    others wait for the next round)."""
+    others wait for the next round). KV caches hold at least `cache_len` positions."""
     engine, max_len = self.engine, self.engine.cfg.max_len
     layout, batches, taken = [], [], []
     fits = lambda reqs: max(len(q.ids) for q in reqs) + max(q.max_new_tokens for q in reqs) <= max_len
@@ -181,10 +185,6 @@ class Server:
           if t == req.max_new_tokens - 1 or req.output[-1] in self.eos:
             req.done_s = at
 
-    # One cache length for every round (the longest any round needs): decode compiles once.
-    longest_prompt = max(len(q.ids) for q in requests)
-    cache_len = min(max_len, (1 << (longest_prompt - 1).bit_length()) +
-                    max(q.max_new_tokens for q in requests))
     engine.run(batches, num_tokens, seed=self.seed, on_token=on_token, min_cache_len=cache_len,
                **self.sampling)
     t1 = now()
@@ -201,7 +201,7 @@ def share_results(requests: list[Request], name: str = 'serve/results', skip=fro
   replica's head stage: every process gets those of every finished request (except the indices in
   `skip`, shared before). Returns the indices shared."""
   if jax.process_count() == 1:
-    return [i for i, r in enumerate(requests) if r.finished and i not in skip]
+    return []
   mine = {i: [r.output, r.first_token_s, r.done_s] for i, r in enumerate(requests)
           if r.finished and i not in skip}
   shared = []
@@ -316,11 +316,11 @@ class SlotGroup:
       for step in [t for t in steps if t < before]:
         del steps[step]
 
-  def record(self, step: int, token) -> int:
-    """Tokens of this step into their requests; returns how many requests finished."""
+  def record(self, step: int, token) -> None:
+    """Tokens of this step into their requests."""
     token = np.asarray(token)
     del self.decided[step]                      # the head stage is the last to use them
-    at, done = self.now(), 0
+    at = self.now()
     for row, req in enumerate(self.producing.pop(step)):
       if req is None or req.finished:           # ended earlier in a step decided ahead
         continue
@@ -328,8 +328,7 @@ class SlotGroup:
         req.first_token_s = at
       req.output.append(int(token[row]))
       if len(req.output) == req.max_new_tokens or req.output[-1] in self.eos:
-        req.done_s, done = at, done + 1
-    return done
+        req.done_s = at
 
 
 class ContinuousServer(Server):
@@ -398,7 +397,7 @@ class ContinuousServer(Server):
         busy = self._agree_chunk(requests, groups, step, dispatch, refills, f'serve/chunk/{chunks}')
       else:
         dispatch()
-        busy = [r for r, gs in enumerate(groups) if any(g.active() for g in gs) or self.states[r].queue]
+        busy = self._busy(groups)
       finished = sum(r.finished for r in requests)
       if finished == len(requests):
         break
@@ -422,6 +421,10 @@ class ContinuousServer(Server):
     progress('')
     return requests
 
+  def _busy(self, groups) -> list[int]:
+    """Replicas with a request in a slot or waiting in their queue."""
+    return [r for r, gs in enumerate(groups) if any(g.active() for g in gs) or self.states[r].queue]
+
   def _agree_chunk(self, requests, groups, step, dispatch, refills, name) -> list[int]:
     """Several processes: process 0 dispatches the arrived requests and decides every busy group's
     steps of the chunk ahead, logging its takes in `refills`; every other process decides the same
@@ -431,8 +434,7 @@ class ContinuousServer(Server):
     def decide():
       dispatch()
       refills.clear()
-      busy = [r for r, gs in enumerate(groups) if any(g.active() for g in gs) or self.states[r].queue]
-      for r in busy:
+      for r in self._busy(groups):
         for m, g in enumerate(groups[r]):
           refills[(r, m)] = []
           for t in range(step, step + self.chunk):
